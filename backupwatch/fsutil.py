@@ -1,0 +1,231 @@
+"""Filesystem primitives that hold SPEC §9: no symlink followed out of D, nothing overwritten.
+
+Agents can write anything inside their deposit folder, including symlinks and folders named like
+ours, so every path a report names is walked one component at a time with O_NOFOLLOW relative to
+an already-opened directory, and every move into a folder uses link(2), which never replaces an
+existing name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+CHUNK = 1 << 20  # 1 MiB reads: hashlib releases the GIL on large updates
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+class UnsafePath(Exception):
+    """A path component is a symlink, not a directory, or leaves its root."""
+
+
+@contextlib.contextmanager
+def open_dir(path: Path) -> Iterator[int]:
+    """Open an existing directory without following a symlink at its last component."""
+    fd = os.open(path, DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def open_beneath(root: Path, relative: PurePosixPath) -> Iterator[tuple[int, int, str]]:
+    """Walk `relative` under `root` refusing symlinks; yield (dir_fd, file_fd, name).
+
+    Raises FileNotFoundError when a component is absent, UnsafePath for a symlink, a '..' or an
+    absolute path, and IsADirectoryError / UnsafePath for a final component that is not a file.
+    """
+    parts = relative.parts
+    if not parts or relative.is_absolute() or any(p in ("..", ".", "") for p in parts):
+        raise UnsafePath(f"{relative} is not a plain relative path")
+    with contextlib.ExitStack() as stack:
+        dir_fd = stack.enter_context(open_dir(root))
+        for part in parts[:-1]:
+            dir_fd = stack.enter_context(_open_subdir(dir_fd, part))
+        file_fd = _open_file_at(dir_fd, parts[-1])
+        stack.callback(os.close, file_fd)
+        yield dir_fd, file_fd, parts[-1]
+
+
+@contextlib.contextmanager
+def _open_subdir(dir_fd: int, name: str) -> Iterator[int]:
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePath(f"{name} is a symlink or not a directory") from exc
+        raise
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_file_at(dir_fd: int, name: str) -> int:
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafePath(f"{name} is a symlink") from exc
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{name} is not a regular file")
+    return fd
+
+
+def read_capped(fd: int, limit: int) -> bytes:
+    """Read at most limit + 1 bytes, so a caller can tell 'exactly limit' from 'over limit'."""
+    chunks: list[bytes] = []
+    remaining = limit + 1
+    while remaining > 0:
+        chunk = os.read(fd, min(CHUNK, remaining))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def sha256_fd(fd: int) -> tuple[str, int]:
+    """SHA-256 and byte count of an open file from its start, in one pass."""
+    digest = hashlib.sha256()
+    size = 0
+    buffer = bytearray(CHUNK)
+    view = memoryview(buffer)
+    os.lseek(fd, 0, os.SEEK_SET)
+    while count := os.readv(fd, [buffer]):
+        digest.update(view[:count])
+        size += count
+    return digest.hexdigest(), size
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Which file we validated: a later step re-checks it is still the same inode."""
+
+    dev: int
+    ino: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> Identity:
+        return cls(st.st_dev, st.st_ino)
+
+
+def unique_name(name: str, attempt: int) -> str:
+    """`name`, then `stem-2.ext.gz`, `stem-3.ext.gz`, ...: the suffixes stay readable."""
+    if attempt == 0:
+        return name
+    stem, dot, suffixes = name.partition(".")
+    return f"{stem}-{attempt + 1}{dot}{suffixes}"
+
+
+def link_unique(
+    src_dir_fd: int, src_name: str, dst_dir: Path, name: str, identity: Identity | None = None
+) -> Path:
+    """Hard-link a file into dst_dir under `name` or the first free variant; never overwrite.
+
+    If a name already holds this very inode (a crash between link and commit), it is reused, so a
+    retried report does not leave a second copy behind.
+    """
+    with open_dir(dst_dir) as dst_fd:
+        for attempt in range(10_000):
+            candidate = unique_name(name, attempt)
+            try:
+                os.link(
+                    src_name,
+                    candidate,
+                    src_dir_fd=src_dir_fd,
+                    dst_dir_fd=dst_fd,
+                    follow_symlinks=False,
+                )
+                return dst_dir / candidate
+            except FileExistsError:
+                if identity is not None and _holds(dst_fd, candidate, identity):
+                    return dst_dir / candidate
+    raise FileExistsError(f"no free name for {name} in {dst_dir}")
+
+
+def _holds(dir_fd: int, name: str, identity: Identity) -> bool:
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return Identity.of(st) == identity
+
+
+def move_unique(src: Path, dst_dir: Path, name: str | None = None) -> Path:
+    """Move a file into dst_dir (a real directory, created if absent) without overwriting."""
+    ensure_real_dir(dst_dir)
+    with open_dir(src.parent) as src_fd:
+        target = link_unique(src_fd, src.name, dst_dir, name or src.name)
+        os.unlink(src.name, dir_fd=src_fd)
+    return target
+
+
+def ensure_real_dir(path: Path, mode: int = 0o775) -> None:
+    """Create `path` if absent; refuse it when an agent left a symlink or a file there."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode, parents=True)
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UnsafePath(f"{path} is not a real directory (a symlink or a file?)")
+
+
+def copy_verified(
+    src_fd: int, dst_dir: Path, name: str, expected_sha256: str, expected_size: int
+) -> Path:
+    """Across filesystems: copy, fsync, check the bytes copied, then link into place.
+
+    The digest is taken of the bytes as they are copied, so the source is read once; a mismatch
+    (the staged file changed under us) leaves nothing behind and raises ValueError.
+    """
+    ensure_real_dir(dst_dir)
+    temp_name = f".backupwatch-{uuid.uuid4().hex}.tmp"
+    with open_dir(dst_dir) as dst_fd:
+        out = os.open(
+            temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=dst_fd
+        )
+        try:
+            digest, size = _copy_hashing(src_fd, out)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            os.unlink(temp_name, dir_fd=dst_fd)
+            raise
+        os.close(out)
+        try:
+            if (digest, size) != (expected_sha256, expected_size):
+                raise ValueError("the staged file changed while it was being copied")
+            return link_unique(dst_fd, temp_name, dst_dir, name)
+        finally:
+            os.unlink(temp_name, dir_fd=dst_fd)
+            os.fsync(dst_fd)
+
+
+def _copy_hashing(src_fd: int, out_fd: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    os.lseek(src_fd, 0, os.SEEK_SET)
+    while chunk := os.read(src_fd, CHUNK):
+        digest.update(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = os.write(out_fd, view)
+            view = view[written:]
+        size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def fsync_dir(path: Path) -> None:
+    with open_dir(path) as fd:
+        os.fsync(fd)

@@ -1,0 +1,56 @@
+"""SPEC §7: the reconciliation scan that catches whatever inotify did not deliver.
+
+It lists each site's two report folders (never following a symlink) and walks only the folders
+that belong to no site, looking for stray reports; it never descends into a site's staged data,
+so its cost grows with the number of sites, not with the size of the deposits.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from backupwatch.sites import NEVER_SCANNED, PathKind, Registry, report_folders
+
+
+def pending_reports(registry: Registry) -> Iterator[Path]:
+    """Every report file waiting under the root: the sites' own, then the strays."""
+    for site in registry.sites.values():
+        for folder in report_folders(site):
+            yield from _json_files(folder)
+    yield from _strays(registry)
+
+
+def _json_files(folder: Path) -> Iterator[Path]:
+    if folder.is_symlink():
+        return  # an agent's symlinked log/ would lead the scan out of its folder
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith("."):
+                    yield Path(entry.path)
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return
+
+
+def _strays(registry: Registry) -> Iterator[Path]:
+    stack = [registry.root]
+    while stack:
+        folder = stack.pop()
+        try:
+            with os.scandir(folder) as entries:
+                children = list(entries)
+        except (FileNotFoundError, NotADirectoryError, PermissionError):
+            continue
+        for entry in children:
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                if _walkable(entry.name) and path not in registry.sites:
+                    stack.append(path)
+            elif registry.classify(path).kind is PathKind.STRAY:
+                yield path
+
+
+def _walkable(name: str) -> bool:
+    return name not in NEVER_SCANNED and not name.startswith(".")

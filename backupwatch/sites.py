@@ -1,0 +1,122 @@
+"""SPEC §3: deposit folders, the jobs that share them, and what a path under the root means.
+
+A `Registry` is an immutable snapshot of the active jobs, rebuilt on start and reload and swapped
+in one assignment, so the watcher, the workers and the timer never see a half-applied reload.
+Classifying a path is pure: no filesystem access, so it is safe on the inotify thread.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from backupwatch.schedule import Schedule
+
+ARCHIVE_DIR = "_archive"
+REJECTED_DIR = "_rejected"
+LOG_DIR = "log"
+NEVER_SCANNED = frozenset({ARCHIVE_DIR, REJECTED_DIR})
+
+
+@dataclass(frozen=True)
+class JobRef:
+    """What the pipeline needs of one active job."""
+
+    id: int
+    label: str
+    agent_id: str
+    database_name: str
+    schedule: Schedule
+    fields: Mapping[str, str]
+    final_storage_path_template: str
+
+
+@dataclass(frozen=True)
+class Site:
+    """One deposit folder D and the active jobs that resolve to it."""
+
+    folder: Path
+    jobs: tuple[JobRef, ...]
+
+    @property
+    def agent_ids(self) -> frozenset[str]:
+        return frozenset(job.agent_id for job in self.jobs)
+
+    @property
+    def name(self) -> str:
+        return self.jobs[0].agent_id if len(self.agent_ids) == 1 else str(self.folder)
+
+    def job_for(self, database_name: str, agent_id: str | None) -> JobRef | None:
+        """The job expecting this database; the report's agent_id breaks a tie between agents."""
+        candidates = [job for job in self.jobs if job.database_name == database_name]
+        if len(candidates) > 1 and agent_id is not None:
+            candidates = [job for job in candidates if job.agent_id == agent_id] or candidates
+        return candidates[0] if candidates else None
+
+
+class PathKind(enum.Enum):
+    REPORT = "report"  # a report of a known site: process it
+    STRAY = "stray"  # a report in a folder no active job uses: reject it
+    IGNORED = "ignored"  # not a report (staged data, archives, writers' temp files)
+
+
+@dataclass(frozen=True)
+class Classified:
+    kind: PathKind
+    site: Site | None = None
+
+
+@dataclass(frozen=True)
+class Registry:
+    root: Path
+    sites: Mapping[Path, Site] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, root: Path, jobs: Iterable[tuple[PurePosixPath, JobRef]]) -> Registry:
+        grouped: dict[Path, list[JobRef]] = {}
+        for relpath, job in jobs:
+            grouped.setdefault(normalize(root / relpath), []).append(job)
+        return cls(root=normalize(root), sites={d: Site(d, tuple(js)) for d, js in grouped.items()})
+
+    def classify(self, path: Path) -> Classified:
+        """What `path` (absolute, under the root) is to the daemon; see SPEC §3."""
+        path = normalize(path)
+        try:
+            relative = path.relative_to(self.root)
+        except ValueError:
+            return Classified(PathKind.IGNORED)
+        if not _looks_like_report(relative):
+            return Classified(PathKind.IGNORED)
+        site = self.sites.get(path.parent)
+        if site is None and path.parent.name == LOG_DIR:
+            site = self.sites.get(path.parent.parent)
+        if site is not None:
+            return Classified(PathKind.REPORT, site)
+        if any(parent in self.sites for parent in path.parents):
+            return Classified(PathKind.IGNORED)  # inside a site's tree: staged data, not a report
+        return Classified(PathKind.STRAY)
+
+    def site_of_folder(self, folder: Path) -> Site | None:
+        return self.sites.get(normalize(folder))
+
+
+def _looks_like_report(relative: PurePosixPath | Path) -> bool:
+    parts = relative.parts
+    if not parts or not parts[-1].endswith(".json"):
+        return False
+    if any(part.startswith(".") for part in parts):
+        return False
+    return not any(part in NEVER_SCANNED for part in parts[:-1])
+
+
+def normalize(path: Path) -> Path:
+    """Lexical normalisation only: symlinks are never resolved, so none can redirect us."""
+    return Path(os.path.normpath(path))
+
+
+def report_folders(site: Site) -> tuple[Path, Path]:
+    """The two folders of a site where reports may lie (SPEC §3)."""
+    return site.folder, site.folder / LOG_DIR

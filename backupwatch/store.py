@@ -1,0 +1,738 @@
+"""SPEC §6: the SQL store, shared by the daemon's threads and by `backupwatchctl`.
+
+Idempotency lives in the schema, not in timing: a partial unique index allows one MISSING per
+(job, cycle), another one entry per (job, report bytes), and `processed_reports` is keyed by the
+report's SHA-256. The MISSING timer advances `next_cycle_at` with a compare-and-swap UPDATE, so
+several daemons sharing one database never flag the same cycle twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path, PurePosixPath
+from typing import Any, Protocol
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Date,
+    DateTime,
+    Dialect,
+    Engine,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.types import TypeDecorator
+
+from backupwatch.enums import WEEKDAYS, BackupEntryStatus, BackupFrequency, JobStatus
+from backupwatch.schedule import Schedule, deadline, due_cycles, next_cycle_at_or_after
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Naive UTC in the column, aware UTC in Python: one behaviour on SQLite and PostgreSQL."""
+
+    impl = DateTime(timezone=False)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; every instant must be aware UTC")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+def _enum(cls: type[Any], name: str) -> Enum:
+    # Stored as VARCHAR with a CHECK-free string: adding a value later needs no ALTER TYPE.
+    return Enum(cls, name=name, native_enum=False, length=32, validate_strings=True)
+
+
+class ExpectedBackupJob(Base):
+    """One database of one site, expected on a schedule (the seed's ExpectedBackupJob)."""
+
+    __tablename__ = "expected_backup_jobs"
+    __table_args__ = (UniqueConstraint("company_name", "city", "neighborhood", "database_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    company_name: Mapped[str] = mapped_column(String(255))
+    city: Mapped[str] = mapped_column(String(255))
+    neighborhood: Mapped[str] = mapped_column(String(255))
+    database_name: Mapped[str] = mapped_column(String(255))
+    frequency: Mapped[BackupFrequency] = mapped_column(_enum(BackupFrequency, "backup_frequency"))
+    expected_hour_utc: Mapped[int | None] = mapped_column(Integer)
+    expected_minute_utc: Mapped[int] = mapped_column(Integer, default=0)
+    days_of_week: Mapped[str | None] = mapped_column(String(32))
+    day_of_month: Mapped[int | None] = mapped_column(Integer)
+    expected_date: Mapped[date | None] = mapped_column(Date)
+    collection_window_minutes: Mapped[int | None] = mapped_column(Integer)
+    window_minutes: Mapped[int] = mapped_column(Integer)
+    agent_id: Mapped[str] = mapped_column(String(255))
+    deposit_path: Mapped[str] = mapped_column(String(1024), index=True)
+    agent_deposit_path_template: Mapped[str] = mapped_column(String(1024))
+    final_storage_path_template: Mapped[str] = mapped_column(String(1024))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    activated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    deactivated_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    config_source: Mapped[str | None] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The timer's cursor: the earliest cycle not yet settled, and its deadline (indexed).
+    next_cycle_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    next_deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+
+    @property
+    def label(self) -> str:
+        return f"{self.company_name}/{self.city}/{self.neighborhood}/{self.database_name}"
+
+    @property
+    def schedule(self) -> Schedule:
+        days = None
+        if self.days_of_week:
+            days = frozenset(int(d) for d in self.days_of_week.split(","))
+        return Schedule(
+            frequency=self.frequency,
+            hour=self.expected_hour_utc,
+            minute=self.expected_minute_utc,
+            days_of_week=days,
+            day_of_month=self.day_of_month,
+            expected_date=self.expected_date,
+            window=timedelta(minutes=self.window_minutes),
+        )
+
+    @property
+    def fields(self) -> dict[str, str]:
+        return {
+            "company_name": self.company_name,
+            "city": self.city,
+            "neighborhood": self.neighborhood,
+            "database_name": self.database_name,
+            "agent_id": self.agent_id,
+        }
+
+
+class BackupEntry(Base):
+    """One event in a job's history: a validated outcome, or MISSING (the seed's BackupEntry)."""
+
+    __tablename__ = "backup_entries"
+    __table_args__ = (
+        Index("ix_backup_entries_job_cycle", "job_id", "cycle"),
+        Index(
+            "uq_backup_entries_missing_once",
+            "job_id",
+            "cycle",
+            unique=True,
+            sqlite_where=text("status = 'MISSING'"),
+            postgresql_where=text("status = 'MISSING'"),
+        ),
+        UniqueConstraint("job_id", "report_sha256"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("expected_backup_jobs.id"))
+    cycle: Mapped[datetime] = mapped_column(UTCDateTime)
+    status: Mapped[BackupEntryStatus] = mapped_column(_enum(BackupEntryStatus, "entry_status"))
+    message: Mapped[str] = mapped_column(Text)
+    recorded_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    report_name: Mapped[str | None] = mapped_column(String(1024))
+    report_sha256: Mapped[str | None] = mapped_column(String(64))
+    operation_start_time: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    operation_timestamp: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    backup_ok: Mapped[bool | None] = mapped_column(Boolean)
+    compress_ok: Mapped[bool | None] = mapped_column(Boolean)
+    transfer_ok: Mapped[bool | None] = mapped_column(Boolean)
+    agent_sha256: Mapped[str | None] = mapped_column(String(64))
+    agent_size: Mapped[int | None] = mapped_column(BigInteger)
+    server_sha256: Mapped[str | None] = mapped_column(String(64))
+    server_size: Mapped[int | None] = mapped_column(BigInteger)
+    staged_path: Mapped[str | None] = mapped_column(String(4096))
+    final_path: Mapped[str | None] = mapped_column(String(4096))
+    unchanged_since_last_success: Mapped[bool] = mapped_column(Boolean, default=False)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+
+
+class ProcessedReport(Base):
+    """A report's bytes, once processed: the idempotency key of SPEC §5's last paragraph."""
+
+    __tablename__ = "processed_reports"
+
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    site: Mapped[str] = mapped_column(String(4096))
+    report_name: Mapped[str] = mapped_column(String(1024))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)
+    processed_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def make_engine(url: str, create: bool = True) -> Engine:
+    """SQLite in WAL mode with a busy timeout and BEGIN IMMEDIATE; PostgreSQL with pre-ping.
+
+    BEGIN IMMEDIATE takes SQLite's write lock up front, so two threads never deadlock upgrading a
+    read transaction; pre-ping lets a restarted PostgreSQL be reconnected transparently.
+    """
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and create:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        _configure_sqlite(engine)
+        return engine
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA busy_timeout = 30000")
+        cursor.execute("PRAGMA journal_mode = WAL")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def migrate(engine: Engine) -> None:
+    """Create or upgrade the schema to the newest Alembic revision (SPEC §6: done at start)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+
+
+class Store:
+    """The daemon's and ctl's handle on the database: an engine and a session factory."""
+
+    def __init__(self, url: str, create: bool = True) -> None:
+        self.engine = make_engine(url, create)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: committed on success, rolled back on any exception."""
+        with self._sessions.begin() as session:
+            yield session
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self, table: Any) -> Any:
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        return dialect.insert(table)
+
+    # ------------------------------------------------------------------- jobs
+
+    def sync_jobs(
+        self, specs: Sequence[JobFields], default_window_minutes: int, now: datetime
+    ) -> SyncResult:
+        """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones."""
+        result = SyncResult()
+        with self.session() as session:
+            existing = {job_key(j): j for j in session.scalars(select(ExpectedBackupJob))}
+            seen: set[tuple[str, str, str, str]] = set()
+            for spec in specs:
+                seen.add(spec.key)
+                job = existing.get(spec.key)
+                columns = _spec_columns(spec, default_window_minutes)
+                if job is None:
+                    session.add(_new_job(spec, columns, now))
+                    result.added += 1
+                elif _apply_spec(job, spec.active, columns, now):
+                    result.changed += 1
+            for key, job in existing.items():
+                if key not in seen and job.active:
+                    _deactivate(job, now)
+                    result.deactivated += 1
+        return result
+
+    def active_jobs(self) -> list[ExpectedBackupJob]:
+        with self.session() as session:
+            query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
+            return list(session.scalars(query))
+
+    def all_jobs(self) -> list[ExpectedBackupJob]:
+        with self.session() as session:
+            query = select(ExpectedBackupJob).order_by(*_job_order())
+            return list(session.scalars(query))
+
+    def find_job(self, ident: str) -> ExpectedBackupJob | None:
+        """A job by numeric id or by `company/city/neighborhood/database`."""
+        with self.session() as session:
+            if ident.isdigit():
+                return session.get(ExpectedBackupJob, int(ident))
+            parts = ident.split("/")
+            if len(parts) != 4:
+                return None
+            return session.scalars(
+                select(ExpectedBackupJob).where(
+                    ExpectedBackupJob.company_name == parts[0],
+                    ExpectedBackupJob.city == parts[1],
+                    ExpectedBackupJob.neighborhood == parts[2],
+                    ExpectedBackupJob.database_name == parts[3],
+                )
+            ).first()
+
+    # ---------------------------------------------------------------- reports
+
+    def report_processed(self, sha256: str) -> ProcessedReport | None:
+        with self.session() as session:
+            return session.get(ProcessedReport, sha256)
+
+    def successes_of_report(self, sha256: str) -> list[BackupEntry]:
+        with self.session() as session:
+            query = select(BackupEntry).where(
+                BackupEntry.report_sha256 == sha256,
+                BackupEntry.status == BackupEntryStatus.SUCCESS,
+            )
+            return list(session.scalars(query))
+
+    def last_success_sha256(self, job_id: int) -> str | None:
+        with self.session() as session:
+            query = (
+                select(BackupEntry.server_sha256)
+                .where(
+                    BackupEntry.job_id == job_id,
+                    BackupEntry.status == BackupEntryStatus.SUCCESS,
+                )
+                .order_by(BackupEntry.cycle.desc(), BackupEntry.id.desc())
+                .limit(1)
+            )
+            return session.scalars(query).first()
+
+    def record_report(
+        self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
+    ) -> bool:
+        """Commit a report's entries and its idempotency row together; False if already done."""
+        with self.session() as session:
+            statement = (
+                self._insert(ProcessedReport.__table__)
+                .values(
+                    sha256=record.sha256,
+                    site=record.site,
+                    report_name=record.report_name,
+                    outcome=record.outcome,
+                    reason=record.reason,
+                    processed_at=now,
+                )
+                .on_conflict_do_nothing()
+            )
+            if session.execute(statement).rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            for entry in entries:
+                session.add(BackupEntry(**dataclasses.asdict(entry), recorded_at=now))
+        return True
+
+    # ---------------------------------------------------------------- MISSING
+
+    def earliest_deadline(self) -> datetime | None:
+        with self.session() as session:
+            query = select(func.min(ExpectedBackupJob.next_deadline_at)).where(
+                ExpectedBackupJob.active.is_(True)
+            )
+            return session.scalar(query)
+
+    def due_jobs(self, now: datetime, limit: int = 500) -> list[ExpectedBackupJob]:
+        """Jobs whose cursor deadline has passed: an index range scan, never a scan of all jobs."""
+        with self.session() as session:
+            query = (
+                select(ExpectedBackupJob)
+                .where(
+                    ExpectedBackupJob.active.is_(True),
+                    ExpectedBackupJob.next_deadline_at <= now,
+                )
+                .order_by(ExpectedBackupJob.next_deadline_at)
+                .limit(limit)
+            )
+            return list(session.scalars(query))
+
+    def settle_job(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[datetime]:
+        """Flag every cycle of `job` whose deadline passed without an entry; return them.
+
+        The cursor moves by compare-and-swap: if another daemon moved it first, this one flags
+        nothing. The partial unique index makes a second MISSING impossible even so.
+        """
+        schedule = job.schedule
+        start = job.next_cycle_at
+        if start is None:
+            return []
+        due = [c for c in _due_from(schedule, start, now, job.activated_at)]
+        upcoming = _first_pending(schedule, now, job.activated_at)
+        flagged: list[datetime] = []
+        with self.session() as session:
+            moved = session.execute(
+                update(ExpectedBackupJob)
+                .where(
+                    ExpectedBackupJob.id == job.id,
+                    ExpectedBackupJob.next_cycle_at == start,
+                    ExpectedBackupJob.active.is_(True),
+                )
+                .values(
+                    next_cycle_at=upcoming,
+                    next_deadline_at=deadline(schedule, upcoming) if upcoming else None,
+                )
+            )
+            if moved.rowcount != 1:  # type: ignore[attr-defined]
+                return []
+            for cycle in due:
+                if deadline(schedule, cycle) < oldest:
+                    continue
+                if self._flag_missing(session, job, cycle, now):
+                    flagged.append(cycle)
+        return flagged
+
+    def _flag_missing(
+        self, session: Session, job: ExpectedBackupJob, cycle: datetime, now: datetime
+    ) -> bool:
+        has_entry = session.scalar(
+            select(BackupEntry.id)
+            .where(BackupEntry.job_id == job.id, BackupEntry.cycle == cycle)
+            .limit(1)
+        )
+        if has_entry is not None:
+            return False
+        window = job.window_minutes
+        message = (
+            f"no report for the cycle of {cycle:%Y-%m-%d %H:%M}Z arrived before its deadline "
+            f"(window ±{window} min); check the agent of site {job.agent_id}"
+        )
+        statement = (
+            self._insert(BackupEntry.__table__)
+            .values(
+                job_id=job.id,
+                cycle=cycle,
+                status=BackupEntryStatus.MISSING.value,
+                message=message,
+                recorded_at=now,
+                unchanged_since_last_success=False,
+            )
+            .on_conflict_do_nothing()
+        )
+        return bool(session.execute(statement).rowcount == 1)  # type: ignore[attr-defined]
+
+    # ----------------------------------------------------------------- queries
+
+    def job_views(self, now: datetime) -> list[JobView]:
+        """One row per job for `status`: current status, last success and next deadline."""
+        with self.session() as session:
+            jobs = list(session.scalars(select(ExpectedBackupJob).order_by(*_job_order())))
+            latest = _latest_statuses(session)
+            successes = dict(
+                session.execute(
+                    select(BackupEntry.job_id, func.max(BackupEntry.operation_timestamp))
+                    .where(BackupEntry.status == BackupEntryStatus.SUCCESS)
+                    .group_by(BackupEntry.job_id)
+                ).all()
+            )
+        return [_job_view(job, latest.get(job.id), successes.get(job.id), now) for job in jobs]
+
+    def history(self, job_id: int, limit: int | None) -> list[BackupEntry]:
+        with self.session() as session:
+            query = (
+                select(BackupEntry)
+                .where(BackupEntry.job_id == job_id)
+                .order_by(BackupEntry.cycle.desc(), BackupEntry.id.desc())
+            )
+            if limit is not None:
+                query = query.limit(limit)
+            return list(session.scalars(query))
+
+
+# --------------------------------------------------------------------- values
+
+
+@dataclasses.dataclass
+class SyncResult:
+    added: int = 0
+    changed: int = 0
+    deactivated: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedReportRecord:
+    sha256: str
+    site: str
+    report_name: str
+    outcome: str
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class NewEntry:
+    """An entry the pipeline decided on; `recorded_at` is added by the store."""
+
+    job_id: int
+    cycle: datetime
+    status: BackupEntryStatus
+    message: str
+    report_name: str | None = None
+    report_sha256: str | None = None
+    operation_start_time: datetime | None = None
+    operation_timestamp: datetime | None = None
+    backup_ok: bool | None = None
+    compress_ok: bool | None = None
+    transfer_ok: bool | None = None
+    agent_sha256: str | None = None
+    agent_size: int | None = None
+    server_sha256: str | None = None
+    server_size: int | None = None
+    staged_path: str | None = None
+    final_path: str | None = None
+    unchanged_since_last_success: bool = False
+    details: dict[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobView:
+    id: int
+    company_name: str
+    city: str
+    neighborhood: str
+    database_name: str
+    agent_id: str
+    deposit_path: str
+    frequency: BackupFrequency
+    active: bool
+    current_status: JobStatus
+    last_success_at: datetime | None
+    next_deadline: datetime | None
+
+
+class JobFields(Protocol):
+    """What the store needs of a configured job (jobs.JobSpec satisfies it structurally)."""
+
+    company_name: str
+    city: str
+    neighborhood: str
+    database_name: str
+    frequency: BackupFrequency
+    expected_hour_utc: int | None
+    expected_minute_utc: int
+    days_of_week: tuple[int, ...] | None
+    day_of_month: int | None
+    expected_date: date | None
+    collection_window_minutes: int | None
+    agent_id: str
+    agent_deposit_path_template: str
+    final_storage_path_template: str
+    active: bool
+    source: str
+
+    @property
+    def key(self) -> tuple[str, str, str, str]: ...
+
+    @property
+    def deposit_relpath(self) -> PurePosixPath: ...
+
+
+# -------------------------------------------------------------------- helpers
+
+
+def job_key(job: ExpectedBackupJob) -> tuple[str, str, str, str]:
+    return (job.company_name, job.city, job.neighborhood, job.database_name)
+
+
+def _job_order() -> tuple[Any, ...]:
+    j = ExpectedBackupJob
+    return (j.company_name, j.city, j.neighborhood, j.database_name)
+
+
+SCHEDULE_COLUMNS = (
+    "frequency",
+    "expected_hour_utc",
+    "expected_minute_utc",
+    "days_of_week",
+    "day_of_month",
+    "expected_date",
+    "window_minutes",
+)
+
+
+def _spec_columns(spec: JobFields, default_window_minutes: int) -> dict[str, Any]:
+    days = None
+    if spec.days_of_week is not None:
+        days = ",".join(str(d) for d in sorted(spec.days_of_week))
+    return {
+        "frequency": spec.frequency,
+        "expected_hour_utc": spec.expected_hour_utc,
+        "expected_minute_utc": spec.expected_minute_utc,
+        "days_of_week": days,
+        "day_of_month": spec.day_of_month,
+        "expected_date": spec.expected_date,
+        "collection_window_minutes": spec.collection_window_minutes,
+        "window_minutes": spec.collection_window_minutes or default_window_minutes,
+        "agent_id": spec.agent_id,
+        "deposit_path": str(spec.deposit_relpath),
+        "agent_deposit_path_template": spec.agent_deposit_path_template,
+        "final_storage_path_template": spec.final_storage_path_template,
+        "config_source": spec.source,
+    }
+
+
+def _new_job(spec: JobFields, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
+    job = ExpectedBackupJob(
+        company_name=spec.company_name,
+        city=spec.city,
+        neighborhood=spec.neighborhood,
+        database_name=spec.database_name,
+        active=spec.active,
+        activated_at=now,
+        created_at=now,
+        updated_at=now,
+        **columns,
+    )
+    _reset_cursor(job, now) if spec.active else _deactivate(job, now)
+    return job
+
+
+def _apply_spec(
+    job: ExpectedBackupJob, active: bool, columns: dict[str, Any], now: datetime
+) -> bool:
+    """Update `job` from its configured columns; True when anything changed. History is kept."""
+    changed = {k for k, v in columns.items() if k != "config_source" and getattr(job, k) != v}
+    reactivated = active and not job.active
+    if not changed and active == job.active:
+        job.config_source = columns["config_source"]
+        return False
+    for key, value in columns.items():
+        setattr(job, key, value)
+    job.updated_at = now
+    if not active:
+        _deactivate(job, now)
+    elif reactivated:
+        job.active, job.activated_at, job.deactivated_at = True, now, None
+        _reset_cursor(job, now)
+    elif changed & set(SCHEDULE_COLUMNS):
+        _reset_cursor(job, now)
+    # A change of agent or paths alone counts as a change but keeps the timer's cursor.
+    return True
+
+
+def _deactivate(job: ExpectedBackupJob, now: datetime) -> None:
+    job.active = False
+    job.deactivated_at = now
+    job.next_cycle_at = None
+    job.next_deadline_at = None
+
+
+def _reset_cursor(job: ExpectedBackupJob, now: datetime) -> None:
+    """Point the timer at the first cycle (at or after activation) whose deadline is ahead."""
+    schedule = job.schedule
+    upcoming = _first_pending(schedule, now, job.activated_at)
+    job.next_cycle_at = upcoming
+    job.next_deadline_at = deadline(schedule, upcoming) if upcoming else None
+
+
+def _first_pending(schedule: Schedule, now: datetime, activated_at: datetime) -> datetime | None:
+    """The earliest cycle >= activation whose deadline is still ahead of `now`."""
+    candidate = next_cycle_at_or_after(schedule, max(activated_at, now - schedule.window))
+    while candidate is not None and deadline(schedule, candidate) <= now:
+        candidate = next_cycle_at_or_after(schedule, candidate + timedelta(minutes=1))
+    return candidate
+
+
+def _due_from(
+    schedule: Schedule, start: datetime, now: datetime, activated_at: datetime
+) -> Iterable[datetime]:
+    """Cycles from the cursor on whose deadline has passed by `now`."""
+    after = deadline(schedule, start) - timedelta(microseconds=1)
+    return due_cycles(schedule, after, now, activated_at)
+
+
+def _latest_statuses(session: Session) -> dict[int, BackupEntryStatus]:
+    """Status of each job's newest cycle: a real outcome outranks MISSING within one cycle."""
+    not_missing = (BackupEntry.status != BackupEntryStatus.MISSING).desc()
+    ranked = select(
+        BackupEntry.job_id,
+        BackupEntry.status,
+        func.row_number()
+        .over(
+            partition_by=BackupEntry.job_id,
+            order_by=(BackupEntry.cycle.desc(), not_missing, BackupEntry.id.desc()),
+        )
+        .label("rank"),
+    ).subquery()
+    rows = session.execute(select(ranked.c.job_id, ranked.c.status).where(ranked.c.rank == 1))
+    return {job_id: status for job_id, status in rows}
+
+
+def _job_view(
+    job: ExpectedBackupJob,
+    latest: BackupEntryStatus | None,
+    last_success: datetime | None,
+    now: datetime,
+) -> JobView:
+    from backupwatch.schedule import next_deadline
+
+    upcoming = next_deadline(job.schedule, now, job.activated_at) if job.active else None
+    return JobView(
+        id=job.id,
+        company_name=job.company_name,
+        city=job.city,
+        neighborhood=job.neighborhood,
+        database_name=job.database_name,
+        agent_id=job.agent_id,
+        deposit_path=job.deposit_path,
+        frequency=job.frequency,
+        active=job.active,
+        current_status=JobStatus.from_entry(latest),
+        last_success_at=last_success,
+        next_deadline=upcoming,
+    )
+
+
+def weekday_codes(days: str | None) -> list[str] | None:
+    if not days:
+        return None
+    return [WEEKDAYS[int(d)] for d in days.split(",")]
+
+
+Clock = Callable[[], datetime]

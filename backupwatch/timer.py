@@ -1,0 +1,128 @@
+"""SPEC §4: the timer that flags MISSING within seconds of a deadline.
+
+It sleeps until the earliest `next_deadline_at` (an index lookup), then settles the jobs whose
+deadline passed. `run_once(now)` is the whole step, so tests drive it with an injected clock and
+the thread is only a loop around it. A job whose site has a report queued or being processed is
+deferred for a little while: that report may well be the one the deadline is waiting for.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from backupwatch.store import ExpectedBackupJob, Store
+
+log = structlog.get_logger(__name__)
+
+MAX_SLEEP = 10.0  # re-read the deadline index (other daemons, reloads) and beat the heart
+DEFER_LIMIT = timedelta(seconds=60)  # how long a busy site may hold its own deadline back
+BUSY_POLL = 1.0
+ERROR_BACKOFF = 5.0
+
+
+@dataclass(frozen=True)
+class Flagged:
+    job_id: int
+    label: str
+    site: str
+    cycle: datetime
+
+
+class MissingTimer:
+    def __init__(
+        self,
+        store: Store,
+        clock: Callable[[], datetime],
+        max_age: timedelta,
+        site_busy: Callable[[ExpectedBackupJob], bool] | None = None,
+    ) -> None:
+        self.store = store
+        self.clock = clock
+        self.max_age = max_age
+        self.site_busy = site_busy or (lambda _job: False)
+        self.heartbeat = time.monotonic()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._deferred = False
+
+    # ------------------------------------------------------------------ the step
+
+    def run_once(self, now: datetime) -> list[Flagged]:
+        """Flag every due cycle as of `now`; the clock is read by the caller, once."""
+        flagged: list[Flagged] = []
+        self._deferred = False
+        oldest = now - self.max_age
+        while True:
+            due = [job for job in self.store.due_jobs(now) if not self._defer(job, now)]
+            if not due:
+                return flagged
+            for job in due:
+                flagged.extend(self._settle(job, now, oldest))
+
+    def _defer(self, job: ExpectedBackupJob, now: datetime) -> bool:
+        assert job.next_deadline_at is not None
+        if now - job.next_deadline_at > DEFER_LIMIT or not self.site_busy(job):
+            return False
+        self._deferred = True
+        return True
+
+    def _settle(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[Flagged]:
+        cycles = self.store.settle_job(job, now, oldest)
+        for cycle in cycles:
+            log.warning(
+                "entry.recorded",
+                job=job.label,
+                site=job.agent_id,
+                status="MISSING",
+                cycle=cycle.isoformat(),
+                message=f"no report before the deadline of the {cycle:%Y-%m-%d %H:%M}Z cycle",
+            )
+        return [Flagged(job.id, job.label, job.agent_id, cycle) for cycle in cycles]
+
+    def seconds_until_next(self, now: datetime) -> float:
+        if self._deferred:
+            return BUSY_POLL
+        upcoming = self.store.earliest_deadline()
+        if upcoming is None:
+            return MAX_SLEEP
+        return max(0.0, min(MAX_SLEEP, (upcoming - now).total_seconds()))
+
+    # ------------------------------------------------------------------ the thread
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="missing-timer", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        """Re-read the deadline index now (after a reload changed the schedules)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.heartbeat = time.monotonic()
+            try:
+                now = self.clock()
+                self.run_once(now)
+                delay = self.seconds_until_next(now)
+            except SQLAlchemyError as exc:
+                log.error("timer.database_error", error=str(exc))
+                delay = ERROR_BACKOFF
+            self._wake.wait(max(delay, 0.05))
+            self._wake.clear()

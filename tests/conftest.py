@@ -1,0 +1,65 @@
+"""Fixtures shared by every test: the database under test runs on SQLite and on PostgreSQL.
+
+PostgreSQL tests get a schema of their own (search_path in the URL), so they are isolated from each
+other and from whatever else lives in the `test` database. Without a reachable server they skip
+with the reason; in CI (CI=true) an unreachable server is a failure, never a silent skip.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy
+
+PG_URL = os.environ.get(
+    "BACKUPWATCH_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+
+
+@functools.cache
+def postgres_unavailable() -> str | None:
+    engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+    try:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text("SELECT 1"))
+    except sqlalchemy.exc.OperationalError as exc:
+        return f"PostgreSQL unreachable at {PG_URL}: {str(exc).splitlines()[0]}"
+    finally:
+        engine.dispose()
+    return None
+
+
+def require_postgres() -> None:
+    reason = postgres_unavailable()
+    if reason is None:
+        return
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason} (CI must run the PostgreSQL tests)")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A PostgreSQL URL confined to a fresh schema, dropped afterwards."""
+    require_postgres()
+    schema = f"bw_{uuid.uuid4().hex[:16]}"
+    admin = sqlalchemy.create_engine(PG_URL)
+    with admin.begin() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/backupwatch.db"
+    return str(request.getfixturevalue("postgres_url"))

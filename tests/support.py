@@ -1,0 +1,165 @@
+"""Builders for the files agents and operators write: configs, job files, reports, staged files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from backupwatch.config import Settings, load_settings
+from backupwatch.enums import JobStatus
+from backupwatch.jobs import load_jobs
+from backupwatch.pipeline import Context, Result, build_registry, process_path
+from backupwatch.store import Store
+from backupwatch.timer import Flagged, MissingTimer
+
+
+def utc(*args: int) -> datetime:
+    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+
+
+def iso(value: datetime) -> str:
+    return value.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))
+
+
+def job_block(company: str, city: str, neighborhood: str, database: str, **keys: Any) -> str:
+    keys.setdefault("expected_hour_utc", 13)
+    lines = ["[[job]]"]
+    items = {"company_name": company, "city": city, "neighborhood": neighborhood,
+             "database_name": database, **keys}
+    lines += [f"{key} = {toml_value(value)}" for key, value in items.items()]
+    return "\n".join(lines) + "\n\n"
+
+
+def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> Path:
+    """A config under `base` with deposit/, validated/, jobs.d/ and a short control socket."""
+    (base / "deposit").mkdir(parents=True, exist_ok=True)
+    (base / "validated").mkdir(parents=True, exist_ok=True)
+    (base / "jobs.d").mkdir(parents=True, exist_ok=True)
+    (base / "jobs.d" / "jobs.toml").write_text(jobs)
+    values = {
+        "backup_storage_root": "deposit",
+        "validated_backups_base_path": "validated",
+        "jobs_path": "jobs.d",
+        "database_url": database_url,
+        "control_socket": str(base / "control.sock"),
+        **overrides,
+    }
+    path = base / "backupwatch.toml"
+    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    return path
+
+
+def database(staged: str | None, content: bytes | None, *, backup: bool = True,
+             compress: bool = True, transfer: bool = True, sha256: str | None = None,
+             size: int | None = None, error: str | None = None) -> dict[str, Any]:
+    """One entry of a report's `databases`, describing `content` unless told otherwise."""
+    digest = sha256 or (hashlib.sha256(content).hexdigest() if content is not None else None)
+    length = size if size is not None else (len(content) if content is not None else None)
+    compress_step: dict[str, Any] = {"status": compress, "timestamp": "2026-11-24T13:00:00Z"}
+    if digest is not None:
+        compress_step["sha256_checksum"] = digest
+    if length is not None:
+        compress_step["size_bytes"] = length
+    block: dict[str, Any] = {
+        "backup_process": {"status": backup, "timestamp": "2026-11-24T12:59:00Z"},
+        "compress_process": compress_step,
+        "transfer_process": {"status": transfer, "error_message": error},
+        "logs_summary": "ok",
+    }
+    if staged is not None:
+        block["staged_file_name"] = staged
+    return block
+
+
+def report(agent_id: str, when: datetime, databases: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "agent_id": agent_id,
+        "operation_start_time": iso(when.replace(minute=0)),
+        "operation_timestamp": iso(when),
+        "overall_status": "completed",
+        "databases": databases,
+    }
+
+
+def stage(site: Path, name: str, content: bytes) -> Path:
+    path = site / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+def drop(site: Path, body: dict[str, Any] | bytes, name: str = "STATUS.json") -> Path:
+    """Write a report the way well-behaved agents do: a dot-file, then a rename into place."""
+    site.mkdir(parents=True, exist_ok=True)
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    temp = site / f".{name}.part"
+    temp.write_bytes(data)
+    os.rename(temp, site / name)
+    return site / name
+
+
+@dataclass
+class World:
+    """A configured storage host driven in-process with an injected clock (no daemon)."""
+
+    base: Path
+    settings: Settings
+    store: Store
+    ctx: Context = field(init=False)
+
+    @classmethod
+    def create(cls, base: Path, database_url: str, jobs: str, activated: datetime,
+               **overrides: Any) -> World:
+        config = write_config(base, database_url, jobs, **overrides)
+        settings = load_settings(config, {})
+        store = Store(settings.database_url)
+        store.migrate()
+        store.sync_jobs(load_jobs(settings), settings.scanner_report_collection_window_minutes,
+                        activated)
+        world = cls(base, settings, store)
+        world.ctx = Context(store, settings, build_registry(settings, store.active_jobs()))
+        return world
+
+    @property
+    def deposit(self) -> Path:
+        return self.settings.backup_storage_root
+
+    @property
+    def validated(self) -> Path:
+        return self.settings.validated_backups_base_path
+
+    def site(self, agent_id: str) -> Path:
+        return self.deposit / agent_id
+
+    def process(self, path: Path, now: datetime) -> Result:
+        return process_path(self.ctx, path, now)
+
+    def tick(self, now: datetime) -> list[Flagged]:
+        timer = MissingTimer(self.store, lambda: now, self.ctx.max_age)
+        return timer.run_once(now)
+
+    def status(self, label: str, now: datetime) -> JobStatus:
+        for view in self.store.job_views(now):
+            if f"{view.company_name}/{view.city}/{view.neighborhood}/{view.database_name}" == label:
+                return view.current_status
+        raise KeyError(label)
+
+    def history(self, label: str) -> list[Any]:
+        job = self.store.find_job(label)
+        assert job is not None
+        return self.store.history(job.id, None)
