@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
-from pathlib import Path, PurePosixPath
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import (
     JSON,
@@ -44,6 +44,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sess
 from sqlalchemy.types import TypeDecorator
 
 from backupwatch.enums import WEEKDAYS, BackupEntryStatus, BackupFrequency, JobStatus
+from backupwatch.jobs import JobSpec
 from backupwatch.schedule import Schedule, deadline, due_cycles, next_cycle_at_or_after
 
 NAMING = {
@@ -272,7 +273,7 @@ class Store:
     # ------------------------------------------------------------------- jobs
 
     def sync_jobs(
-        self, specs: Sequence[JobFields], default_window_minutes: int, now: datetime
+        self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
         """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones."""
         result = SyncResult()
@@ -546,33 +547,6 @@ class JobView:
     next_deadline: datetime | None
 
 
-class JobFields(Protocol):
-    """What the store needs of a configured job (jobs.JobSpec satisfies it structurally)."""
-
-    company_name: str
-    city: str
-    neighborhood: str
-    database_name: str
-    frequency: BackupFrequency
-    expected_hour_utc: int | None
-    expected_minute_utc: int
-    days_of_week: tuple[int, ...] | None
-    day_of_month: int | None
-    expected_date: date | None
-    collection_window_minutes: int | None
-    agent_id: str
-    agent_deposit_path_template: str
-    final_storage_path_template: str
-    active: bool
-    source: str
-
-    @property
-    def key(self) -> tuple[str, str, str, str]: ...
-
-    @property
-    def deposit_relpath(self) -> PurePosixPath: ...
-
-
 # -------------------------------------------------------------------- helpers
 
 
@@ -596,7 +570,7 @@ SCHEDULE_COLUMNS = (
 )
 
 
-def _spec_columns(spec: JobFields, default_window_minutes: int) -> dict[str, Any]:
+def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
     days = None
     if spec.days_of_week is not None:
         days = ",".join(str(d) for d in sorted(spec.days_of_week))
@@ -617,7 +591,7 @@ def _spec_columns(spec: JobFields, default_window_minutes: int) -> dict[str, Any
     }
 
 
-def _new_job(spec: JobFields, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
+def _new_job(spec: JobSpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
     job = ExpectedBackupJob(
         company_name=spec.company_name,
         city=spec.city,

@@ -1,0 +1,391 @@
+"""SPEC §8: `backupwatchctl`, the operator's tool.
+
+Job states are read from the database, so `status` and `history` work while the daemon is down;
+only `reload` and `rescan` need the daemon, reached through its control socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from backupwatch import __version__
+from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
+from backupwatch.control import ControlError, DaemonUnreachable, call
+from backupwatch.jobs import JobSpec, load_jobs
+from backupwatch.report import ReportRejected, check_freshness, parse_report
+from backupwatch.store import BackupEntry, JobView, Store
+from backupwatch.timeutil import format_z, utc_now
+
+EXIT_OK, EXIT_ERROR, EXIT_DAEMON_DOWN = 0, 1, 3
+DEFAULT_MAX_BYTES = 1_048_576
+
+
+class Ctl:
+    """One invocation: the parsed arguments and a lazily loaded configuration."""
+
+    def __init__(self, args: argparse.Namespace, out: Any = sys.stdout, err: Any = sys.stderr):
+        self.args = args
+        self.out = out
+        self.err = err
+        self.environ = dict(os.environ)
+
+    def settings(self) -> Settings:
+        return load_settings(default_config_path(self.args.config, self.environ), self.environ)
+
+    def print(self, text: str = "") -> None:
+        print(text, file=self.out)
+
+    def fail(self, text: str) -> None:
+        print(f"backupwatchctl: {text}", file=self.err)
+
+    def dump(self, value: Any) -> None:
+        self.print(json.dumps(value, indent=2))
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_status(ctl: Ctl) -> int:
+    settings = ctl.settings()
+    daemon = _daemon_status(settings)
+    views, db_error = _job_views(settings)
+    if ctl.args.json:
+        ctl.dump({"daemon": daemon, "jobs": [_view_json(v) for v in views]})
+    else:
+        ctl.print(_daemon_line(daemon))
+        _table(
+            ctl,
+            ["ID", "SITE", "DATABASE", "FREQUENCY", "STATUS", "LAST SUCCESS", "NEXT DEADLINE"],
+            [_view_row(v) for v in views],
+        )
+    if db_error:
+        ctl.fail(f"cannot read the database: {db_error}")
+    if not daemon["running"]:
+        return EXIT_DAEMON_DOWN
+    return EXIT_ERROR if db_error else EXIT_OK
+
+
+def _daemon_status(settings: Settings) -> dict[str, Any]:
+    down = {
+        "running": False,
+        "pid": None,
+        "version": None,
+        "uptime_s": None,
+        "pending_reports": None,
+    }
+    try:
+        answer = call(settings.control_socket, "status", timeout=5.0)
+    except ControlError:
+        return down
+    if not answer.get("ok"):
+        return down
+    return {
+        "running": True,
+        "pid": answer.get("pid"),
+        "version": answer.get("version"),
+        "uptime_s": answer.get("uptime_s"),
+        "pending_reports": answer.get("pending_reports"),
+    }
+
+
+def _open_store(settings: Settings) -> Store | None:
+    """None when the daemon has never created its SQLite file: nothing to show yet."""
+    url = settings.database_url
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
+        return None
+    return Store(url, create=False)
+
+
+def _job_views(settings: Settings) -> tuple[list[JobView], str | None]:
+    store = _open_store(settings)
+    if store is None:
+        return [], None
+    try:
+        return store.job_views(utc_now()), None
+    except SQLAlchemyError as exc:
+        return [], str(exc).splitlines()[0]
+    finally:
+        store.dispose()
+
+
+def _daemon_line(daemon: dict[str, Any]) -> str:
+    if not daemon["running"]:
+        return "backupwatchd: not running (job states below come from the database)"
+    return (
+        f"backupwatchd: running, pid {daemon['pid']}, version {daemon['version']}, "
+        f"up {timedelta(seconds=daemon['uptime_s'] or 0)}, "
+        f"{daemon['pending_reports']} reports pending"
+    )
+
+
+def _view_json(view: JobView) -> dict[str, Any]:
+    return {
+        "id": view.id,
+        "company_name": view.company_name,
+        "city": view.city,
+        "neighborhood": view.neighborhood,
+        "database_name": view.database_name,
+        "frequency": view.frequency.value,
+        "active": view.active,
+        "current_status": view.current_status.value,
+        "last_success_at": format_z(view.last_success_at),
+        "next_deadline": format_z(view.next_deadline),
+    }
+
+
+def _view_row(view: JobView) -> list[str]:
+    site = f"{view.company_name}/{view.city}/{view.neighborhood}"
+    status = view.current_status.value if view.active else f"{view.current_status.value} (inactive)"
+    return [
+        str(view.id),
+        site,
+        view.database_name,
+        view.frequency.value,
+        status,
+        format_z(view.last_success_at) or "-",
+        format_z(view.next_deadline) or "-",
+    ]
+
+
+def cmd_reload(ctl: Ctl) -> int:
+    return _daemon_action(ctl, "reload", _reload_text)
+
+
+def cmd_rescan(ctl: Ctl) -> int:
+    return _daemon_action(
+        ctl, "rescan", lambda a: f"rescan started: {a.get('queued', 0)} reports queued"
+    )
+
+
+def _reload_text(answer: dict[str, Any]) -> str:
+    return (
+        f"reloaded: {answer['added']} added, {answer['changed']} changed, "
+        f"{answer['deactivated']} deactivated"
+    )
+
+
+def _daemon_action(ctl: Ctl, command: str, describe: Callable[[dict[str, Any]], str]) -> int:
+    settings = ctl.settings()
+    try:
+        answer = call(settings.control_socket, command, timeout=120.0)
+    except DaemonUnreachable as exc:
+        ctl.fail(f"the daemon is not running ({exc})")
+        return EXIT_DAEMON_DOWN
+    if not answer.get("ok"):
+        ctl.fail(
+            f"{command} failed; the daemon keeps its previous configuration:\n{answer.get('error')}"
+        )
+        return EXIT_ERROR
+    ctl.print(describe(answer))
+    return EXIT_OK
+
+
+def cmd_jobs(ctl: Ctl) -> int:
+    settings = ctl.settings()
+    specs = load_jobs(settings)
+    window = settings.scanner_report_collection_window_minutes
+    if ctl.args.json:
+        ctl.dump([_spec_json(spec, settings, window) for spec in specs])
+        return EXIT_OK
+    rows = [
+        [
+            spec.agent_id,
+            spec.database_name,
+            _schedule_text(spec),
+            f"±{spec.collection_window_minutes or window} min",
+            str(settings.backup_storage_root / spec.deposit_relpath),
+            "yes" if spec.active else "no",
+        ]
+        for spec in specs
+    ]
+    _table(ctl, ["AGENT", "DATABASE", "SCHEDULE (UTC)", "WINDOW", "DEPOSIT FOLDER", "ACTIVE"], rows)
+    return EXIT_OK
+
+
+def _schedule_text(spec: JobSpec) -> str:
+    at = f"{spec.expected_hour_utc or 0:02d}:{spec.expected_minute_utc:02d}"
+    days = ""
+    if spec.days_of_week:
+        days = " " + ",".join(
+            ("MO", "TU", "WE", "TH", "FR", "SA", "SU")[d] for d in spec.days_of_week
+        )
+    match spec.frequency.value:
+        case "HOURLY":
+            return f"HOURLY at :{spec.expected_minute_utc:02d}{days}"
+        case "MONTHLY":
+            return f"MONTHLY day {spec.day_of_month} {at}"
+        case "ONCE":
+            return f"ONCE {spec.expected_date} {at}"
+    return f"{spec.frequency.value} {at}{days}"
+
+
+def _spec_json(spec: JobSpec, settings: Settings, window: int) -> dict[str, Any]:
+    data = spec.model_dump(mode="json", exclude={"source"})
+    data["collection_window_minutes"] = spec.collection_window_minutes or window
+    data["deposit_folder"] = str(settings.backup_storage_root / spec.deposit_relpath)
+    data["source"] = spec.source
+    return data
+
+
+def cmd_history(ctl: Ctl) -> int:
+    store = _open_store(ctl.settings())
+    job = store.find_job(ctl.args.job) if store else None
+    if store is None or job is None:
+        ctl.fail(f"unknown job: {ctl.args.job} (give an id or company/city/neighborhood/database)")
+        return EXIT_ERROR
+    entries = store.history(job.id, ctl.args.limit)
+    store.dispose()
+    if ctl.args.json:
+        ctl.dump([_entry_json(e) for e in entries])
+        return EXIT_OK
+    ctl.print(f"{job.label} ({job.frequency.value}, agent {job.agent_id})")
+    _table(
+        ctl,
+        ["CYCLE", "STATUS", "RECORDED", "REPORT", "MESSAGE"],
+        [
+            [
+                format_z(e.cycle) or "-",
+                e.status.value,
+                format_z(e.recorded_at) or "-",
+                e.report_name or "-",
+                e.message,
+            ]
+            for e in entries
+        ],
+    )
+    return EXIT_OK
+
+
+def _entry_json(entry: BackupEntry) -> dict[str, Any]:
+    return {
+        "cycle": format_z(entry.cycle),
+        "status": entry.status.value,
+        "message": entry.message,
+        "recorded_at": format_z(entry.recorded_at),
+        "report": entry.report_name,
+        "agent_sha256": entry.agent_sha256,
+        "agent_size": entry.agent_size,
+        "server_sha256": entry.server_sha256,
+        "server_size": entry.server_size,
+        "final_path": entry.final_path,
+    }
+
+
+def cmd_validate(ctl: Ctl) -> int:
+    """Offline checks of SPEC §3 for agent authors; works without a configuration too."""
+    max_bytes, max_age = DEFAULT_MAX_BYTES, timedelta(days=1)
+    try:
+        settings = ctl.settings()
+        max_bytes, max_age = (
+            settings.report_max_bytes,
+            timedelta(days=settings.max_status_file_age_days),
+        )
+    except ConfigError:
+        pass
+    failures = 0
+    for name in ctl.args.files:
+        reason = _validate_file(Path(name), max_bytes, max_age)
+        if reason is None:
+            ctl.print(f"{name}: valid")
+        else:
+            failures += 1
+            ctl.print(f"{name}: invalid: {reason}")
+    return EXIT_ERROR if failures else EXIT_OK
+
+
+def _validate_file(path: Path, max_bytes: int, max_age: timedelta) -> str | None:
+    try:
+        if path.is_symlink() or not path.is_file():
+            return "not a regular file"
+        size = path.stat().st_size
+        if size > max_bytes:
+            return f"it is {size} bytes, over report_max_bytes ({max_bytes})"
+        report = parse_report(path.read_bytes())
+        check_freshness(report, utc_now(), max_age)
+    except ReportRejected as exc:
+        return exc.reason
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
+    return None
+
+
+def cmd_check_config(ctl: Ctl) -> int:
+    settings = ctl.settings()
+    specs = load_jobs(settings)
+    sites = {spec.deposit_relpath for spec in specs if spec.active}
+    ctl.print(f"{settings.config_path}: OK: {len(specs)} jobs, {len(sites)} active deposit folders")
+    return EXIT_OK
+
+
+# ------------------------------------------------------------------ plumbing
+
+
+def _table(ctl: Ctl, header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        ctl.print(
+            "  ".join(
+                str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)
+            ).rstrip()
+        )
+
+
+COMMANDS: dict[str, Callable[[Ctl], int]] = {
+    "status": cmd_status,
+    "reload": cmd_reload,
+    "rescan": cmd_rescan,
+    "jobs": cmd_jobs,
+    "history": cmd_history,
+    "validate": cmd_validate,
+    "check-config": cmd_check_config,
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="backupwatchctl", description="Drive and inspect backupwatchd."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="backupwatch.toml (default: $BACKUPWATCH_CONFIG or /etc/backupwatch/backupwatch.toml)",
+    )
+    parser.add_argument("--version", action="version", version=f"backupwatchctl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    status = commands.add_parser("status", help="the daemon's state and every job's status")
+    status.add_argument("--json", action="store_true")
+    commands.add_parser("reload", help="make the daemon reload its configuration and jobs")
+    commands.add_parser("rescan", help="make the daemon scan the deposit folders now")
+    jobs = commands.add_parser("jobs", help="the configured jobs")
+    jobs.add_argument("--json", action="store_true")
+    history = commands.add_parser("history", help="a job's entries, newest first")
+    history.add_argument("job", help="job id or company/city/neighborhood/database")
+    history.add_argument("--limit", type=int, default=20)
+    history.add_argument("--json", action="store_true")
+    validate = commands.add_parser("validate", help="check STATUS.json files offline")
+    validate.add_argument("files", nargs="+", metavar="FILE")
+    commands.add_parser("check-config", help="check the configuration and job files")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    ctl = Ctl(args)
+    try:
+        return COMMANDS[args.command](ctl)
+    except ConfigError as exc:
+        ctl.fail(f"invalid configuration:\n{exc}")
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
