@@ -1,0 +1,252 @@
+"""SPEC §1: `backupwatch.toml`, its environment overrides, and every error they hold at once.
+
+Like borgmatic's `config/validate.py`, one schema checks everything and every error is
+gathered before anything starts, each naming where it came from (the file or the environment
+variable) and the key, so that an operator fixes a config in one pass instead of one error per
+restart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tomllib
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+DEFAULT_CONFIG_PATH = Path("/etc/backupwatch/backupwatch.toml")
+ENV_PREFIX = "BACKUPWATCH_"
+CONFIG_ENV_VAR = "BACKUPWATCH_CONFIG"
+
+# Upper bounds keep later `timedelta` arithmetic from overflowing; no sane value comes near.
+_MAX_MINUTES = 100 * 366 * 24 * 60
+_MAX_DAYS = 100 * 366
+_SUN_PATH_MAX = 108
+
+PositiveMinutes = Annotated[int, Field(gt=0, le=_MAX_MINUTES)]
+PositiveFloatMinutes = Annotated[float, Field(gt=0, le=_MAX_MINUTES, allow_inf_nan=False)]
+PositiveDays = Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)]
+
+
+class ConfigError(Exception):
+    """Every problem of a configuration, reported together so one edit can fix them all."""
+
+    def __init__(self, errors: list[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(self.errors))
+
+
+class Settings(BaseModel):
+    """The validated `backupwatch.toml`; every path is absolute once loaded."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config_path: Path
+    backup_storage_root: Path = Path("/srv/backupwatch/deposit")
+    validated_backups_base_path: Path = Path("/srv/backupwatch/validated")
+    scanner_report_collection_window_minutes: PositiveMinutes = 60
+    max_status_file_age_days: PositiveDays = 1.0
+    database_url: str = "sqlite:////var/lib/backupwatch/backupwatch.db"
+    jobs_path: Path = Path("/etc/backupwatch/jobs.d")
+    control_socket: Path = Path("/run/backupwatch/control.sock")
+    rescan_interval_minutes: PositiveFloatMinutes = 10.0
+    report_max_bytes: Annotated[int, Field(gt=0)] = 1048576
+
+    @field_validator("config_path", mode="after")
+    @classmethod
+    def _absolute_config_path(cls, value: Path) -> Path:
+        """Relative paths are anchored on the config's folder, so that folder must be absolute."""
+        return Path(os.path.abspath(value))
+
+    @field_validator(
+        "backup_storage_root",
+        "validated_backups_base_path",
+        "jobs_path",
+        "control_socket",
+        mode="before",
+    )
+    @classmethod
+    def _reject_empty_path(cls, value: object) -> object:
+        """`Path("")` silently means "here"; an empty setting is a mistake, not a wish."""
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator(
+        "backup_storage_root",
+        "validated_backups_base_path",
+        "jobs_path",
+        "control_socket",
+        mode="after",
+    )
+    @classmethod
+    def _resolve_path(cls, value: Path, info: ValidationInfo) -> Path:
+        """SPEC §1: relative paths are resolved against the config file's folder."""
+        return _anchor(value, info)
+
+    @field_validator("control_socket", mode="after")
+    @classmethod
+    def _check_socket_length(cls, value: Path) -> Path:
+        """Linux cannot bind a Unix socket whose path is longer than `sun_path` allows."""
+        if len(os.fsencode(value)) >= _SUN_PATH_MAX:
+            raise ValueError(f"path too long for a Unix socket ({_SUN_PATH_MAX - 1} bytes at most)")
+        return value
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _check_database_url(cls, value: str, info: ValidationInfo) -> str:
+        """Reject a URL SQLAlchemy cannot use now, rather than when the daemon opens it."""
+        url = _parse_url(value)
+        relative = _relative_sqlite_file(url)
+        if relative is None:
+            return value
+        url = url.set(database=str(_anchor(relative, info)))
+        return url.render_as_string(hide_password=False)
+
+
+def _anchor(value: Path, info: ValidationInfo) -> Path:
+    """Join a relative path onto the config folder, lexically (symlinks stay as written)."""
+    if not value.is_absolute():
+        config_path = info.data.get("config_path")
+        if not isinstance(config_path, Path):
+            return value  # config_path itself failed; its error is already reported
+        value = config_path.parent / value
+    return Path(os.path.normpath(value))
+
+
+def _parse_url(value: str) -> URL:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(f"not a SQLAlchemy database URL: {value!r}") from None
+    try:
+        url.get_dialect()
+    except NoSuchModuleError:
+        raise ValueError(f"unknown database backend {url.drivername!r}") from None
+    return url
+
+
+def _relative_sqlite_file(url: URL) -> Path | None:
+    """`sqlite://` and `:memory:` are in memory; `file:` URIs are the driver's business."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database:
+        return None
+    if database == ":memory:" or database.startswith("file:"):
+        return None
+    return None if Path(database).is_absolute() else Path(database)
+
+
+# Keys an operator may set: everything but `config_path`, which is where they set them.
+CONFIG_KEYS: tuple[str, ...] = tuple(
+    name for name in Settings.model_fields if name != "config_path"
+)
+
+
+def env_var_name(key: str) -> str:
+    return ENV_PREFIX + key.upper()
+
+
+def default_config_path(cli: Path | None, environ: Mapping[str, str]) -> Path:
+    """SPEC §1: `--config`, else `$BACKUPWATCH_CONFIG`, else the packaged default."""
+    if cli is not None:
+        return cli
+    from_env = environ.get(CONFIG_ENV_VAR, "")
+    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
+
+
+def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
+    """Read the file, apply environment overrides, and report every problem in one ConfigError."""
+    path = Path(os.path.abspath(path))
+    document = _read_toml(path)
+    errors: list[str] = []
+    values: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    for key in CONFIG_KEYS:
+        name = env_var_name(key)
+        if name in environ:
+            values[key] = environ[name]
+            origins[key] = f"environment {name}"
+    for key, value in document.items():
+        if key in origins:
+            continue  # overridden: only the value in effect is checked (an unknown key never is)
+        problem = _file_value_problem(key, value)
+        if problem is not None:
+            errors.append(f"{path}: {key}: {problem}")
+            continue
+        values[key] = value
+        origins[key] = f"{path}: {key}"
+    try:
+        settings = Settings.model_validate({"config_path": path, **values})
+    except ValidationError as exc:
+        errors.extend(_describe(exc, origins, path))
+    if errors:
+        raise ConfigError(errors)
+    return settings
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read config file: {exc.strerror or exc}"]) from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{path}: not UTF-8 text: {exc}"]) from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"{path}: invalid TOML: {exc}"]) from exc
+
+
+def _file_value_problem(key: str, value: object) -> str | None:
+    """TOML has types: `"60"` for a number is a typo to report, not a string to coerce.
+
+    Pydantic's lax mode is kept for the environment, where every value is a string.
+    """
+    if key not in CONFIG_KEYS:
+        return "unknown key"
+    annotation = Settings.model_fields[key].annotation
+    if annotation is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        expected = "an integer"
+    elif annotation is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        expected = "a number"
+    else:
+        ok = isinstance(value, str)
+        expected = "a string"
+    if ok:
+        return None
+    return f"expected {expected}, got {_toml_type(value)} ({_show(value)})"
+
+
+def _toml_type(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+    names |= {list: "an array", dict: "a table"}
+    for kind, name in names.items():
+        if isinstance(value, kind):
+            return name
+    return "a date/time"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(exc: ValidationError, origins: Mapping[str, str], path: Path) -> Iterator[str]:
+    for error in exc.errors(include_url=False):
+        key = str(error["loc"][0]) if error["loc"] else "?"
+        where = origins.get(key, f"{path}: {key}")
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] != "value_error":
+            message += f" (got {_show(error['input'])})"
+        yield f"{where}: {message}"
