@@ -56,7 +56,7 @@ class Ctl:
 
 def cmd_status(ctl: Ctl) -> int:
     settings = ctl.settings()
-    daemon = _daemon_status(settings)
+    daemon, problem = _daemon_status(settings)
     views, db_error = _job_views(settings)
     if ctl.args.json:
         ctl.dump({"daemon": daemon, "jobs": [_view_json(v) for v in views]})
@@ -69,12 +69,16 @@ def cmd_status(ctl: Ctl) -> int:
         )
     if db_error:
         ctl.fail(f"cannot read the database: {db_error}")
+    if problem:
+        ctl.fail(problem)
+        return EXIT_ERROR
     if not daemon["running"]:
         return EXIT_DAEMON_DOWN
     return EXIT_ERROR if db_error else EXIT_OK
 
 
-def _daemon_status(settings: Settings) -> dict[str, Any]:
+def _daemon_status(settings: Settings) -> tuple[dict[str, Any], str | None]:
+    """The daemon's own view, and a problem other than 'not running' (e.g. permission denied)."""
     down = {
         "running": False,
         "pid": None,
@@ -84,17 +88,19 @@ def _daemon_status(settings: Settings) -> dict[str, Any]:
     }
     try:
         answer = call(settings.control_socket, "status", timeout=5.0)
-    except ControlError:
-        return down
+    except DaemonUnreachable:
+        return down, None
+    except ControlError as exc:
+        return down, f"cannot ask the daemon: {exc}"
     if not answer.get("ok"):
-        return down
+        return down, f"the daemon answered with an error: {answer.get('error')}"
     return {
         "running": True,
         "pid": answer.get("pid"),
         "version": answer.get("version"),
         "uptime_s": answer.get("uptime_s"),
         "pending_reports": answer.get("pending_reports"),
-    }
+    }, None
 
 
 def _open_store(settings: Settings) -> Store | None:
@@ -180,6 +186,9 @@ def _daemon_action(ctl: Ctl, command: str, describe: Callable[[dict[str, Any]], 
     except DaemonUnreachable as exc:
         ctl.fail(f"the daemon is not running ({exc})")
         return EXIT_DAEMON_DOWN
+    except ControlError as exc:
+        ctl.fail(f"cannot ask the daemon to {command}: {exc}")
+        return EXIT_ERROR
     if not answer.get("ok"):
         ctl.fail(
             f"{command} failed; the daemon keeps its previous configuration:\n{answer.get('error')}"

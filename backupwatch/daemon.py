@@ -55,6 +55,7 @@ RETRY_DELAY = 0.5
 DATABASE_BACKOFF = 5.0
 MAX_FAILURES = 5  # internal errors on one report before it is rejected with the error
 STOP_TIMEOUT = 8.0  # SPEC §7: stop within 10 s
+REQUEST_TIMEOUT = 60.0  # a control request waits this long for the main thread
 STALE_LOOP = 30.0  # a loop whose heartbeat is older than this is wedged: stop pinging
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
@@ -290,7 +291,14 @@ class Daemon:
         future: Future[dict[str, Any]] = Future()
         self.requests.put((kind, future))
         self.wakeup.set()
-        return future.result(timeout=60)
+        try:
+            return future.result(timeout=REQUEST_TIMEOUT)
+        except TimeoutError:
+            return {
+                "ok": False,
+                "error": f"the daemon did not finish the {kind} within "
+                f"{REQUEST_TIMEOUT:g} s; it goes on in the background",
+            }
 
     def _serve_requests(self) -> None:
         while True:

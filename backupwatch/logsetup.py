@@ -85,7 +85,7 @@ def journal_send() -> JournalSend | None:
     if not JOURNAL_SOCKET.exists():
         return None
     try:
-        from systemd import journal
+        import systemd.journal as journal
     except ImportError:
         return None
     send: JournalSend = journal.send

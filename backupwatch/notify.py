@@ -109,7 +109,7 @@ class Notifier:
 
 def _libsystemd_available() -> bool:
     try:
-        from systemd import daemon  # noqa: F401
+        import systemd.daemon  # noqa: F401
     except ImportError:
         return False
     return True
@@ -120,7 +120,7 @@ def _libsystemd_send(_address: str, message: str) -> None:
 
     libsystemd finds the address in the process environment itself (checked equal before).
     """
-    from systemd import daemon
+    import systemd.daemon as daemon
 
     try:
         sent = daemon.notify(message)

@@ -39,9 +39,14 @@ def toml_value(value: Any) -> str:
 def job_block(company: str, city: str, neighborhood: str, database: str, **keys: Any) -> str:
     keys.setdefault("expected_hour_utc", 13)
     lines = ["[[job]]"]
-    items = {"company_name": company, "city": city, "neighborhood": neighborhood,
-             "database_name": database, **keys}
-    lines += [f"{key} = {toml_value(value)}" for key, value in items.items()]
+    items = {
+        "company_name": company,
+        "city": city,
+        "neighborhood": neighborhood,
+        "database_name": database,
+        **keys,
+    }
+    lines += [f"{key} = {toml_value(value)}" for key, value in items.items() if value is not None]
     return "\n".join(lines) + "\n\n"
 
 
@@ -64,9 +69,17 @@ def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> 
     return path
 
 
-def database(staged: str | None, content: bytes | None, *, backup: bool = True,
-             compress: bool = True, transfer: bool = True, sha256: str | None = None,
-             size: int | None = None, error: str | None = None) -> dict[str, Any]:
+def database(
+    staged: str | None,
+    content: bytes | None,
+    *,
+    backup: bool = True,
+    compress: bool = True,
+    transfer: bool = True,
+    sha256: str | None = None,
+    size: int | None = None,
+    error: str | None = None,
+) -> dict[str, Any]:
     """One entry of a report's `databases`, describing `content` unless told otherwise."""
     digest = sha256 or (hashlib.sha256(content).hexdigest() if content is not None else None)
     length = size if size is not None else (len(content) if content is not None else None)
@@ -123,14 +136,16 @@ class World:
     ctx: Context = field(init=False)
 
     @classmethod
-    def create(cls, base: Path, database_url: str, jobs: str, activated: datetime,
-               **overrides: Any) -> World:
+    def create(
+        cls, base: Path, database_url: str, jobs: str, activated: datetime, **overrides: Any
+    ) -> World:
         config = write_config(base, database_url, jobs, **overrides)
         settings = load_settings(config, {})
         store = Store(settings.database_url)
         store.migrate()
-        store.sync_jobs(load_jobs(settings), settings.scanner_report_collection_window_minutes,
-                        activated)
+        store.sync_jobs(
+            load_jobs(settings), settings.scanner_report_collection_window_minutes, activated
+        )
         world = cls(base, settings, store)
         world.ctx = Context(store, settings, build_registry(settings, store.active_jobs()))
         return world

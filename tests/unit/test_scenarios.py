@@ -13,7 +13,9 @@ from backupwatch.pipeline import Outcome
 ACTIVATED = utc(2026, 11, 24, 0, 0)
 PART_DIEU = "ACME_Lyon_Part-Dieu"
 SALES, HR = "ACME/Lyon/Part-Dieu/sales", "ACME/Lyon/Part-Dieu/hr"
-JOBS = job_block("ACME", "Lyon", "Part-Dieu", "sales") + job_block("ACME", "Lyon", "Part-Dieu", "hr")
+JOBS = job_block("ACME", "Lyon", "Part-Dieu", "sales") + job_block(
+    "ACME", "Lyon", "Part-Dieu", "hr"
+)
 
 
 def world(tmp_path: Path, url: str, jobs: str = JOBS) -> World:
@@ -25,10 +27,17 @@ def test_scenario_1_two_databases_ok(tmp_path: Path, database_url: str) -> None:
     site = w.site(PART_DIEU)
     stage(site, "database/sales.sql.gz", b"sales dump")
     stage(site, "database/hr.sql.gz", b"hr dump")
-    path = drop(site, report(PART_DIEU, utc(2026, 11, 24, 13, 10), {
-        "sales": database("database/sales.sql.gz", b"sales dump"),
-        "hr": database("database/hr.sql.gz", b"hr dump"),
-    }))
+    path = drop(
+        site,
+        report(
+            PART_DIEU,
+            utc(2026, 11, 24, 13, 10),
+            {
+                "sales": database("database/sales.sql.gz", b"sales dump"),
+                "hr": database("database/hr.sql.gz", b"hr dump"),
+            },
+        ),
+    )
 
     result = w.process(path, utc(2026, 11, 24, 13, 15))
 
@@ -63,10 +72,17 @@ def test_scenario_3_failed_and_success_in_one_report(tmp_path: Path, database_ur
     site = w.site(PART_DIEU)
     stage(site, "database/sales.sql.gz", b"sales dump")
     stage(site, "database/hr.sql.gz", b"partial")
-    path = drop(site, report(PART_DIEU, utc(2026, 11, 24, 13, 5), {
-        "sales": database("database/sales.sql.gz", b"sales dump"),
-        "hr": database("database/hr.sql.gz", b"partial", backup=False),
-    }))
+    path = drop(
+        site,
+        report(
+            PART_DIEU,
+            utc(2026, 11, 24, 13, 5),
+            {
+                "sales": database("database/sales.sql.gz", b"sales dump"),
+                "hr": database("database/hr.sql.gz", b"partial", backup=False),
+            },
+        ),
+    )
 
     result = w.process(path, utc(2026, 11, 24, 13, 6))
 
@@ -82,9 +98,16 @@ def test_scenario_4_status_file_too_old(tmp_path: Path, database_url: str) -> No
     w = world(tmp_path, database_url)
     site = w.site(PART_DIEU)
     stage(site, "database/sales.sql.gz", b"old dump")
-    path = drop(site, report(PART_DIEU, utc(2026, 11, 22, 13, 0), {
-        "sales": database("database/sales.sql.gz", b"old dump"),
-    }))
+    path = drop(
+        site,
+        report(
+            PART_DIEU,
+            utc(2026, 11, 22, 13, 0),
+            {
+                "sales": database("database/sales.sql.gz", b"old dump"),
+            },
+        ),
+    )
 
     result = w.process(path, utc(2026, 11, 24, 13, 30))
 
@@ -114,9 +137,16 @@ def test_scenario_6_report_outside_window_not_relevant(tmp_path: Path, database_
     w = world(tmp_path, database_url)
     site = w.site(PART_DIEU)
     stage(site, "database/sales.sql.gz", b"late dump")
-    path = drop(site, report(PART_DIEU, utc(2026, 11, 24, 17, 0), {
-        "sales": database("database/sales.sql.gz", b"late dump"),
-    }))
+    path = drop(
+        site,
+        report(
+            PART_DIEU,
+            utc(2026, 11, 24, 17, 0),
+            {
+                "sales": database("database/sales.sql.gz", b"late dump"),
+            },
+        ),
+    )
 
     result = w.process(path, utc(2026, 11, 24, 17, 5))
 

@@ -1,0 +1,157 @@
+"""A real `backupwatchd` process on a tmp tree, observed through sd_notify, files and the ctl."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import write_config
+
+BIN = Path(sys.executable).parent
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    """Poll until `predicate` returns something truthy, failing with `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.05)
+
+
+class NotifySocket:
+    """The systemd side of sd_notify: a datagram socket the daemon reports to."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.messages: list[str] = []
+
+    def expect(self, needle: str, timeout: float = 20.0) -> str:
+        """Return the first datagram (old or new) containing `needle`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            for message in self.messages:
+                if needle in message:
+                    self.messages.remove(message)
+                    return message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                pytest.fail(f"no sd_notify message with {needle!r}; got {self.messages}")
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(65536).decode())
+            except TimeoutError:
+                continue
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@dataclass
+class Daemon:
+    base: Path
+    config: Path
+    run_dir: Path
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    notify: NotifySocket | None = None
+    log_path: Path = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.log_path = self.base / "daemon.log"
+
+    @property
+    def deposit(self) -> Path:
+        return self.base / "deposit"
+
+    @property
+    def validated(self) -> Path:
+        return self.base / "validated"
+
+    def start(self, wait_ready: bool = True) -> None:
+        self.notify = NotifySocket(self.run_dir / f"notify-{time.monotonic_ns()}.sock")
+        env = {**self.env, "NOTIFY_SOCKET": str(self.notify.path)}
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [str(BIN / "backupwatchd"), "--config", str(self.config), "--log-target", "json"],
+                env=env,
+                stdout=log,
+                stderr=log,
+            )
+        if wait_ready:
+            self.notify.expect("READY=1")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        code = self.process.wait(timeout)
+        if self.notify:
+            self.notify.close()
+        return code
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "backupwatchctl"), "--config", str(self.config), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def ctl_json(self, *args: str) -> Any:
+        result = self.ctl(*args, "--json")
+        assert result.returncode in (0, 3), result.stderr
+        return json.loads(result.stdout)
+
+    def history(self, job: str) -> list[dict[str, Any]]:
+        result = self.ctl("history", job, "--json")
+        return json.loads(result.stdout) if result.returncode == 0 else []
+
+    def logs(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """Unix socket paths are limited to 108 bytes: keep sockets in a short /tmp folder."""
+    path = Path(tempfile.mkdtemp(prefix="bw-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Daemon]]:
+    daemons: list[Daemon] = []
+
+    def factory(database_url: str, jobs: str, **overrides: Any) -> Daemon:
+        overrides.setdefault("control_socket", str(short_dir / "control.sock"))
+        config = write_config(tmp_path, database_url, jobs, **overrides)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUPWATCH_", "NOTIFY_"))}
+        daemon = Daemon(tmp_path, config, short_dir, env)
+        daemons.append(daemon)
+        return daemon
+
+    yield factory
+    for daemon in daemons:
+        if daemon.process and daemon.process.poll() is None:
+            daemon.process.kill()
+            daemon.process.wait()

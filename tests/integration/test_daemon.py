@@ -1,0 +1,297 @@
+"""The real daemon, end to end: arrival → verdict, reload, rescan, SIGTERM, daemon down."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, wait_for
+from support import database, drop, job_block, report, stage
+
+pytestmark = pytest.mark.integration
+
+AGENT = "ACME_Lyon_Part-Dieu"
+SALES = "ACME/Lyon/Part-Dieu/sales"
+
+
+def hourly_jobs(*names: str) -> str:
+    """HOURLY jobs with a ±30 min window: any report time maps to the nearest hour's cycle."""
+    return "".join(
+        job_block(
+            "ACME",
+            "Lyon",
+            "Part-Dieu",
+            name,
+            frequency="HOURLY",
+            expected_hour_utc=None,
+            collection_window_minutes=30,
+        )
+        for name in names
+    )
+
+
+def now() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def good_report(site: Path, name: str = "sales", content: bytes = b"dump") -> dict[str, object]:
+    staged = f"database/{name}-{time.monotonic_ns()}.sql.gz"
+    stage(site, staged, content)
+    return report(AGENT, now(), {name: database(staged, content)})
+
+
+def statuses(daemon: Daemon, job: str) -> list[str]:
+    return [entry["status"] for entry in daemon.history(job)]
+
+
+MakeDaemon = Callable[..., Daemon]
+
+
+def test_arrival_to_verdict(make_daemon: MakeDaemon, database_url: str) -> None:
+    daemon = make_daemon(database_url, hourly_jobs("sales", "hr"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    body = good_report(site)
+    body["databases"]["hr"] = database("database/hr.sql.gz", b"hr", sha256="0" * 64)  # type: ignore[index]
+    stage(site, "database/hr.sql.gz", b"hr")
+
+    drop(site, body)
+
+    wait_for(lambda: statuses(daemon, SALES) == ["SUCCESS"], what="the SUCCESS entry")
+    assert statuses(daemon, "ACME/Lyon/Part-Dieu/hr") == ["HASH_MISMATCH"]
+    wait_for(lambda: (site / "_archive" / "STATUS.json").exists(), what="the archived report")
+    state = daemon.ctl_json("status")
+    assert state["daemon"]["running"] is True
+    assert state["daemon"]["pid"] == daemon.process.pid  # type: ignore[union-attr]
+    by_db = {job["database_name"]: job for job in state["jobs"]}
+    assert by_db["sales"]["current_status"] == "OK"
+    assert by_db["hr"]["current_status"] == "HASH_MISMATCH"
+    assert by_db["sales"]["last_success_at"].endswith("Z")
+    (entry,) = daemon.history(SALES)
+    assert Path(entry["final_path"]).read_bytes() == b"dump"
+    assert entry["server_sha256"] == entry["agent_sha256"]
+    assert daemon.stop() == 0
+
+
+def test_reports_waiting_at_start_are_processed_before_ready(
+    make_daemon: MakeDaemon, database_url: str
+) -> None:
+    daemon = make_daemon(database_url, hourly_jobs("sales"))
+    site = daemon.deposit / AGENT
+    drop(site, good_report(site))
+
+    daemon.start()  # READY=1 only once the waiting report is processed
+
+    assert statuses(daemon, SALES) == ["SUCCESS"]
+    assert daemon.stop() == 0
+
+
+def test_slow_writer_is_processed_once(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///" + "db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    data = json.dumps(good_report(site)).encode()
+
+    with (site / "STATUS.json").open("wb") as out:  # written in place, in pieces, slowly
+        for start in range(0, len(data), 40):
+            out.write(data[start : start + 40])
+            out.flush()
+            time.sleep(0.1)
+
+    wait_for(lambda: (site / "_archive" / "STATUS.json").exists(), what="the archived report")
+    assert statuses(daemon, SALES) == ["SUCCESS"]
+    assert not (site / "_rejected").exists()
+    assert not (site / "_archive" / "STATUS-2.json").exists()
+    assert daemon.stop() == 0
+
+
+def test_report_renamed_into_place_is_processed_once(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+
+    drop(site, good_report(site), name="report-1.json")
+
+    wait_for(lambda: (site / "_archive" / "report-1.json").exists(), what="the archived report")
+    assert statuses(daemon, SALES) == ["SUCCESS"]
+    accepted = [e for e in daemon.logs() if e.get("event") == "entry.recorded"]
+    assert len(accepted) == 1
+    assert daemon.stop() == 0
+
+
+def test_new_site_folder_is_watched_without_restart(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    assert not site.exists()
+
+    site.mkdir()
+    body = good_report(site)
+    (site / "STATUS.json").write_text(json.dumps(body))  # straight after the mkdir
+
+    wait_for(lambda: statuses(daemon, SALES) == ["SUCCESS"], what="the new site's report")
+    assert daemon.stop() == 0
+
+
+def test_bad_report_is_rejected_and_the_daemon_goes_on(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    outside = daemon.base / "outside.txt"
+    outside.write_text("do not touch")
+
+    drop(site, b'{"operation_timestamp": "2026-11-24T13:00:00Z", "databases": ', "bad.json")
+    body = good_report(site)
+    body["databases"]["sales"]["staged_file_name"] = "../../outside.txt"  # type: ignore[index]
+    drop(site, body, "traversal.json")
+
+    wait_for(
+        lambda: (site / "_rejected" / "bad.json.reason.txt").exists(), what="bad.json rejected"
+    )
+    wait_for(lambda: (site / "_rejected" / "traversal.json.reason.txt").exists(), what="traversal")
+    assert "not valid JSON" in (site / "_rejected" / "bad.json.reason.txt").read_text()
+    assert outside.read_text() == "do not touch"
+    drop(site, good_report(site))
+    wait_for(lambda: statuses(daemon, SALES) == ["SUCCESS"], what="the next good report")
+    assert daemon.process.poll() is None  # type: ignore[union-attr]
+    assert daemon.stop() == 0
+
+
+def test_reload_by_signal_and_by_ctl(make_daemon: MakeDaemon, database_url: str) -> None:
+    daemon = make_daemon(database_url, hourly_jobs("sales"))
+    daemon.start()
+    jobs_file = daemon.base / "jobs.d" / "jobs.toml"
+
+    jobs_file.write_text(hourly_jobs("sales", "hr"))
+    daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    assert daemon.notify is not None
+    daemon.notify.expect("RELOADING=1")
+    daemon.notify.expect("READY=1")
+    names = {job["database_name"] for job in daemon.ctl_json("status")["jobs"]}
+    assert names == {"sales", "hr"}
+
+    jobs_file.write_text(hourly_jobs("sales"))
+    result = daemon.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert "0 added, 0 changed, 1 deactivated" in result.stdout
+
+    jobs_file.write_text("[[job]]\ncompany_name = 'ACME'\n")
+    result = daemon.ctl("reload")
+    assert result.returncode == 1
+    assert "city" in result.stderr  # the daemon's error names the missing key
+    active = {j["database_name"] for j in daemon.ctl_json("status")["jobs"] if j["active"]}
+    assert active == {"sales"}  # the invalid reload changed nothing
+    assert daemon.stop() == 0
+
+
+def test_rescan_on_demand(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+
+    result = daemon.ctl("rescan")
+
+    assert result.returncode == 0, result.stderr
+    assert "reports queued" in result.stdout
+    assert any(e.get("event") == "rescan.done" for e in daemon.logs())
+    assert daemon.stop() == 0
+
+
+def test_sigterm_stops_cleanly_and_loses_nothing(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    for index in range(20):
+        drop(site, good_report(site), name=f"burst-{index}.json")
+
+    started = time.monotonic()
+    code = daemon.stop(signal.SIGTERM)
+
+    assert code == 0
+    assert time.monotonic() - started < 10
+    assert daemon.notify is not None
+    daemon.start()  # whatever was not processed before the stop is processed now
+    wait_for(lambda: not list(site.glob("burst-*.json")), what="every report processed")
+    archived = list((site / "_archive").glob("burst-*.json"))
+    assert len(archived) == 20
+    assert len(daemon.history(SALES)) == 20
+    assert daemon.stop(signal.SIGINT) == 0
+
+
+def test_ctl_when_daemon_is_down(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    daemon.stop()
+
+    status = daemon.ctl("status")
+    assert status.returncode == 3
+    assert "not running" in status.stdout
+    assert "sales" in status.stdout  # rows still printed, from the database
+    state = daemon.ctl_json("status")
+    assert state["daemon"] == {
+        "running": False,
+        "pid": None,
+        "version": None,
+        "uptime_s": None,
+        "pending_reports": None,
+    }
+    assert state["jobs"][0]["next_deadline"].endswith("Z")
+    assert daemon.ctl("reload").returncode == 3
+    assert daemon.ctl("rescan").returncode == 3
+    assert daemon.ctl("history", SALES).returncode == 0
+    assert daemon.ctl("history", "ACME/Lyon/Nowhere/x").returncode == 1
+
+
+def test_bad_config_exits_1_with_the_key(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"), report_max_bytes=-1)
+    daemon.start(wait_ready=False)
+    assert daemon.process is not None
+    assert daemon.process.wait(10) == 1
+    assert "report_max_bytes" in daemon.log_path.read_text()
+    check = daemon.ctl("check-config")
+    assert check.returncode == 1
+    assert "report_max_bytes" in check.stderr
+
+
+def test_missing_is_flagged_by_the_timer_within_seconds(make_daemon: MakeDaemon) -> None:
+    """A ONCE job whose one-minute window closes shortly after the daemon starts."""
+    start = now()
+    cycle = (start + timedelta(minutes=1)).replace(second=0)
+    jobs = job_block(
+        "ACME",
+        "Lyon",
+        "Part-Dieu",
+        "sales",
+        frequency="ONCE",
+        expected_date=cycle.date().isoformat(),
+        expected_hour_utc=cycle.hour,
+        expected_minute_utc=cycle.minute,
+        collection_window_minutes=1,
+    )
+    daemon = make_daemon("sqlite:///db.sqlite", jobs)
+    daemon.start()
+    deadline = cycle + timedelta(minutes=1)
+
+    entries = wait_for(lambda: daemon.history(SALES), timeout=150, what="the MISSING entry")
+
+    assert [e["status"] for e in entries] == ["MISSING"]
+    recorded = datetime.fromisoformat(entries[0]["recorded_at"].replace("Z", "+00:00"))
+    assert deadline <= recorded + timedelta(seconds=1)
+    assert recorded - deadline < timedelta(seconds=5)
+    assert daemon.ctl_json("status")["jobs"][0]["next_deadline"] is None
+    assert daemon.stop() == 0
+
+
+def test_database_env_override(make_daemon: MakeDaemon, tmp_path: Path) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.env["BACKUPWATCH_DATABASE_URL"] = f"sqlite:///{tmp_path}/other.db"
+    daemon.start()
+    assert (tmp_path / "other.db").exists()
+    assert not (tmp_path / "db.sqlite").exists()
+    assert daemon.stop() == 0
+    assert os.environ.get("BACKUPWATCH_DATABASE_URL") is None
