@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -32,10 +32,12 @@ DEFAULT_MAX_BYTES = 1_048_576
 class Ctl:
     """One invocation: the parsed arguments and a lazily loaded configuration."""
 
-    def __init__(self, args: argparse.Namespace, out: Any = sys.stdout, err: Any = sys.stderr):
+    def __init__(
+        self, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
+    ) -> None:
         self.args = args
-        self.out = out
-        self.err = err
+        self.out = out or sys.stdout  # looked up now, not at import: callers may redirect it
+        self.err = err or sys.stderr
         self.environ = dict(os.environ)
 
     def settings(self) -> Settings:

@@ -98,6 +98,7 @@ class Daemon:
         self.timer: MissingTimer
         self.control: ControlServer
         self.last_rescan = 0.0
+        self.last_status = ""
 
     # ------------------------------------------------------------------ start
 
@@ -276,7 +277,15 @@ class Daemon:
                 self.rescan()
             if self.notifier.watchdog_interval is not None and self.healthy():
                 self.notifier.watchdog()
+            self._publish_status()
         return self.shutdown()
+
+    def _publish_status(self) -> None:
+        """Keep `systemctl status` current without flooding the notify socket."""
+        line = self.status_line()
+        if line != self.last_status:
+            self.notifier.status(line)
+            self.last_status = line
 
     def _next_tick(self) -> float:
         interval = self.notifier.watchdog_interval or 5.0
@@ -390,7 +399,8 @@ class Daemon:
         jobs = sum(len(site.jobs) for site in registry.sites.values())
         return (
             f"watching {len(registry.sites)} sites, {jobs} jobs; "
-            f"{self.queue.in_progress_or_queued()} reports pending"
+            f"{self.queue.in_progress_or_queued()} reports pending; since start "
+            f"{self.counters['accepted']} accepted, {self.counters['rejected']} rejected"
         )
 
     # --------------------------------------------------------------- stop

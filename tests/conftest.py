@@ -14,10 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy
-
-PG_URL = os.environ.get(
-    "BACKUPWATCH_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-)
+from support import PG_URL
 
 
 @functools.cache

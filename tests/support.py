@@ -17,6 +17,10 @@ from backupwatch.pipeline import Context, Result, build_registry, process_path
 from backupwatch.store import Store
 from backupwatch.timer import Flagged, MissingTimer
 
+PG_URL = os.environ.get(
+    "BACKUPWATCH_TEST_POSTGRES_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+)
+
 
 def utc(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)  # type: ignore[misc]

@@ -11,8 +11,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from conftest import Daemon, wait_for
-from support import database, drop, job_block, report, stage
+from support import PG_URL, database, drop, job_block, report, stage
 
 pytestmark = pytest.mark.integration
 
@@ -295,3 +296,34 @@ def test_database_env_override(make_daemon: MakeDaemon, tmp_path: Path) -> None:
     assert not (tmp_path / "db.sqlite").exists()
     assert daemon.stop() == 0
     assert os.environ.get("BACKUPWATCH_DATABASE_URL") is None
+
+
+def test_postgres_connections_killed_under_the_daemon(
+    make_daemon: MakeDaemon, postgres_url: str
+) -> None:
+    """A database restart drops every connection: the daemon reconnects, nothing is lost."""
+    name = f"bwtest_{time.monotonic_ns()}"
+    daemon = make_daemon(f"{postgres_url}&application_name={name}", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    drop(site, good_report(site), "first.json")
+    wait_for(lambda: len(daemon.history(SALES)) == 1, what="the first entry")
+
+    admin = sqlalchemy.create_engine(PG_URL)
+    with admin.begin() as connection:
+        killed = connection.execute(
+            sqlalchemy.text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :name"
+            ),
+            {"name": name},
+        ).scalar()
+    admin.dispose()
+    assert killed is not None
+    assert killed >= 1
+
+    drop(site, good_report(site), "second.json")
+    wait_for(lambda: len(daemon.history(SALES)) == 2, what="the entry after the reconnect")
+    assert (site / "_archive" / "second.json").exists()
+    assert daemon.process.poll() is None  # type: ignore[union-attr]
+    assert daemon.stop() == 0
