@@ -269,16 +269,23 @@ class Daemon:
             self.wakeup.clear()
             if self.stop_requested.is_set():
                 break
-            self._serve_requests()
-            if self.reload_signalled:
-                self.reload_signalled = False
-                self.reload()
-            if self.queue.needs_rescan.is_set() or self._rescan_due():
-                self.rescan()
-            if self.notifier.watchdog_interval is not None and self.healthy():
-                self.notifier.watchdog()
-            self._publish_status()
+            self.tick()
         return self.shutdown()
+
+    def tick(self) -> bool:
+        """One pass of the main loop; True when every loop was healthy (and systemd pinged)."""
+        self._serve_requests()
+        self._revive_watcher()
+        if self.reload_signalled:
+            self.reload_signalled = False
+            self.reload()
+        if self.queue.needs_rescan.is_set() or self._rescan_due():
+            self.rescan()
+        healthy = self.healthy()
+        if healthy and self.notifier.watchdog_interval is not None:
+            self.notifier.watchdog()
+        self._publish_status()
+        return healthy
 
     def _publish_status(self) -> None:
         """Keep `systemctl status` current without flooding the notify socket."""
@@ -290,6 +297,19 @@ class Daemon:
     def _next_tick(self) -> float:
         interval = self.notifier.watchdog_interval or 5.0
         return max(0.05, min(interval, 5.0))
+
+    def _revive_watcher(self) -> None:
+        """watchdog's threads die for good on some errors: start a new observer, then rescan."""
+        if self.watcher.is_alive():
+            return
+        log.error("watcher.died", action="restart and rescan")
+        self.watcher.stop()
+        try:
+            self._start_watcher()
+        except OSError as exc:
+            log.error("watcher.restart_failed", error=str(exc))
+            return
+        self.queue.needs_rescan.set()
 
     def _rescan_due(self) -> bool:
         period = self.ctx.settings.rescan_interval_minutes * 60
