@@ -308,8 +308,9 @@ class Store:
     def find_job(self, ident: str) -> ExpectedBackupJob | None:
         """A job by numeric id or by `company/city/neighborhood/database`."""
         with self.session() as session:
-            if ident.isdigit():
-                return session.get(ExpectedBackupJob, int(ident))
+            if ident.isascii() and ident.isdigit():  # "²".isdigit() is True, int("²") fails
+                job_id = int(ident)  # beyond SQLite's 64-bit INTEGER: no such job, not a crash
+                return session.get(ExpectedBackupJob, job_id) if job_id < 2**63 else None
             parts = ident.split("/")
             if len(parts) != 4:
                 return None

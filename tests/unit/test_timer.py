@@ -1,0 +1,220 @@
+"""SPEC §4: the MISSING timer, on SQLite and PostgreSQL, with a clock the test moves by hand.
+
+No test sleeps to let time pass: `run_once(now)` is driven directly, and the thread's loop reads
+an injected clock that the test advances, then waits for the outcome with a bounded poll.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy.exc import OperationalError
+from support import utc
+
+from backupwatch import timer as timer_module
+from backupwatch.enums import BackupEntryStatus
+from backupwatch.jobs import JobSpec
+from backupwatch.store import ExpectedBackupJob, Store
+from backupwatch.timer import BUSY_POLL, DEFER_LIMIT, MAX_SLEEP, Flagged, MissingTimer
+
+T0 = utc(2026, 11, 24, 0, 0)
+CYCLE = utc(2026, 11, 24, 13)  # the DAILY jobs below expect 13:00 with W = 60 min
+DEADLINE = utc(2026, 11, 24, 14)
+SECOND = timedelta(seconds=1)
+MAX_AGE = timedelta(days=1)
+SALES = "ACME/Lyon/Part-Dieu/sales"
+BUSY_SITE, CALM_SITE = "ACME_Lyon_Part-Dieu", "ACME_Lyon_Vaise"
+
+
+def spec(neighborhood: str = "Part-Dieu", database: str = "sales", **keys: Any) -> JobSpec:
+    keys.setdefault("expected_hour_utc", 13)
+    return JobSpec(
+        company_name="ACME", city="Lyon", neighborhood=neighborhood, database_name=database, **keys
+    )
+
+
+@pytest.fixture
+def store(database_url: str) -> Iterator[Store]:
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.dispose()
+
+
+class Clock:
+    """The injected clock: the test sets the time; the timer's reads are counted."""
+
+    def __init__(self, now: datetime) -> None:
+        self._now = now
+        self._lock = threading.Lock()
+        self.reads = 0
+
+    def __call__(self) -> datetime:
+        with self._lock:
+            self.reads += 1
+            return self._now
+
+    def set(self, now: datetime) -> None:
+        with self._lock:
+            self._now = now
+
+
+def eventually(condition: Callable[[], bool], timeout: float = 5.0) -> bool:
+    """Poll `condition` until it holds or `timeout` real seconds have passed."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.01)
+    return True
+
+
+def missing_cycles(store: Store, label: str = SALES) -> list[datetime]:
+    found = store.find_job(label)
+    assert found is not None
+    return [e.cycle for e in store.history(found.id, None) if e.status is BackupEntryStatus.MISSING]
+
+
+# --------------------------------------------------------------------------- run_once
+
+
+def test_run_once_flags_due_jobs_and_reports_them(store: Store) -> None:
+    store.sync_jobs([spec(), spec("Vaise")], 60, T0)
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE)
+
+    assert timer.run_once(DEADLINE - SECOND) == []
+    flagged = timer.run_once(DEADLINE)
+
+    ids = {job.agent_id: job.id for job in store.active_jobs()}
+    assert sorted(flagged, key=lambda f: f.site) == [
+        Flagged(ids[BUSY_SITE], SALES, BUSY_SITE, CYCLE),
+        Flagged(ids[CALM_SITE], "ACME/Lyon/Vaise/sales", CALM_SITE, CYCLE),
+    ]
+    assert timer.run_once(DEADLINE + SECOND) == []
+
+
+def test_a_busy_site_defers_its_deadline_until_the_defer_limit(store: Store) -> None:
+    store.sync_jobs([spec(), spec("Vaise")], 60, T0)
+    asked: list[str] = []
+
+    def site_busy(job: ExpectedBackupJob) -> bool:
+        asked.append(job.deposit_path)
+        return job.agent_id == BUSY_SITE  # a report of that site is queued: maybe the awaited one
+
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, site_busy)
+
+    flagged = timer.run_once(DEADLINE + SECOND)
+    assert [f.site for f in flagged] == [CALM_SITE]  # the other site is not held back
+    assert missing_cycles(store) == []
+    assert BUSY_SITE in asked
+    assert timer.seconds_until_next(DEADLINE + SECOND) == BUSY_POLL  # poll the busy site soon
+
+    assert timer.run_once(DEADLINE + DEFER_LIMIT) == []
+    assert missing_cycles(store) == []
+
+    flagged = timer.run_once(DEADLINE + DEFER_LIMIT + SECOND)
+    assert [(f.label, f.cycle) for f in flagged] == [(SALES, CYCLE)]
+    assert missing_cycles(store) == [CYCLE]
+    assert timer.seconds_until_next(DEADLINE + DEFER_LIMIT + SECOND) == MAX_SLEEP
+
+
+def test_a_site_that_is_no_longer_busy_is_flagged_at_once(store: Store) -> None:
+    store.sync_jobs([spec()], 60, T0)
+    busy = True
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, lambda _job: busy)
+
+    assert timer.run_once(DEADLINE + SECOND) == []
+    busy = False
+    assert [f.cycle for f in timer.run_once(DEADLINE + 2 * SECOND)] == [CYCLE]
+
+
+def test_seconds_until_next_is_the_time_to_the_earliest_deadline_capped(store: Store) -> None:
+    timer = MissingTimer(store, lambda: T0, MAX_AGE)
+    assert timer.seconds_until_next(T0) == MAX_SLEEP  # no job at all
+
+    store.sync_jobs([spec(), spec("Vaise", expected_hour_utc=12)], 60, T0)
+    earliest = utc(2026, 11, 24, 13)  # Vaise: 12:00 + W
+
+    assert timer.seconds_until_next(earliest - 3 * SECOND) == 3.0
+    assert timer.seconds_until_next(earliest - timedelta(milliseconds=250)) == 0.25
+    assert timer.seconds_until_next(T0) == MAX_SLEEP  # hours away: capped, to re-read the index
+    assert timer.seconds_until_next(earliest + SECOND) == 0.0  # overdue: no negative sleep
+    timer.run_once(earliest)
+    assert timer.seconds_until_next(DEADLINE - 2 * SECOND) == 2.0  # now Part-Dieu's is next
+
+
+# --------------------------------------------------------------------------- the thread
+
+
+def test_the_thread_flags_a_deadline_that_passes_while_it_runs(store: Store) -> None:
+    store.sync_jobs([spec()], 60, T0)
+    clock = Clock(DEADLINE - timedelta(minutes=30))  # half an hour ahead: it sleeps MAX_SLEEP
+    timer = MissingTimer(store, clock, MAX_AGE)
+    timer.start()
+    try:
+        assert timer.is_alive()
+        assert eventually(lambda: clock.reads >= 1)
+        assert missing_cycles(store) == []
+
+        clock.set(DEADLINE + SECOND)
+        timer.wake()  # as after a reload; the deadline passed while it slept
+
+        assert eventually(lambda: missing_cycles(store) == [CYCLE])
+        reads = clock.reads
+        clock.set(DEADLINE + 2 * SECOND)
+        timer.wake()
+        assert eventually(lambda: clock.reads > reads)
+        assert missing_cycles(store) == [CYCLE]  # once only
+    finally:
+        started = time.monotonic()
+        timer.stop()
+        stopped_in = time.monotonic() - started
+    assert not timer.is_alive()
+    assert stopped_in < 2.0  # it was asleep for up to MAX_SLEEP: stop() wakes it
+
+
+def test_the_thread_sleeps_only_until_the_next_deadline(store: Store) -> None:
+    store.sync_jobs([spec()], 60, T0)
+    clock = Clock(DEADLINE - timedelta(milliseconds=200))  # due in 0.2 s by the injected clock
+    timer = MissingTimer(store, clock, MAX_AGE)
+    timer.start()
+    try:
+        assert eventually(lambda: clock.reads >= 1)
+        clock.set(DEADLINE)  # no wake(): the loop comes back by itself when its sleep ends
+
+        assert eventually(lambda: missing_cycles(store) == [CYCLE], timeout=MAX_SLEEP / 2)
+    finally:
+        timer.stop()
+    assert not timer.is_alive()
+
+
+def test_the_thread_survives_a_database_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.sync_jobs([spec()], 60, T0)
+    monkeypatch.setattr(timer_module, "ERROR_BACKOFF", 0.01)
+    real_due_jobs = store.due_jobs
+    failures = iter([OperationalError("SELECT", {}, Exception("server closed the connection"))])
+
+    def flaky_due_jobs(now: datetime, limit: int = 500) -> list[ExpectedBackupJob]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_due_jobs(now, limit)
+
+    monkeypatch.setattr(store, "due_jobs", flaky_due_jobs)
+    clock = Clock(DEADLINE + SECOND)
+    timer = MissingTimer(store, clock, MAX_AGE)
+    timer.start()
+    try:
+        assert eventually(lambda: missing_cycles(store) == [CYCLE])
+        assert timer.is_alive()
+        assert clock.reads >= 2
+    finally:
+        timer.stop()
