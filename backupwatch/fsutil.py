@@ -76,6 +76,8 @@ def _open_file_at(dir_fd: int, name: str) -> int:
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise UnsafePath(f"{name} is a symlink") from exc
+        if exc.errno == errno.ENXIO:  # a Unix socket (or a FIFO opened for writing)
+            raise UnsafePath(f"{name} is not a regular file") from exc
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -167,7 +169,10 @@ def move_unique(src: Path, dst_dir: Path, name: str | None = None) -> Path:
     """Move a file into dst_dir (a real directory, created if absent) without overwriting."""
     ensure_real_dir(dst_dir)
     with open_dir(src.parent) as src_fd:
-        target = link_unique(src_fd, src.name, dst_dir, name or src.name)
+        # Passing the source's identity makes a move interrupted between link and unlink (a
+        # crash, or another worker moving the same file) finish on the name it already has.
+        identity = Identity.of(os.stat(src.name, dir_fd=src_fd, follow_symlinks=False))
+        target = link_unique(src_fd, src.name, dst_dir, name or src.name, identity)
         os.unlink(src.name, dir_fd=src_fd)
     return target
 

@@ -10,12 +10,12 @@ committed and just finishes the clean-up.
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import errno
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -188,8 +188,13 @@ def process_path(ctx: Context, path: Path, now: datetime, may_retry: bool = Fals
     classified = ctx.registry.classify(path)
     if classified.kind is PathKind.IGNORED:
         return Result(Outcome.IGNORED, path)
-    if not os.path.lexists(path):
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
         return Result(Outcome.GONE, path)
+    if stat.S_ISDIR(mode) or os.path.islink(path.parent):
+        # A folder is never a report (SPEC §3), and a symlinked log/ is never followed (§9).
+        return Result(Outcome.IGNORED, path)
     if classified.kind is PathKind.STRAY or classified.site is None:
         return reject(ctx, path, path.parent, "it lies in a folder that no active job uses")
     return _process_report(ctx, classified.site, path, now, may_retry)
@@ -204,7 +209,7 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime, may_ret
         return reject(ctx, path, site.folder, exc.reason)
     sha = hashlib.sha256(data).hexdigest()
     if ctx.store.report_processed(sha) is not None:
-        finish_promotions(ctx.store, sha)
+        finish_promotions(ctx.store, sha, site)
         archive(path, site)
         log.info("report.duplicate", site=site.name, report=_name(ctx, path), sha256=sha)
         return Result(Outcome.DUPLICATE, path)
@@ -280,7 +285,8 @@ def _record(
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
     if not ctx.store.record_report(record, result.entries, now):
         result.outcome = Outcome.DUPLICATE  # another worker or daemon committed these bytes first
-    finish_promotions(ctx.store, sha)
+        result.entries = []  # none of these was recorded: do not log them as recorded
+    finish_promotions(ctx.store, sha, site)
     archive(path, site)
     for entry in result.entries:
         _log_entry(entry, job_label(site, entry.job_id), site, name)
@@ -352,6 +358,8 @@ def _judge_staged(
         facts = StagedFacts(staged_name, problem="absent")
     except (UnsafePath, IsADirectoryError) as exc:
         facts = StagedFacts(staged_name, problem=f"refused: {exc}")
+    except PermissionError as exc:
+        facts = StagedFacts(staged_name, problem=f"not readable by the server: {exc.strerror}")
     return file_verdict(db, facts), facts, None, {}
 
 
@@ -393,7 +401,14 @@ def _promote(
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        final = copy_verified(fd, target.parent, target.name, facts.sha256, facts.size)
+        try:
+            final = copy_verified(fd, target.parent, target.name, facts.sha256, facts.size)
+        except ValueError:  # copy_verified's digest check: the agent rewrote it meanwhile
+            failed = Verdict(
+                BackupEntryStatus.TRANSFER_INTEGRITY_FAILED,
+                f"staged file {facts.name} changed while it was being copied to final storage",
+            )
+            return failed, facts, None, {}
         method = "copy"
     message = f"{verdict.message}; stored at {final}"
     if final.name != target.name:
@@ -402,17 +417,26 @@ def _promote(
     return Verdict(verdict.status, message), facts, final, server
 
 
-def finish_promotions(store: Store, sha: str) -> None:
-    """Unlink the staged files of a committed report's successes, if still the validated ones."""
+def finish_promotions(store: Store, sha: str, site: Site) -> None:
+    """Unlink the staged files of a committed report's successes, if still the validated ones.
+
+    The staged path is walked beneath D without following a symlink (SPEC §9): an agent that
+    swapped a folder for a symlink after the commit cannot make us unlink anything elsewhere.
+    """
     for entry in store.successes_of_report(sha):
         if entry.staged_path is None or entry.final_path is None:
             continue
-        staged, server = Path(entry.staged_path), (entry.details or {}).get("server", {})
-        with contextlib.suppress(FileNotFoundError):
-            identity = Identity.of(staged.lstat())
-            if identity == Identity(server.get("staged_dev", -1), server.get("staged_ino", -1)):
-                with open_dir(staged.parent) as fd:
-                    os.unlink(staged.name, dir_fd=fd)
+        server = (entry.details or {}).get("server", {})
+        validated = Identity(server.get("staged_dev", -1), server.get("staged_ino", -1))
+        try:
+            relative = PurePosixPath(Path(entry.staged_path).relative_to(site.folder))
+            with open_beneath(site.folder, relative) as (dir_fd, fd, name):
+                if Identity.of(os.fstat(fd)) == validated:
+                    os.unlink(name, dir_fd=dir_fd)
+        except FileNotFoundError:
+            continue
+        except (ValueError, UnsafePath, OSError) as exc:
+            log.warning("staged.not_removed", staged=entry.staged_path, reason=str(exc))
 
 
 def archive(path: Path, site: Site) -> Path | None:

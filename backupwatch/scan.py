@@ -28,6 +28,8 @@ def _json_files(folder: Path) -> Iterator[Path]:
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    continue  # a folder named *.json is not a report (SPEC §3: a regular file)
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     yield Path(entry.path)
     except (FileNotFoundError, NotADirectoryError, PermissionError):

@@ -31,15 +31,18 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     create_engine,
     event,
     func,
+    or_,
     select,
     text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
@@ -275,7 +278,19 @@ class Store:
     def sync_jobs(
         self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
-        """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones."""
+        """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones.
+
+        Two daemons starting together may both insert a new job; the loser's unique-constraint
+        error means the row now exists, so one more pass (which updates it instead) settles it.
+        """
+        try:
+            return self._sync_once(specs, default_window_minutes, now)
+        except IntegrityError:
+            return self._sync_once(specs, default_window_minutes, now)
+
+    def _sync_once(
+        self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
+    ) -> SyncResult:
         result = SyncResult()
         with self.session() as session:
             existing = {job_key(j): j for j in session.scalars(select(ExpectedBackupJob))}
@@ -382,18 +397,25 @@ class Store:
             )
             return session.scalar(query)
 
-    def due_jobs(self, now: datetime, limit: int = 500) -> list[ExpectedBackupJob]:
-        """Jobs whose cursor deadline has passed: an index range scan, never a scan of all jobs."""
-        with self.session() as session:
-            query = (
-                select(ExpectedBackupJob)
-                .where(
-                    ExpectedBackupJob.active.is_(True),
-                    ExpectedBackupJob.next_deadline_at <= now,
+    def due_jobs(
+        self, now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
+    ) -> list[ExpectedBackupJob]:
+        """Jobs whose cursor deadline has passed: an index range scan, never a scan of all jobs.
+
+        `after` is the (deadline, id) of the last job of the previous page (keyset paging), so
+        jobs the caller skipped (deferred) never hide the ones behind them.
+        """
+        j = ExpectedBackupJob
+        query = select(j).where(j.active.is_(True), j.next_deadline_at <= now)
+        if after is not None:
+            query = query.where(
+                or_(
+                    j.next_deadline_at > after[0],
+                    and_(j.next_deadline_at == after[0], j.id > after[1]),
                 )
-                .order_by(ExpectedBackupJob.next_deadline_at)
-                .limit(limit)
             )
+        query = query.order_by(j.next_deadline_at, j.id).limit(limit)
+        with self.session() as session:
             return list(session.scalars(query))
 
     def settle_job(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[datetime]:
@@ -626,7 +648,7 @@ def _apply_spec(
         job.active, job.activated_at, job.deactivated_at = True, now, None
         _reset_cursor(job, now)
     elif changed & set(SCHEDULE_COLUMNS):
-        _reset_cursor(job, now)
+        _reset_cursor(job, now, resume_from=_unsettled_since(job, now))
     # A change of agent or paths alone counts as a change but keeps the timer's cursor.
     return True
 
@@ -638,10 +660,26 @@ def _deactivate(job: ExpectedBackupJob, now: datetime) -> None:
     job.next_deadline_at = None
 
 
-def _reset_cursor(job: ExpectedBackupJob, now: datetime) -> None:
-    """Point the timer at the first cycle (at or after activation) whose deadline is ahead."""
+def _unsettled_since(job: ExpectedBackupJob, now: datetime) -> datetime | None:
+    """Where the timer stopped, if deadlines passed unsettled (the daemon was down)."""
+    if job.next_deadline_at is not None and job.next_deadline_at <= now:
+        return job.next_cycle_at
+    return None
+
+
+def _reset_cursor(
+    job: ExpectedBackupJob, now: datetime, resume_from: datetime | None = None
+) -> None:
+    """Point the timer at the first cycle (at or after activation) whose deadline is ahead.
+
+    With `resume_from` (a schedule changed while the daemon was down), the cursor starts there
+    instead, so the new schedule's cycles that closed during the downtime are still flagged.
+    """
     schedule = job.schedule
-    upcoming = _first_pending(schedule, now, job.activated_at)
+    if resume_from is not None:
+        upcoming = next_cycle_at_or_after(schedule, max(job.activated_at, resume_from))
+    else:
+        upcoming = _first_pending(schedule, now, job.activated_at)
     job.next_cycle_at = upcoming
     job.next_deadline_at = deadline(schedule, upcoming) if upcoming else None
 

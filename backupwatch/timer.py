@@ -60,12 +60,15 @@ class MissingTimer:
         flagged: list[Flagged] = []
         self._deferred = False
         oldest = now - self.max_age
-        while True:
-            due = [job for job in self.store.due_jobs(now) if not self._defer(job, now)]
-            if not due:
-                return flagged
-            for job in due:
-                flagged.extend(self._settle(job, now, oldest))
+        after: tuple[datetime, int] | None = None
+        while page := self.store.due_jobs(now, after=after):
+            last = page[-1]
+            assert last.next_deadline_at is not None
+            after = (last.next_deadline_at, last.id)
+            for job in page:
+                if not self._defer(job, now):
+                    flagged.extend(self._settle(job, now, oldest))
+        return flagged
 
     def _defer(self, job: ExpectedBackupJob, now: datetime) -> bool:
         assert job.next_deadline_at is not None
@@ -123,6 +126,10 @@ class MissingTimer:
                 delay = self.seconds_until_next(now)
             except SQLAlchemyError as exc:
                 log.error("timer.database_error", error=str(exc))
+                delay = ERROR_BACKOFF
+            except Exception:
+                # A dead timer would never flag MISSING again: log, back off, go on.
+                log.exception("timer.internal_error")
                 delay = ERROR_BACKOFF
             self._wake.wait(max(delay, 0.05))
             self._wake.clear()

@@ -678,3 +678,53 @@ def test_find_job_by_id_or_by_company_city_neighborhood_database(store: Store) -
     assert store.find_job("99999999999999999999") is None  # beyond a 64-bit INTEGER
     assert store.find_job("\u00b2") is None  # "²".isdigit() is True, but it is no id
     assert [j.label for j in store.all_jobs()] == [HR, SALES]
+
+
+def test_a_schedule_changed_while_the_daemon_was_down_still_flags_the_missed_cycles(
+    store: Store,
+) -> None:
+    """Down from before Tuesday's 14:00 deadline until Thursday; the hour changed meanwhile."""
+    store.sync_jobs([spec()], 60, T0)
+    back = utc(2026, 11, 26, 9, 0)
+
+    store.sync_jobs([spec(expected_hour_utc=6)], 60, back)  # synced at start, before catch-up
+    flagged = MissingTimer(store, lambda: back, MAX_AGE).run_once(back)
+
+    assert [f.cycle for f in flagged] == [
+        utc(2026, 11, 25, 6, 0),
+        utc(2026, 11, 26, 6, 0),
+    ]
+    assert job(store).next_cycle_at == utc(2026, 11, 27, 6, 0)
+
+
+def test_a_schedule_changed_while_running_is_not_retroactive(store: Store) -> None:
+    store.sync_jobs([spec()], 60, T0)
+    now = utc(2026, 11, 24, 9, 30)
+
+    store.sync_jobs([spec(expected_hour_utc=9)], 60, now)  # 09:00 today: its window is open
+
+    assert MissingTimer(store, lambda: now, MAX_AGE).run_once(now) == []
+    assert job(store).next_cycle_at == utc(2026, 11, 24, 9, 0)
+
+
+def test_two_stores_syncing_the_same_new_jobs_at_once_both_succeed(database_url: str) -> None:
+    stores = [open_store(database_url), open_store(database_url)]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def sync(store: Store) -> None:
+        barrier.wait()
+        try:
+            store.sync_jobs([spec(), spec("hr")], 60, T0)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=sync, args=(s,)) for s in stores]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert len(stores[0].all_jobs()) == 2
+    for store in stores:
+        store.dispose()

@@ -202,11 +202,13 @@ def test_the_thread_survives_a_database_error(
     real_due_jobs = store.due_jobs
     failures = iter([OperationalError("SELECT", {}, Exception("server closed the connection"))])
 
-    def flaky_due_jobs(now: datetime, limit: int = 500) -> list[ExpectedBackupJob]:
+    def flaky_due_jobs(
+        now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
+    ) -> list[ExpectedBackupJob]:
         failure = next(failures, None)
         if failure is not None:
             raise failure
-        return real_due_jobs(now, limit)
+        return real_due_jobs(now, limit, after)
 
     monkeypatch.setattr(store, "due_jobs", flaky_due_jobs)
     clock = Clock(DEADLINE + SECOND)
@@ -218,3 +220,47 @@ def test_the_thread_survives_a_database_error(
         assert clock.reads >= 2
     finally:
         timer.stop()
+
+
+def test_the_thread_survives_an_unexpected_error(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.sync_jobs([spec()], 60, T0)
+    monkeypatch.setattr(timer_module, "ERROR_BACKOFF", 0.01)
+    real_due_jobs = store.due_jobs
+    failures = iter([RuntimeError("a bug")])
+
+    def buggy_due_jobs(
+        now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
+    ) -> list[ExpectedBackupJob]:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        return real_due_jobs(now, limit, after)
+
+    monkeypatch.setattr(store, "due_jobs", buggy_due_jobs)
+    timer = MissingTimer(store, Clock(DEADLINE + SECOND), MAX_AGE)
+    timer.start()
+    try:
+        assert eventually(lambda: missing_cycles(store) == [CYCLE])
+        assert timer.is_alive()
+    finally:
+        timer.stop()
+
+
+def test_busy_sites_filling_a_whole_page_do_not_hide_the_jobs_behind_them(store: Store) -> None:
+    busy = [spec(neighborhood=f"busy-{n}") for n in range(4)]
+    store.sync_jobs([*busy, spec(neighborhood="calm", expected_hour_utc=12)], 60, T0)
+    real_due_jobs = store.due_jobs
+
+    def small_pages(
+        now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
+    ) -> list[ExpectedBackupJob]:
+        return real_due_jobs(now, 2, after)  # pages of 2: the busy jobs fill two whole pages
+
+    store.due_jobs = small_pages  # type: ignore[method-assign]
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, lambda j: j.neighborhood != "calm")
+
+    flagged = timer.run_once(DEADLINE + SECOND)
+
+    assert [f.label for f in flagged] == ["ACME/Lyon/calm/sales"]

@@ -1,0 +1,154 @@
+"""SPEC §7: the reconciliation scan lists report folders and strays, on a real tree."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path, PurePosixPath
+
+import pytest
+
+import backupwatch.scan
+from backupwatch.enums import BackupFrequency
+from backupwatch.scan import pending_reports
+from backupwatch.schedule import Schedule
+from backupwatch.sites import JobRef, Registry
+
+SCHEDULE = Schedule(BackupFrequency.DAILY, hour=13, window=timedelta(minutes=60))
+
+
+def job(ident: int, agent_id: str) -> JobRef:
+    return JobRef(
+        id=ident,
+        label=f"{agent_id}/db",
+        agent_id=agent_id,
+        database_name="db",
+        schedule=SCHEDULE,
+        fields={"agent_id": agent_id},
+        final_storage_path_template="{agent_id}/{staged_file_name}",
+    )
+
+
+def touch(path: Path, content: bytes = b"{}") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Registry, Path, Path]:
+    root = tmp_path / "deposit"
+    outside = tmp_path / "outside"
+    touch(outside / "evil.json")
+    touch(outside / "log" / "evil.json")
+    registry = Registry.build(
+        root,
+        [
+            (PurePosixPath("ACME"), job(1, "ACME")),
+            (PurePosixPath("LINKED"), job(2, "LINKED")),
+            (PurePosixPath("outer"), job(3, "outer")),
+            (PurePosixPath("outer/inner"), job(4, "inner")),
+            (PurePosixPath("NOT_CREATED_YET"), job(5, "later")),
+        ],
+    )
+    return registry, root, outside
+
+
+def scanned_folders(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """A spy on os.scandir (it still scans): which folders the scan opened."""
+    opened: list[Path] = []
+    real = os.scandir
+
+    def spy(path: os.PathLike[str] | str) -> object:
+        opened.append(Path(path))
+        return real(path)
+
+    monkeypatch.setattr(backupwatch.scan.os, "scandir", spy)
+    return opened
+
+
+def test_pending_reports_finds_reports_and_strays_and_nothing_else(
+    tree: tuple[Registry, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, root, outside = tree
+    d = root / "ACME"
+    wanted = {
+        touch(d / "STATUS.json"),
+        touch(d / "second.json"),
+        touch(d / "log" / "STATUS.json"),
+        touch(root / "outer" / "o.json"),
+        touch(root / "outer" / "inner" / "i.json"),
+        touch(root / "outer" / "inner" / "log" / "il.json"),
+        touch(root / "STATUS.json"),  # strays: reports in folders no job uses
+        touch(root / "Unknown" / "STATUS.json"),
+        touch(root / "Unknown" / "deep" / "x.json"),
+    }
+    (d / "link.json").symlink_to(outside / "evil.json")  # listed, so that it gets rejected
+    wanted.add(d / "link.json")
+    os.mkfifo(d / "fifo.json")  # listed too: the pipeline rejects it without blocking
+    wanted.add(d / "fifo.json")
+    unwanted = [
+        touch(d / ".STATUS.json"),
+        touch(d / "STATUS.json.part"),
+        touch(d / "log" / ".writing.json"),
+        touch(d / "_archive" / "old.json"),
+        touch(d / "_rejected" / "bad.json"),
+        touch(d / "database" / "staged.json"),
+        touch(d / "database" / "deep" / "x.json"),
+        touch(d / "log" / "older" / "x.json"),
+        touch(root / "outer" / "data" / "x.json"),
+        touch(root / "Unknown" / "_rejected" / "STATUS.json"),
+        touch(root / "Unknown" / "_archive" / "STATUS.json"),
+        touch(root / ".hidden" / "x.json"),
+    ]
+    (d / "folder.json").mkdir()  # a directory is never a report
+    (root / "LINKED").mkdir()
+    (root / "LINKED" / "log").symlink_to(outside / "log", target_is_directory=True)
+    (root / "stray-link").symlink_to(outside, target_is_directory=True)
+    opened = scanned_folders(monkeypatch)
+
+    found = list(pending_reports(registry))
+
+    assert len(found) == len(set(found))
+    assert set(found) == wanted
+    assert not set(unwanted) & set(found)
+    never = [
+        d / "database",
+        d / "database" / "deep",
+        d / "log" / "older",
+        d / "_archive",
+        d / "_rejected",
+        root / "outer" / "data",
+        root / "Unknown" / "_rejected",
+        root / ".hidden",
+        root / "LINKED" / "log",
+        root / "stray-link",
+        outside,
+        outside / "log",
+    ]
+    assert not set(never) & set(opened)
+
+
+def test_pending_reports_lists_a_sites_reports_before_the_strays(
+    tree: tuple[Registry, Path, Path],
+) -> None:
+    registry, root, _outside = tree
+    stray = touch(root / "Unknown" / "STATUS.json")
+    report = touch(root / "ACME" / "STATUS.json")
+
+    assert list(pending_reports(registry)) == [report, stray]
+
+
+def test_pending_reports_on_an_empty_or_absent_root(tmp_path: Path) -> None:
+    registry = Registry.build(tmp_path / "absent", [(PurePosixPath("ACME"), job(1, "ACME"))])
+    assert list(pending_reports(registry)) == []
+    (tmp_path / "absent").mkdir()
+    assert list(pending_reports(registry)) == []
+
+
+def test_a_site_folder_that_is_a_file_is_skipped(tree: tuple[Registry, Path, Path]) -> None:
+    registry, root, _outside = tree
+    touch(root / "ACME", b"not a folder")
+    stray = touch(root / "Unknown" / "STATUS.json")
+
+    assert list(pending_reports(registry)) == [stray]
