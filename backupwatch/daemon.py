@@ -135,14 +135,22 @@ class Daemon:
         )
 
     def _prepare_roots(self) -> None:
-        """Create the two storage roots if absent; a failure names the path, not just errno."""
-        for root in (self.settings.backup_storage_root, self.settings.validated_backups_base_path):
+        """Create the two storage roots if absent; a failure names the path, not just errno.
+
+        The deposit root need only be readable (agents own their site folders, which the daemon
+        writes through their group); final storage must be writable.
+        """
+        needs = {
+            self.settings.backup_storage_root: (os.R_OK | os.X_OK, "readable"),
+            self.settings.validated_backups_base_path: (os.R_OK | os.W_OK | os.X_OK, "writable"),
+        }
+        for root, (mode, word) in needs.items():
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot create {root}: {exc.strerror}") from exc
-            if not os.access(root, os.R_OK | os.W_OK | os.X_OK):
-                raise PermissionError(f"{root} is not readable and writable by this user")
+            if not os.access(root, mode):
+                raise PermissionError(f"{root} is not {word} by this user")
 
     def _registry(self) -> Registry:
         return build_registry(self.settings, self.store.active_jobs())

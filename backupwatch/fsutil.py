@@ -9,6 +9,7 @@ existing name.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
@@ -165,15 +166,62 @@ def _holds(dir_fd: int, name: str, identity: Identity) -> bool:
     return Identity.of(st) == identity
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_RENAME_NOREPLACE = 1
+
+
+def rename_noreplace(src_dir_fd: int, src_name: str, dst_dir_fd: int, dst_name: str) -> None:
+    """renameat2(RENAME_NOREPLACE): an atomic move that never replaces an existing name.
+
+    Unlike link(2), it needs no access to the file itself, so it works on agents' files under
+    fs.protected_hardlinks=1 (Debian's default) for an unprivileged daemon.
+    """
+    result = _libc.renameat2(
+        src_dir_fd, os.fsencode(src_name), dst_dir_fd, os.fsencode(dst_name), _RENAME_NOREPLACE
+    )
+    if result != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code), dst_name)
+
+
 def move_unique(src: Path, dst_dir: Path, name: str | None = None) -> Path:
     """Move a file into dst_dir (a real directory, created if absent) without overwriting."""
     ensure_real_dir(dst_dir)
-    with open_dir(src.parent) as src_fd:
-        # Passing the source's identity makes a move interrupted between link and unlink (a
-        # crash, or another worker moving the same file) finish on the name it already has.
-        identity = Identity.of(os.stat(src.name, dir_fd=src_fd, follow_symlinks=False))
-        target = link_unique(src_fd, src.name, dst_dir, name or src.name, identity)
-        os.unlink(src.name, dir_fd=src_fd)
+    with open_dir(src.parent) as src_fd, open_dir(dst_dir) as dst_fd:
+        try:
+            return _rename_unique(src_fd, src.name, dst_fd, dst_dir, name or src.name)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+        return _move_by_link(src_fd, src.name, dst_dir, name or src.name)
+
+
+def _rename_unique(src_fd: int, src_name: str, dst_fd: int, dst_dir: Path, name: str) -> Path:
+    """Rename to the first free variant of `name`; a name already holding this very inode (a
+    link-based move cut short by a crash) is where the move ends."""
+    identity = Identity.of(os.stat(src_name, dir_fd=src_fd, follow_symlinks=False))
+    for attempt in range(10_000):
+        candidate = unique_name(name, attempt)
+        try:
+            rename_noreplace(src_fd, src_name, dst_fd, candidate)
+        except FileExistsError:
+            if _holds(dst_fd, candidate, identity):
+                os.unlink(src_name, dir_fd=src_fd)
+                return dst_dir / candidate
+            continue
+        return dst_dir / candidate
+    raise FileExistsError(f"no free name for {name} in {dst_dir}")
+
+
+def _move_by_link(src_fd: int, src_name: str, dst_dir: Path, name: str) -> Path:
+    """For filesystems without RENAME_NOREPLACE: link, then unlink the old name.
+
+    Passing the source's identity makes a move interrupted between link and unlink (a crash,
+    or another worker moving the same file) finish on the name it already has.
+    """
+    identity = Identity.of(os.stat(src_name, dir_fd=src_fd, follow_symlinks=False))
+    target = link_unique(src_fd, src_name, dst_dir, name, identity)
+    os.unlink(src_name, dir_fd=src_fd)
     return target
 
 

@@ -399,7 +399,9 @@ def _promote(
             )
             return failed, facts, None, {}
     except OSError as exc:
-        if exc.errno != errno.EXDEV:
+        # EXDEV: final storage is on another filesystem. EPERM: fs.protected_hardlinks refuses
+        # to link an agent's file the daemon may read but not write. Both: a verified copy.
+        if exc.errno not in (errno.EXDEV, errno.EPERM):
             raise
         try:
             final = copy_verified(fd, target.parent, target.name, facts.sha256, facts.size)

@@ -85,12 +85,15 @@ class Daemon:
     def validated(self) -> Path:
         return self.base / "validated"
 
-    def start(self, wait_ready: bool = True) -> None:
+    def start(self, wait_ready: bool = True, as_user: list[str] | None = None) -> None:
+        """Start backupwatchd; `as_user` is a command prefix such as setpriv's."""
         self.notify = NotifySocket(self.run_dir / f"notify-{time.monotonic_ns()}.sock")
+        os.chmod(self.notify.path, 0o666)
         env = {**self.env, "NOTIFY_SOCKET": str(self.notify.path)}
+        command = [str(BIN / "backupwatchd"), "--config", str(self.config), "--log-target", "json"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(BIN / "backupwatchd"), "--config", str(self.config), "--log-target", "json"],
+                [*(as_user or []), *command],
                 env=env,
                 stdout=log,
                 stderr=log,
@@ -142,11 +145,12 @@ def short_dir() -> Iterator[Path]:
 def make_daemon(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Daemon]]:
     daemons: list[Daemon] = []
 
-    def factory(database_url: str, jobs: str, **overrides: Any) -> Daemon:
+    def factory(database_url: str, jobs: str, base: Path | None = None, **overrides: Any) -> Daemon:
         overrides.setdefault("control_socket", str(short_dir / "control.sock"))
-        config = write_config(tmp_path, database_url, jobs, **overrides)
+        base = base or tmp_path
+        config = write_config(base, database_url, jobs, **overrides)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUPWATCH_", "NOTIFY_"))}
-        daemon = Daemon(tmp_path, config, short_dir, env)
+        daemon = Daemon(base, config, short_dir, env)
         daemons.append(daemon)
         return daemon
 

@@ -327,3 +327,47 @@ def test_postgres_connections_killed_under_the_daemon(
     assert (site / "_archive" / "second.json").exists()
     assert daemon.process.poll() is None  # type: ignore[union-attr]
     assert daemon.stop() == 0
+
+
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running the daemon as another user needs root")
+def test_unprivileged_daemon_with_agent_owned_files(
+    make_daemon: MakeDaemon, short_dir: Path
+) -> None:
+    """As in production: the daemon may read agents' files but not write them, so the kernel's
+    fs.protected_hardlinks=1 refuses link(2); promotion copies, archiving renames."""
+    if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
+        pytest.skip("fs.protected_hardlinks is not 1 here")
+    base = short_dir / "tree"
+    base.mkdir()
+    os.chmod(short_dir, 0o755)
+    daemon = make_daemon(
+        f"sqlite:///{base}/state/db.sqlite",
+        hourly_jobs("sales"),
+        base=base,
+        control_socket=str(base / "run" / "control.sock"),
+    )
+    for folder in ("state", "validated", "run"):
+        (base / folder).mkdir(exist_ok=True)
+        os.chown(base / folder, NOBODY, NOBODY)
+    site = base / "deposit" / AGENT
+    site.mkdir(parents=True)
+    os.chmod(site, 0o777)  # in production: the site's group, setgid, shared with the daemon
+    body = good_report(site)
+    staged = site / body["databases"]["sales"]["staged_file_name"]  # type: ignore[index]
+    os.chmod(staged, 0o644)  # owned by the "agent" (root here), readable, not writable
+    os.chmod(staged.parent, 0o777)
+
+    daemon.start(as_user=["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"])
+    drop(site, body)
+
+    wait_for(lambda: statuses(daemon, SALES) == ["SUCCESS"], what="the SUCCESS entry")
+    (entry,) = daemon.history(SALES)
+    final = Path(entry["final_path"])
+    assert final.read_bytes() == b"dump"
+    assert final.stat().st_uid == NOBODY  # a verified copy, not a link to the agent's inode
+    wait_for(lambda: not staged.exists(), what="the staged file removed after the commit")
+    assert (site / "_archive" / "STATUS.json").exists()
+    assert daemon.stop() == 0
