@@ -60,6 +60,18 @@ class NotifySocket:
             except TimeoutError:
                 continue
 
+    def collect(self, seconds: float) -> list[str]:
+        """Everything that arrives within `seconds`: for asserting that something did not."""
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining)
+            try:
+                self.messages.append(self.sock.recv(65536).decode())
+            except TimeoutError:
+                break
+        collected, self.messages = self.messages, []
+        return collected
+
     def close(self) -> None:
         self.sock.close()
 
@@ -85,11 +97,16 @@ class Daemon:
     def validated(self) -> Path:
         return self.base / "validated"
 
-    def start(self, wait_ready: bool = True, as_user: list[str] | None = None) -> None:
-        """Start backupwatchd; `as_user` is a command prefix such as setpriv's."""
-        self.notify = NotifySocket(self.run_dir / f"notify-{time.monotonic_ns()}.sock")
-        os.chmod(self.notify.path, 0o666)
-        env = {**self.env, "NOTIFY_SOCKET": str(self.notify.path)}
+    def start(
+        self, wait_ready: bool = True, as_user: list[str] | None = None, notify: bool = True
+    ) -> None:
+        """Start backupwatchd; `as_user` is a command prefix such as setpriv's; without
+        `notify`, the daemon keeps whatever NOTIFY_SOCKET `env` holds."""
+        env = dict(self.env)
+        if notify:
+            self.notify = NotifySocket(self.run_dir / f"notify-{time.monotonic_ns()}.sock")
+            os.chmod(self.notify.path, 0o666)
+            env["NOTIFY_SOCKET"] = str(self.notify.path)
         command = [str(BIN / "backupwatchd"), "--config", str(self.config), "--log-target", "json"]
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
@@ -99,6 +116,7 @@ class Daemon:
                 stderr=log,
             )
         if wait_ready:
+            assert self.notify is not None
             self.notify.expect("READY=1")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
@@ -107,6 +125,7 @@ class Daemon:
         code = self.process.wait(timeout)
         if self.notify:
             self.notify.close()
+            self.notify = None
         return code
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess[str]:

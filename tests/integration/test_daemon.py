@@ -210,12 +210,15 @@ def test_sigterm_stops_cleanly_and_loses_nothing(make_daemon: MakeDaemon) -> Non
     for index in range(20):
         drop(site, good_report(site), name=f"burst-{index}.json")
 
+    notify = daemon.notify
+    assert notify is not None
     started = time.monotonic()
+    daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    notify.expect("STOPPING=1")
     code = daemon.stop(signal.SIGTERM)
 
     assert code == 0
     assert time.monotonic() - started < 10
-    assert daemon.notify is not None
     daemon.start()  # whatever was not processed before the stop is processed now
     wait_for(lambda: not list(site.glob("burst-*.json")), what="every report processed")
     archived = list((site / "_archive").glob("burst-*.json"))

@@ -1,0 +1,69 @@
+"""SPEC §7's systemd contract, through its protocol: a NOTIFY_SOCKET bound by the test."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Daemon, wait_for
+from support import job_block
+
+pytestmark = pytest.mark.integration
+
+MakeDaemon = Callable[..., Daemon]
+JOBS = job_block("ACME", "Lyon", "Part-Dieu", "sales")
+
+
+def test_ready_carries_a_status_line(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", JOBS)
+    daemon.start(wait_ready=False)
+    assert daemon.notify is not None
+
+    ready = daemon.notify.expect("READY=1")
+
+    status = next(line for line in ready.splitlines() if line.startswith("STATUS="))
+    assert "1 sites, 1 jobs" in status
+    assert daemon.stop() == 0
+
+
+def test_watchdog_pings_at_about_half_the_interval(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", JOBS)
+    daemon.env["WATCHDOG_USEC"] = "2000000"
+    daemon.start()
+    assert daemon.notify is not None
+
+    stamps = []
+    for _ in range(4):
+        daemon.notify.expect("WATCHDOG=1", timeout=5)
+        stamps.append(time.monotonic())
+
+    gaps = [b - a for a, b in itertools.pairwise(stamps)]
+    assert all(0.5 <= gap <= 1.6 for gap in gaps), gaps
+    assert daemon.stop() == 0
+
+
+def test_no_watchdog_pings_unless_systemd_asks(make_daemon: MakeDaemon) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", JOBS)
+    daemon.start()
+    assert daemon.notify is not None
+    assert daemon.ctl("rescan").returncode == 0  # a full pass of the main loop at least
+
+    assert not [m for m in daemon.notify.collect(2.0) if "WATCHDOG=1" in m]
+    assert daemon.stop() == 0
+
+
+def test_an_unreachable_notify_socket_is_logged_not_fatal(
+    make_daemon: MakeDaemon, short_dir: Path
+) -> None:
+    daemon = make_daemon("sqlite:///db.sqlite", JOBS)
+    daemon.env["NOTIFY_SOCKET"] = str(short_dir / "no-systemd-here.sock")
+
+    daemon.start(wait_ready=False, notify=False)
+
+    wait_for(lambda: daemon.ctl("status").returncode == 0, timeout=20, what="a running daemon")
+    failures = [e for e in daemon.logs() if e.get("event") == "notify.failed"]
+    assert failures
+    assert daemon.stop() == 0
