@@ -56,7 +56,7 @@ DATABASE_BACKOFF = 5.0
 MAX_FAILURES = 5  # internal errors on one report before it is rejected with the error
 STOP_TIMEOUT = 8.0  # SPEC §7: stop within 10 s
 REQUEST_TIMEOUT = 60.0  # a control request waits this long for the main thread
-STALE_LOOP = 30.0  # a loop whose heartbeat is older than this is wedged: stop pinging
+STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest sleep)
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
 RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
@@ -65,8 +65,7 @@ RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
 @dataclass
 class Worker:
     thread: threading.Thread
-    heartbeat: float = field(default_factory=time.monotonic)
-    busy_since: float | None = None
+    heartbeat: float = field(default_factory=time.monotonic)  # each loop pass and progress beat
 
 
 class Daemon:
@@ -91,6 +90,7 @@ class Daemon:
         self.requests: queue.SimpleQueue[tuple[str, Future[dict[str, Any]]]] = queue.SimpleQueue()
         self.reload_signalled = False
         self.workers: list[Worker] = []
+        self.worker_of: dict[int, Worker] = {}
         self.first_seen: dict[Path, float] = {}
         self.failures: collections.Counter[Path] = collections.Counter()
         self.ctx: Context
@@ -116,7 +116,7 @@ class Daemon:
             changed=result.changed,
             deactivated=result.deactivated,
         )
-        self.ctx = Context(self.store, self.settings, self._registry())
+        self.ctx = Context(self.store, self.settings, self._registry(), self.beat)
         self._start_control()
         self._start_watcher()
         self._start_workers()
@@ -199,6 +199,7 @@ class Daemon:
 
     def _work(self, index: int) -> None:
         worker = self.workers[index]
+        self.worker_of[threading.get_ident()] = worker
         while True:
             worker.heartbeat = time.monotonic()
             path = self.queue.get(timeout=1.0)
@@ -206,11 +207,9 @@ class Daemon:
                 if self.queue_closed:
                     return
                 continue
-            worker.busy_since = time.monotonic()
             try:
                 self._handle(path)
             finally:
-                worker.busy_since = None
                 self.queue.done(path)
 
     @property
@@ -348,14 +347,23 @@ class Daemon:
             except Exception as exc:
                 future.set_exception(exc)
 
+    @property
+    def stale_after(self) -> float:
+        """How long a loop may go unseen: two pings' worth, never below the timer's sleep."""
+        return max(STALE_MIN, 2 * (self.notifier.watchdog_interval or 0.0))
+
+    def beat(self) -> None:
+        """Called by the pipeline during long work (hashing, copying): this worker is alive."""
+        worker = self.worker_of.get(threading.get_ident())
+        if worker is not None:
+            worker.heartbeat = time.monotonic()
+
     def healthy(self) -> bool:
         """Every loop alive and recently seen: only then does systemd get its ping."""
         now = time.monotonic()
-        loops_ok = all(
-            w.thread.is_alive() and now - (w.busy_since or w.heartbeat) < STALE_LOOP
-            for w in self.workers
-        )
-        timer_ok = self.timer.is_alive() and now - self.timer.heartbeat < STALE_LOOP
+        stale = self.stale_after
+        loops_ok = all(w.thread.is_alive() and now - w.heartbeat < stale for w in self.workers)
+        timer_ok = self.timer.is_alive() and now - self.timer.heartbeat < stale
         return loops_ok and timer_ok and self.watcher.is_alive() and self.control.is_alive()
 
     # ------------------------------------------------------------ operations
@@ -386,7 +394,7 @@ class Daemon:
             specs, settings.scanner_report_collection_window_minutes, self.clock()
         )
         self.settings = settings
-        self.ctx = Context(self.store, settings, self._registry())
+        self.ctx = Context(self.store, settings, self._registry(), self.beat)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
         self.rescan()

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -154,6 +155,7 @@ class Context:
     store: Store
     settings: Settings
     registry: Registry
+    beat: Callable[[], None] = lambda: None  # "still working": keeps the watchdog fed
 
     @property
     def max_age(self) -> timedelta:
@@ -303,6 +305,7 @@ def _judge(
     report_name: str,
     sha: str,
 ) -> NewEntry:
+    ctx.beat()
     verdict = agent_verdict(db)
     server: dict[str, Any] = {}
     final_path: Path | None = None

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from conftest import Daemon, wait_for
-from support import job_block
+from support import database, drop, job_block, report
+
+from backupwatch.timeutil import utc_now
 
 pytestmark = pytest.mark.integration
 
@@ -66,4 +69,27 @@ def test_an_unreachable_notify_socket_is_logged_not_fatal(
     wait_for(lambda: daemon.ctl("status").returncode == 0, timeout=20, what="a running daemon")
     failures = [e for e in daemon.logs() if e.get("event") == "notify.failed"]
     assert failures
+    assert daemon.stop() == 0
+
+
+def test_no_watchdog_pings_while_a_worker_is_wedged(make_daemon: MakeDaemon) -> None:
+    """The test holds SQLite's write lock: the worker blocks in its commit; the pings stop
+    once it has been unseen for the stale limit (15 s here), and resume when it recovers."""
+    daemon = make_daemon("sqlite:///db.sqlite", JOBS)
+    daemon.env["WATCHDOG_USEC"] = "2000000"
+    daemon.start()
+    assert daemon.notify is not None
+    daemon.notify.expect("WATCHDOG=1", timeout=5)
+    site = daemon.deposit / "ACME_Lyon_Part-Dieu"
+    lock = sqlite3.connect(daemon.base / "db.sqlite", timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        drop(site, report("ACME_Lyon_Part-Dieu", utc_now(), {"sales": database("x.gz", b"x")}))
+        wait_for(lambda: not daemon.notify.collect(2.5), timeout=25, what="the pings to stop")  # type: ignore[union-attr]
+        assert not daemon.notify.collect(2.5)
+    finally:
+        lock.rollback()
+        lock.close()
+    daemon.notify.expect("WATCHDOG=1", timeout=40)
+    wait_for(lambda: (site / "_archive" / "STATUS.json").exists(), what="the report processed")
     assert daemon.stop() == 0

@@ -65,7 +65,7 @@ def test_sysusers_and_tmpfiles_in_a_scratch_root(tmp_path: Path) -> None:
     assert result.stderr == ""
     expected = {
         "srv/backupwatch": (0, 0, 0o755),
-        "srv/backupwatch/deposit": (int(uid), int(gid), 0o751),
+        "srv/backupwatch/deposit": (0, int(gid), 0o751),
         "srv/backupwatch/validated": (int(uid), int(gid), 0o750),
         "var/lib/backupwatch": (int(uid), int(gid), 0o750),
     }

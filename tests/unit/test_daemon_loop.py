@@ -3,15 +3,32 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from support import job_block, write_config
+from support import database, drop, job_block, report, write_config
 
+from backupwatch import daemon as daemon_module
+from backupwatch import timer as timer_module
 from backupwatch.config import load_settings
-from backupwatch.daemon import STALE_LOOP, Daemon
+from backupwatch.daemon import Daemon
 from backupwatch.jobs import load_jobs
+from backupwatch.timeutil import utc_now
+
+
+def poll(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
+    """Wait for `condition` with a deadline (no fixed sleeps)."""
+    deadline = time.monotonic() + timeout
+    pause = threading.Event()
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        pause.wait(0.05)
+    return True
 
 
 @pytest.fixture
@@ -61,12 +78,28 @@ def test_ready_then_a_healthy_tick_pings_the_watchdog(
     assert "WATCHDOG=1" in received(notify)
 
 
-def test_a_wedged_worker_stops_the_pings(daemon: Daemon, notify: socket.socket) -> None:
-    received(notify)
-    daemon.workers[0].busy_since = daemon.workers[0].heartbeat - STALE_LOOP - 1
-
-    assert daemon.tick() is False
-    assert "WATCHDOG=1" not in received(notify)
+def test_a_wedged_worker_stops_the_pings_until_it_recovers(
+    daemon: Daemon, notify: socket.socket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real wedge: the test holds SQLite's write lock, so the worker's commit blocks."""
+    monkeypatch.setattr(daemon_module, "STALE_MIN", 2.0)
+    monkeypatch.setattr(timer_module, "MAX_SLEEP", 0.5)
+    daemon.timer.wake()
+    site = daemon.settings.backup_storage_root / "ACME_Lyon_Part-Dieu"
+    lock = sqlite3.connect(tmp_path / "db.sqlite", timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        drop(site, report("ACME_Lyon_Part-Dieu", utc_now(), {"sales": database("x.gz", b"x")}))
+        assert poll(lambda: not daemon.healthy()), "the wedge was never noticed"
+        received(notify)
+        assert daemon.tick() is False
+        assert "WATCHDOG=1" not in received(notify)
+    finally:
+        lock.rollback()
+        lock.close()
+    assert poll(daemon.healthy, timeout=40), "the worker never recovered"
+    assert daemon.tick() is True
+    assert "WATCHDOG=1" in received(notify)
 
 
 def test_a_dead_observer_is_restarted_and_a_rescan_follows(daemon: Daemon) -> None:
