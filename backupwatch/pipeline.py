@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -210,7 +210,7 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime, may_ret
     except Rejection as exc:
         return reject(ctx, path, site.folder, exc.reason)
     sha = hashlib.sha256(data).hexdigest()
-    if ctx.store.report_processed(sha) is not None:
+    if ctx.store.report_processed(sha):
         finish_promotions(ctx.store, sha, site)
         archive(path, site)
         log.info("report.duplicate", site=site.name, report=_name(ctx, path), sha256=sha)
@@ -264,6 +264,7 @@ def _record(
 ) -> Result:
     result = Result(Outcome.ACCEPTED, path)
     name = _name(ctx, path)
+    relevant: list[tuple[JobRef, datetime, DatabaseReport]] = []
     for database_name, db in report.databases.items():
         job = site.job_for(database_name, report.agent_id)
         if job is None:
@@ -283,12 +284,18 @@ def _record(
                 operation_timestamp=report.operation_timestamp.isoformat(),
             )
             continue
-        result.entries.append(_judge(ctx, site, job, cycle, report, db, name, sha))
+        relevant.append((job, cycle, db))
+    previous = ctx.store.last_success_sha256s([job.id for job, _, _ in relevant])
+    for job, cycle, db in relevant:
+        entry = _judge(ctx, site, job, cycle, report, db, name, sha, previous.get(job.id))
+        result.entries.append(entry)
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
-    if not ctx.store.record_report(record, result.entries, now):
+    if ctx.store.record_report(record, result.entries, now):
+        finish_promotions(ctx.store, sha, site, result.entries)
+    else:
         result.outcome = Outcome.DUPLICATE  # another worker or daemon committed these bytes first
         result.entries = []  # none of these was recorded: do not log them as recorded
-    finish_promotions(ctx.store, sha, site)
+        finish_promotions(ctx.store, sha, site)
     archive(path, site)
     for entry in result.entries:
         _log_entry(entry, job_label(site, entry.job_id), site, name)
@@ -304,6 +311,7 @@ def _judge(
     db: DatabaseReport,
     report_name: str,
     sha: str,
+    previous_sha256: str | None,
 ) -> NewEntry:
     ctx.beat()
     verdict = agent_verdict(db)
@@ -314,7 +322,7 @@ def _judge(
         verdict, facts, final_path, server = _judge_staged(ctx, site, job, cycle, db)
     unchanged = False
     if verdict.status is BackupEntryStatus.SUCCESS and facts is not None:
-        unchanged = ctx.store.last_success_sha256(job.id) == facts.sha256
+        unchanged = previous_sha256 == facts.sha256
         if unchanged:
             verdict = Verdict(
                 verdict.status,
@@ -422,13 +430,20 @@ def _promote(
     return Verdict(verdict.status, message), facts, final, server
 
 
-def finish_promotions(store: Store, sha: str, site: Site) -> None:
+def finish_promotions(
+    store: Store, sha: str, site: Site, committed: Sequence[NewEntry] | None = None
+) -> None:
     """Unlink the staged files of a committed report's successes, if still the validated ones.
 
+    `committed` are the entries this worker has just committed; without them (a report seen
+    again after a crash) they are read back from the store.
     The staged path is walked beneath D without following a symlink (SPEC §9): an agent that
     swapped a folder for a symlink after the commit cannot make us unlink anything elsewhere.
     """
-    for entry in store.successes_of_report(sha):
+    entries = committed if committed is not None else store.successes_of_report(sha)
+    for entry in entries:
+        if entry.status is not BackupEntryStatus.SUCCESS:
+            continue
         if entry.staged_path is None or entry.final_path is None:
             continue
         server = (entry.details or {}).get("server", {})

@@ -32,9 +32,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     create_engine,
     event,
     func,
+    insert,
     or_,
     select,
     text,
@@ -57,6 +59,7 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+READ_ONLY = "backupwatch_read_only"  # execution option: a SQLite reader skips BEGIN IMMEDIATE
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -156,6 +159,7 @@ class BackupEntry(Base):
     __tablename__ = "backup_entries"
     __table_args__ = (
         Index("ix_backup_entries_job_cycle", "job_id", "cycle"),
+        Index("ix_backup_entries_report_sha256", "report_sha256"),
         Index(
             "uq_backup_entries_missing_once",
             "job_id",
@@ -235,7 +239,11 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(connection: Any) -> None:
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front; readers need no lock at all in WAL mode.
+        if connection.get_execution_options().get(READ_ONLY):
+            connection.exec_driver_sql("BEGIN")
+        else:
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def migrate(engine: Engine) -> None:
@@ -256,11 +264,19 @@ class Store:
     def __init__(self, url: str, create: bool = True) -> None:
         self.engine = make_engine(url, create)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.reader = self.engine.execution_options(**{READ_ONLY: True})
+        self._readers = sessionmaker(self.reader, expire_on_commit=False)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
         """One transaction: committed on success, rolled back on any exception."""
         with self._sessions.begin() as session:
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A read-only transaction: on SQLite it does not wait for, or hold, the write lock."""
+        with self._readers.begin() as session:
             yield session
 
     def migrate(self) -> None:
@@ -311,18 +327,18 @@ class Store:
         return result
 
     def active_jobs(self) -> list[ExpectedBackupJob]:
-        with self.session() as session:
+        with self.reading() as session:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
             return list(session.scalars(query))
 
     def all_jobs(self) -> list[ExpectedBackupJob]:
-        with self.session() as session:
+        with self.reading() as session:
             query = select(ExpectedBackupJob).order_by(*_job_order())
             return list(session.scalars(query))
 
     def find_job(self, ident: str) -> ExpectedBackupJob | None:
         """A job by numeric id or by `company/city/neighborhood/database`."""
-        with self.session() as session:
+        with self.reading() as session:
             if ident.isascii() and ident.isdigit():  # "²".isdigit() is True, int("²") fails
                 job_id = int(ident)  # beyond SQLite's 64-bit INTEGER: no such job, not a crash
                 return session.get(ExpectedBackupJob, job_id) if job_id < 2**63 else None
@@ -340,36 +356,47 @@ class Store:
 
     # ---------------------------------------------------------------- reports
 
-    def report_processed(self, sha256: str) -> ProcessedReport | None:
-        with self.session() as session:
-            return session.get(ProcessedReport, sha256)
+    def report_processed(self, sha256: str) -> bool:
+        """Were these report bytes committed already? (Core: asked for every report.)"""
+        query = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == sha256)
+        with self.reader.begin() as connection:
+            return connection.execute(query).first() is not None
 
     def successes_of_report(self, sha256: str) -> list[BackupEntry]:
-        with self.session() as session:
+        with self.reading() as session:
             query = select(BackupEntry).where(
                 BackupEntry.report_sha256 == sha256,
                 BackupEntry.status == BackupEntryStatus.SUCCESS,
             )
             return list(session.scalars(query))
 
-    def last_success_sha256(self, job_id: int) -> str | None:
-        with self.session() as session:
-            query = (
-                select(BackupEntry.server_sha256)
-                .where(
-                    BackupEntry.job_id == job_id,
-                    BackupEntry.status == BackupEntryStatus.SUCCESS,
-                )
-                .order_by(BackupEntry.cycle.desc(), BackupEntry.id.desc())
-                .limit(1)
-            )
-            return session.scalars(query).first()
+    def last_success_sha256s(self, job_ids: Sequence[int]) -> dict[int, str | None]:
+        """Each job's newest successful SHA-256 for a whole report, in one read transaction.
+
+        One `LIMIT 1` per job walks the (job_id, cycle) index from the newest end, so its cost
+        does not grow with the job's history as a window over all its entries would.
+        """
+        e = BackupEntry
+        newest = (
+            select(e.server_sha256)
+            .where(e.job_id == bindparam("job"), e.status == BackupEntryStatus.SUCCESS)
+            .order_by(e.cycle.desc(), e.id.desc())
+            .limit(1)
+        )
+        found: dict[int, str | None] = {}
+        with self.reader.begin() as connection:
+            for job_id in job_ids:
+                sha = connection.execute(newest, {"job": job_id}).scalar()
+                if sha is not None:
+                    found[job_id] = sha
+        return found
 
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
     ) -> bool:
         """Commit a report's entries and its idempotency row together; False if already done."""
-        with self.session() as session:
+        # Core, not the ORM: this is the hot path of every report (see BENCHMARKS.md, Burst).
+        with self.engine.begin() as connection:
             statement = (
                 self._insert(ProcessedReport.__table__)
                 .values(
@@ -382,16 +409,17 @@ class Store:
                 )
                 .on_conflict_do_nothing()
             )
-            if session.execute(statement).rowcount != 1:  # type: ignore[attr-defined]
+            if connection.execute(statement).rowcount != 1:
                 return False
-            for entry in entries:
-                session.add(BackupEntry(**dataclasses.asdict(entry), recorded_at=now))
+            if entries:
+                rows = [{**dataclasses.asdict(e), "recorded_at": now} for e in entries]
+                connection.execute(insert(BackupEntry), rows)
         return True
 
     # ---------------------------------------------------------------- MISSING
 
     def earliest_deadline(self) -> datetime | None:
-        with self.session() as session:
+        with self.reading() as session:
             query = select(func.min(ExpectedBackupJob.next_deadline_at)).where(
                 ExpectedBackupJob.active.is_(True)
             )
@@ -415,7 +443,7 @@ class Store:
                 )
             )
         query = query.order_by(j.next_deadline_at, j.id).limit(limit)
-        with self.session() as session:
+        with self.reading() as session:
             return list(session.scalars(query))
 
     def settle_job(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[datetime]:
@@ -486,7 +514,7 @@ class Store:
 
     def job_views(self, now: datetime) -> list[JobView]:
         """One row per job for `status`: current status, last success and next deadline."""
-        with self.session() as session:
+        with self.reading() as session:
             jobs = list(session.scalars(select(ExpectedBackupJob).order_by(*_job_order())))
             latest = _latest_statuses(session)
             successes = dict(
@@ -499,7 +527,7 @@ class Store:
         return [_job_view(job, latest.get(job.id), successes.get(job.id), now) for job in jobs]
 
     def history(self, job_id: int, limit: int | None) -> list[BackupEntry]:
-        with self.session() as session:
+        with self.reading() as session:
             query = (
                 select(BackupEntry)
                 .where(BackupEntry.job_id == job_id)

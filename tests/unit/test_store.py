@@ -541,11 +541,13 @@ def test_the_same_report_bytes_record_once(store: Store) -> None:
     assert entries(store) == [(cycle, BackupEntryStatus.SUCCESS)]
     (recorded,) = store.history(sales, None)
     assert recorded.recorded_at == utc(2026, 11, 24, 13, 15)
-    done = store.report_processed(sha(1))
-    assert done is not None
-    assert (done.outcome, done.processed_at) == ("accepted", utc(2026, 11, 24, 13, 15))
+    assert store.report_processed(sha(1)) is True
+    with store.reading() as session:
+        done = session.get(ProcessedReport, sha(1))
+        assert done is not None
+        assert (done.outcome, done.processed_at) == ("accepted", utc(2026, 11, 24, 13, 15))
     assert [e.id for e in store.successes_of_report(sha(1))] == [recorded.id]
-    assert store.last_success_sha256(sales) == "f" * 64
+    assert store.last_success_sha256s([sales]) == {sales: "f" * 64}
 
 
 def test_a_report_records_its_entries_and_its_processed_row_atomically(store: Store) -> None:
@@ -560,7 +562,7 @@ def test_a_report_records_its_entries_and_its_processed_row_atomically(store: St
     with pytest.raises(IntegrityError):
         store.record_report(processed(sha(2)), broken, utc(2026, 11, 24, 13, 15))
 
-    assert store.report_processed(sha(2)) is None
+    assert store.report_processed(sha(2)) is False
     assert entries(store, SALES) == []
     assert entries(store, HR) == []
     with store.session() as session:
@@ -727,4 +729,43 @@ def test_two_stores_syncing_the_same_new_jobs_at_once_both_succeed(database_url:
     assert errors == []
     assert len(stores[0].all_jobs()) == 2
     for store in stores:
+        store.dispose()
+
+
+def test_last_success_sha256s_takes_each_jobs_newest_success(store: Store) -> None:
+    store.sync_jobs([spec(), spec("hr")], 60, T0)
+    sales, hr = job(store).id, job(store, HR).id
+
+    def success(job_id: int, cycle: datetime, sha: str, key: str) -> None:
+        entry = NewEntry(
+            job_id=job_id,
+            cycle=cycle,
+            status=BackupEntryStatus.SUCCESS,
+            message="ok",
+            report_sha256=key,
+            server_sha256=sha,
+        )
+        assert store.record_report(
+            ProcessedReportRecord(key, "site", "r.json", "accepted"), [entry], T0
+        )
+
+    success(sales, utc(2026, 11, 24, 13), "a" * 64, "1" * 64)
+    success(sales, utc(2026, 11, 25, 13), "b" * 64, "2" * 64)
+
+    assert store.last_success_sha256s([sales, hr]) == {sales: "b" * 64}
+    assert store.last_success_sha256s([]) == {}
+
+
+def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """A status query or a duplicate check must not queue behind a long write on SQLite."""
+    store = open_store(f"sqlite:///{tmp_path}/db.sqlite")
+    store.sync_jobs([spec()], 60, T0)
+    writer = sqlite3.connect(tmp_path / "db.sqlite", timeout=0)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        assert [v.database_name for v in store.job_views(T0)] == ["sales"]
+        assert store.report_processed("0" * 64) is False
+    finally:
+        writer.rollback()
+        writer.close()
         store.dispose()
