@@ -15,11 +15,12 @@ import hashlib
 import os
 import stat
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 CHUNK = 1 << 20  # 1 MiB reads: hashlib releases the GIL on large updates
+PROGRESS_EVERY = 256 * CHUNK  # a progress beat every 256 MiB hashed or copied
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -99,8 +100,12 @@ def read_capped(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def sha256_fd(fd: int) -> tuple[str, int]:
-    """SHA-256 and byte count of an open file from its start, in one pass."""
+def sha256_fd(fd: int, progress: Callable[[], None] | None = None) -> tuple[str, int]:
+    """SHA-256 and byte count of an open file from its start, in one pass.
+
+    `progress` is called every PROGRESS_EVERY bytes: hashing a very large backup is long work,
+    not a hang, and the daemon's watchdog must be able to tell the difference.
+    """
     digest = hashlib.sha256()
     size = 0
     buffer = bytearray(CHUNK)
@@ -109,6 +114,8 @@ def sha256_fd(fd: int) -> tuple[str, int]:
     while count := os.readv(fd, [buffer]):
         digest.update(view[:count])
         size += count
+        if progress is not None and size % PROGRESS_EVERY < count:
+            progress()
     return digest.hexdigest(), size
 
 
@@ -235,7 +242,12 @@ def ensure_real_dir(path: Path, mode: int = 0o775) -> None:
 
 
 def copy_verified(
-    src_fd: int, dst_dir: Path, name: str, expected_sha256: str, expected_size: int
+    src_fd: int,
+    dst_dir: Path,
+    name: str,
+    expected_sha256: str,
+    expected_size: int,
+    progress: Callable[[], None] | None = None,
 ) -> Path:
     """Across filesystems: copy, fsync, check the bytes copied, then link into place.
 
@@ -249,7 +261,7 @@ def copy_verified(
             temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=dst_fd
         )
         try:
-            digest, size = _copy_hashing(src_fd, out)
+            digest, size = _copy_hashing(src_fd, out, progress)
             os.fsync(out)
         except BaseException:
             os.close(out)
@@ -265,7 +277,9 @@ def copy_verified(
             os.fsync(dst_fd)
 
 
-def _copy_hashing(src_fd: int, out_fd: int) -> tuple[str, int]:
+def _copy_hashing(
+    src_fd: int, out_fd: int, progress: Callable[[], None] | None = None
+) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
     os.lseek(src_fd, 0, os.SEEK_SET)
@@ -276,6 +290,8 @@ def _copy_hashing(src_fd: int, out_fd: int) -> tuple[str, int]:
             written = os.write(out_fd, view)
             view = view[written:]
         size += len(chunk)
+        if progress is not None and size % PROGRESS_EVERY < len(chunk):
+            progress()
     return digest.hexdigest(), size
 
 

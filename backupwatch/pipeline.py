@@ -360,7 +360,7 @@ def _judge_staged(
     staged_name = db.staged_file_name or ""
     try:
         with open_beneath(site.folder, PurePosixPath(staged_name)) as (dir_fd, fd, base):
-            facts = _inspect(staged_name, fd, db.compress_process.size_bytes)
+            facts = _inspect(staged_name, fd, db.compress_process.size_bytes, ctx.beat)
             verdict = file_verdict(db, facts)
             if verdict.status is not BackupEntryStatus.SUCCESS:
                 return verdict, facts, None, {}
@@ -374,11 +374,13 @@ def _judge_staged(
     return file_verdict(db, facts), facts, None, {}
 
 
-def _inspect(name: str, fd: int, expected_size: int | None) -> StagedFacts:
+def _inspect(
+    name: str, fd: int, expected_size: int | None, progress: Callable[[], None]
+) -> StagedFacts:
     size = os.fstat(fd).st_size
     if size != expected_size:
         return StagedFacts(name, size=size)
-    digest, read = sha256_fd(fd)
+    digest, read = sha256_fd(fd, progress)
     return StagedFacts(name, size=read, sha256=digest)
 
 
@@ -415,7 +417,9 @@ def _promote(
         if exc.errno not in (errno.EXDEV, errno.EPERM):
             raise
         try:
-            final = copy_verified(fd, target.parent, target.name, facts.sha256, facts.size)
+            final = copy_verified(
+                fd, target.parent, target.name, facts.sha256, facts.size, ctx.beat
+            )
         except ValueError:  # copy_verified's digest check: the agent rewrote it meanwhile
             failed = Verdict(
                 BackupEntryStatus.TRANSFER_INTEGRITY_FAILED,

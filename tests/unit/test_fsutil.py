@@ -14,6 +14,7 @@ from pathlib import Path, PurePosixPath
 
 import pytest
 
+from backupwatch import fsutil
 from backupwatch.fsutil import (
     CHUNK,
     Identity,
@@ -444,3 +445,23 @@ def test_copy_verified_refuses_a_symlinked_destination(
         )
 
     assert names(elsewhere) == []
+
+
+def test_hashing_and_copying_report_progress_on_large_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker hashing a huge backup must keep the watchdog fed: a beat per PROGRESS_EVERY."""
+    monkeypatch.setattr(fsutil, "PROGRESS_EVERY", 4 * CHUNK)
+    big = tmp_path / "big.gz"
+    big.write_bytes(os.urandom(10 * CHUNK))
+    beats: list[str] = []
+    fd = os.open(big, os.O_RDONLY)
+    try:
+        digest, size = sha256_fd(fd, lambda: beats.append("hash"))
+        copied = copy_verified(
+            fd, tmp_path / "out", "big.gz", digest, size, lambda: beats.append("copy")
+        )
+    finally:
+        os.close(fd)
+    assert beats == ["hash", "hash", "copy", "copy"]  # at 4 and 8 MiB of 10, each pass
+    assert copied.read_bytes() == big.read_bytes()
