@@ -43,8 +43,6 @@ from backupwatch.watcher import (
     DepositWatcher,
     EventKind,
     WorkQueue,
-    check_inotify_limits,
-    count_folders,
 )
 
 log = structlog.get_logger(__name__)
@@ -165,13 +163,10 @@ class Daemon:
         self.control.start()
 
     def _start_watcher(self) -> None:
+        """The watcher counts the folders and warns about low kernel limits itself."""
         root = self.settings.backup_storage_root
-        folders = count_folders(root)
-        for warning in check_inotify_limits(folders):
-            log.warning("watcher.kernel_limits", message=warning, folders=folders)
         self.watcher = DepositWatcher(root, self._on_event, self._on_overflow)
         self.watcher.start()
-        log.info("watcher.started", root=str(root), folders=folders)
 
     def _start_workers(self) -> None:
         for index in range(WORKERS):
