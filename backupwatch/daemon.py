@@ -64,6 +64,7 @@ RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
 class Worker:
     thread: threading.Thread
     heartbeat: float = field(default_factory=time.monotonic)  # each loop pass and progress beat
+    current: Path | None = None  # the report in hand
 
 
 class Daemon:
@@ -170,7 +171,11 @@ class Daemon:
 
     def _start_workers(self) -> None:
         for index in range(WORKERS):
-            thread = threading.Thread(target=self._work, args=(index,), name=f"worker-{index}")
+            # daemon=True: a report still in hand at the stop deadline (a huge file being
+            # hashed) is abandoned, not waited for; it is left in place and done at next start.
+            thread = threading.Thread(
+                target=self._work, args=(index,), name=f"worker-{index}", daemon=True
+            )
             self.workers.append(Worker(thread))
             thread.start()
 
@@ -202,9 +207,11 @@ class Daemon:
                 if self.queue_closed:
                     return
                 continue
+            worker.current = path
             try:
                 self._handle(path)
             finally:
+                worker.current = None
                 self.queue.done(path)
 
     @property
@@ -421,6 +428,7 @@ class Daemon:
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started),
             "pending_reports": self.queue.in_progress_or_queued(),
+            "in_hand": [str(w.current) for w in self.workers if w.current is not None],
             "counters": dict(self.counters),
             "healthy": self.healthy(),
         }

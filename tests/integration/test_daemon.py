@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
+import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,6 +16,8 @@ import pytest
 import sqlalchemy
 from conftest import Daemon, wait_for
 from support import PG_URL, database, drop, job_block, report, stage
+
+from backupwatch.control import call
 
 pytestmark = pytest.mark.integration
 
@@ -373,4 +377,29 @@ def test_unprivileged_daemon_with_agent_owned_files(
     assert final.stat().st_uid == NOBODY  # a verified copy, not a link to the agent's inode
     wait_for(lambda: not staged.exists(), what="the staged file removed after the commit")
     assert (site / "_archive" / "STATUS.json").exists()
+    assert daemon.stop() == 0
+
+
+def test_sigterm_with_a_worker_stuck_still_stops_within_10_s(make_daemon: MakeDaemon) -> None:
+    """The report in hand cannot finish (the test holds SQLite's write lock): the daemon stops
+    on time anyway, and the abandoned report is processed at the next start."""
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    site = daemon.deposit / AGENT
+    lock = sqlite3.connect(daemon.base / "db.sqlite", timeout=0)
+    lock.execute("BEGIN EXCLUSIVE")
+    try:
+        drop(site, good_report(site))
+        socket_path = Path(tomllib.loads(daemon.config.read_text())["control_socket"])
+        wait_for(lambda: call(socket_path, "status")["in_hand"], what="a worker holding it")
+        started = time.monotonic()
+        code = daemon.stop(signal.SIGTERM, timeout=15)
+        assert time.monotonic() - started < 10
+        assert code == 0
+    finally:
+        lock.rollback()
+        lock.close()
+    assert (site / "STATUS.json").exists()  # abandoned, not lost
+    daemon.start()
+    assert statuses(daemon, SALES) == ["SUCCESS"]
     assert daemon.stop() == 0
