@@ -194,23 +194,32 @@ def test_the_thread_sleeps_only_until_the_next_deadline(store: Store) -> None:
     assert not timer.is_alive()
 
 
-def test_the_thread_survives_a_database_error(
-    store: Store, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OperationalError("SELECT", {}, Exception("server closed the connection")),
+        RuntimeError("a bug"),
+    ],
+    ids=["database-error", "unexpected-error"],
+)
+def test_the_thread_survives_a_failing_step(
+    store: Store, monkeypatch: pytest.MonkeyPatch, failure: Exception
 ) -> None:
+    """A dead timer would never flag MISSING again: one failing pass must not stop it."""
     store.sync_jobs([spec()], 60, T0)
     monkeypatch.setattr(timer_module, "ERROR_BACKOFF", 0.01)
     real_due_jobs = store.due_jobs
-    failures = iter([OperationalError("SELECT", {}, Exception("server closed the connection"))])
+    failures = iter([failure])
 
-    def flaky_due_jobs(
+    def failing_once(
         now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
     ) -> list[ExpectedBackupJob]:
-        failure = next(failures, None)
-        if failure is not None:
-            raise failure
+        pending = next(failures, None)
+        if pending is not None:
+            raise pending
         return real_due_jobs(now, limit, after)
 
-    monkeypatch.setattr(store, "due_jobs", flaky_due_jobs)
+    monkeypatch.setattr(store, "due_jobs", failing_once)
     clock = Clock(DEADLINE + SECOND)
     timer = MissingTimer(store, clock, MAX_AGE)
     timer.start()
@@ -218,32 +227,6 @@ def test_the_thread_survives_a_database_error(
         assert eventually(lambda: missing_cycles(store) == [CYCLE])
         assert timer.is_alive()
         assert clock.reads >= 2
-    finally:
-        timer.stop()
-
-
-def test_the_thread_survives_an_unexpected_error(
-    store: Store, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store.sync_jobs([spec()], 60, T0)
-    monkeypatch.setattr(timer_module, "ERROR_BACKOFF", 0.01)
-    real_due_jobs = store.due_jobs
-    failures = iter([RuntimeError("a bug")])
-
-    def buggy_due_jobs(
-        now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
-        failure = next(failures, None)
-        if failure is not None:
-            raise failure
-        return real_due_jobs(now, limit, after)
-
-    monkeypatch.setattr(store, "due_jobs", buggy_due_jobs)
-    timer = MissingTimer(store, Clock(DEADLINE + SECOND), MAX_AGE)
-    timer.start()
-    try:
-        assert eventually(lambda: missing_cycles(store) == [CYCLE])
-        assert timer.is_alive()
     finally:
         timer.stop()
 
