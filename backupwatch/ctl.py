@@ -21,7 +21,7 @@ from backupwatch import __version__
 from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
 from backupwatch.control import ControlError, DaemonUnreachable, call
 from backupwatch.jobs import JobSpec, load_jobs
-from backupwatch.report import ReportRejected, check_freshness, parse_report
+from backupwatch.report import ReportRejected, accept_report, size_problem
 from backupwatch.store import BackupEntry, JobView, Store
 from backupwatch.timeutil import format_z, utc_now
 
@@ -314,14 +314,14 @@ def cmd_validate(ctl: Ctl) -> int:
 
 
 def _validate_file(path: Path, max_bytes: int, max_age: timedelta) -> str | None:
+    """The daemon's own acceptance (`report.accept_report`), minus the site's agent_id."""
     try:
         if path.is_symlink() or not path.is_file():
             return "not a regular file"
-        size = path.stat().st_size
-        if size > max_bytes:
-            return f"it is {size} bytes, over report_max_bytes ({max_bytes})"
-        report = parse_report(path.read_bytes())
-        check_freshness(report, utc_now(), max_age)
+        problem = size_problem(path.stat().st_size, max_bytes)
+        if problem:
+            return problem
+        accept_report(path.read_bytes(), utc_now(), max_age)
     except ReportRejected as exc:
         return exc.reason
     except OSError as exc:

@@ -32,9 +32,10 @@ __all__ = [
     "ProcessStep",
     "ReportRejected",
     "StatusReport",
+    "accept_report",
     "check_freshness",
-    "is_json_incomplete",
     "parse_report",
+    "size_problem",
 ]
 
 MAX_NAME_CHARS: Final = 4096
@@ -57,13 +58,21 @@ _UTF8_BOM: Final = "\ufeff"
 
 
 class ReportRejected(Exception):
-    """A report that cannot be accepted; `reason` goes to the log and to NAME.reason.txt."""
+    """A report that cannot be accepted; `reason` goes to the log and to NAME.reason.txt.
+
+    `incomplete` is true when the bytes are not (yet) a JSON document at all: empty, cut short,
+    not UTF-8 or not JSON. Such a report may still be being written, so the daemon rejects it
+    only once its writer is done (SPEC §3); a whole JSON document with schema errors, or one
+    nested too deeply to read, is rejected at once.
+    """
 
     reason: str
+    incomplete: bool
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, incomplete: bool = False) -> None:
         # The reason file and log lines promise one line; the split is only a safety net.
         self.reason = " ".join(reason.splitlines())
+        self.incomplete = incomplete
         super().__init__(self.reason)
 
 
@@ -279,43 +288,24 @@ def _load_json(data: bytes) -> Any:
         text = _decode(data)
     except UnicodeDecodeError as exc:
         raise ReportRejected(
-            f"not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}"
+            f"not valid UTF-8: byte 0x{data[exc.start]:02x} at offset {exc.start}",
+            incomplete=True,
         ) from exc
     if not text.strip():
-        raise ReportRejected("not valid JSON: the file is empty")
+        raise ReportRejected("not valid JSON: the file is empty", incomplete=True)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         hint = " (the file is cut short: write it under a name starting with '.' and rename it)"
         cut = hint if _cut_short(exc) else ""
         raise ReportRejected(
-            f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}{cut}"
+            f"not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}{cut}",
+            incomplete=True,
         ) from exc
     except RecursionError as exc:
         raise ReportRejected("JSON not accepted: nested too deeply") from exc
     except ValueError as exc:  # e.g. an integer with more digits than Python converts
         raise ReportRejected(f"JSON not accepted: {exc}") from exc
-
-
-def is_json_incomplete(data: bytes) -> bool:
-    """Whether `data` looks like a document its writer has not finished yet.
-
-    The watcher retries such files for a few seconds instead of rejecting a report that an
-    agent is still writing in place; garbage is rejected at once.
-    """
-    try:
-        text = _decode(data)
-    except UnicodeDecodeError as exc:
-        return exc.reason == "unexpected end of data" and exc.end == len(data)
-    if not text.strip():
-        return True
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as exc:
-        return _cut_short(exc)
-    except (RecursionError, ValueError):
-        return False
-    return False
 
 
 def _cut_short(exc: json.JSONDecodeError) -> bool:
@@ -410,6 +400,35 @@ def _describe(value: object) -> str:
 def _short_int(value: int) -> str:
     text = str(value)
     return text if len(text) <= _MAX_SHOWN_CHARS else text[:_MAX_SHOWN_CHARS] + "..."
+
+
+# --- acceptance ----------------------------------------------------------------------------
+
+
+def accept_report(
+    data: bytes,
+    now: datetime,
+    max_age: timedelta,
+    agent_ids: frozenset[str] | None = None,
+) -> StatusReport:
+    """SPEC §3's whole acceptance of a report's bytes, for the daemon and `validate` alike.
+
+    `agent_ids` are the site's agents; None (an agent author checking a file offline) skips
+    that check. Raises ReportRejected with the reason.
+    """
+    report = parse_report(data)
+    check_freshness(report, now, max_age)
+    if agent_ids is not None and report.agent_id is not None and report.agent_id not in agent_ids:
+        expected = ", ".join(sorted(agent_ids))
+        raise ReportRejected(f"agent_id {report.agent_id!r} is not this site's ({expected})")
+    return report
+
+
+def size_problem(size: int, limit: int) -> str | None:
+    """SPEC §3: a report over `report_max_bytes` is rejected unread."""
+    if size > limit:
+        return f"it is {size} bytes, over report_max_bytes ({limit})"
+    return None
 
 
 # --- freshness -----------------------------------------------------------------------------
