@@ -31,6 +31,7 @@ _SUN_PATH_MAX = 108
 PositiveMinutes = Annotated[int, Field(gt=0, le=_MAX_MINUTES)]
 PositiveFloatMinutes = Annotated[float, Field(gt=0, le=_MAX_MINUTES, allow_inf_nan=False)]
 PositiveDays = Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_DAYS * 86400, allow_inf_nan=False)]
 
 
 class ConfigError(Exception):
@@ -56,6 +57,9 @@ class Settings(BaseModel):
     control_socket: Path = Path("/run/backupwatch/control.sock")
     rescan_interval_minutes: PositiveFloatMinutes = 10.0
     report_max_bytes: Annotated[int, Field(gt=0)] = 1048576
+    # SPEC §3, §5: how long a file must stay unchanged (or a site folder quiet) before a verdict
+    # that would otherwise wait for a writer we cannot observe.
+    report_settle_seconds: PositiveSeconds = 120.0
 
     @field_validator("config_path", mode="after")
     @classmethod

@@ -65,6 +65,7 @@ def test_empty_file_gives_the_documented_defaults(tmp_path: Path) -> None:
         control_socket=Path("/run/backupwatch/control.sock"),
         rescan_interval_minutes=10,
         report_max_bytes=1048576,
+        report_settle_seconds=120,
     )
     assert isinstance(settings.max_status_file_age_days, float)
     assert isinstance(settings.rescan_interval_minutes, float)
