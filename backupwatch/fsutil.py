@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from backupwatch.names import fit_name
+
 CHUNK = 1 << 20  # 1 MiB reads: hashlib releases the GIL on large updates
 PROGRESS_EVERY = 256 * CHUNK  # a progress beat every 256 MiB hashed or copied
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -131,8 +133,17 @@ class Identity:
         return cls(st.st_dev, st.st_ino)
 
 
+UNIQUE_RESERVE = len("-10000") + len(".reason.txt")
+"""Room kept in a file name for the counter and for a rejected report's reason file."""
+
+
 def unique_name(name: str, attempt: int) -> str:
-    """`name`, then `stem-2.ext.gz`, `stem-3.ext.gz`, ...: the suffixes stay readable."""
+    """`name`, then `stem-2.ext.gz`, `stem-3.ext.gz`, ...: the suffixes stay readable.
+
+    Every variant, and its `.reason.txt`, fits in NAME_MAX: an agent's 250-byte name is
+    shortened (see `names.fit_name`) rather than failing with ENAMETOOLONG.
+    """
+    name = fit_name(name, UNIQUE_RESERVE)
     if attempt == 0:
         return name
     stem, dot, suffixes = name.partition(".")
@@ -261,7 +272,7 @@ def copy_verified(
             temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=dst_fd
         )
         try:
-            digest, size = _copy_hashing(src_fd, out, progress)
+            digest, size = copy_hashing(src_fd, out, progress)
             os.fsync(out)
         except BaseException:
             os.close(out)
@@ -277,9 +288,10 @@ def copy_verified(
             os.fsync(dst_fd)
 
 
-def _copy_hashing(
+def copy_hashing(
     src_fd: int, out_fd: int, progress: Callable[[], None] | None = None
 ) -> tuple[str, int]:
+    """Copy src_fd from its start to out_fd, returning the SHA-256 and size of what was read."""
     digest = hashlib.sha256()
     size = 0
     os.lseek(src_fd, 0, os.SEEK_SET)
@@ -298,3 +310,30 @@ def _copy_hashing(
 def fsync_dir(path: Path) -> None:
     with open_dir(path) as fd:
         os.fsync(fd)
+
+
+def newest_change(folder: Path, skip: frozenset[str], limit: int = 10_000) -> float | None:
+    """The newest change time (wall clock, st_ctime) of a regular file under `folder`.
+
+    ctime, not mtime: an agent can set mtime to anything, but the kernel alone sets ctime, on
+    every write, rename and chmod. Symlinks are not followed, folders named in `skip` are not
+    entered, and at most `limit` entries are looked at, so a huge site tree costs a bounded walk.
+    None when there is no file at all.
+    """
+    newest: float | None = None
+    stack = [os.fspath(folder)]
+    seen = 0
+    while stack and seen < limit:
+        try:
+            with os.scandir(stack.pop()) as entries:
+                for entry in entries:
+                    seen += 1
+                    if entry.is_dir(follow_symlinks=False):
+                        if entry.name not in skip:
+                            stack.append(entry.path)
+                    elif entry.is_file(follow_symlinks=False):
+                        changed = entry.stat(follow_symlinks=False).st_ctime
+                        newest = changed if newest is None else max(newest, changed)
+        except OSError:
+            continue
+    return newest

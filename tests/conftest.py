@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy
@@ -60,3 +63,17 @@ def database_url(request: pytest.FixtureRequest, tmp_path: object) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/backupwatch.db"
     return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture
+def other_filesystem(tmp_path: Path) -> Iterator[Path]:
+    """A folder on another filesystem than tmp_path (a tmpfs): promotion must copy there."""
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm here to put final storage on another filesystem")
+    folder = Path(tempfile.mkdtemp(prefix="backupwatch-test-", dir="/dev/shm"))
+    try:
+        if folder.stat().st_dev == tmp_path.stat().st_dev:
+            pytest.skip("/dev/shm is on the same filesystem as tmp_path: no EXDEV to test")
+        yield folder
+    finally:
+        shutil.rmtree(folder)

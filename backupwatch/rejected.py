@@ -1,0 +1,176 @@
+"""SPEC §3: `D/_rejected/`, where a report that cannot be trusted goes with its reason.
+
+The reason is written first, whole, under its final name (`NAME.reason.txt`, written to a temp
+file, fsynced and renamed into place), and only then is the report moved beside it: a crash in
+between leaves a reason without its report, never a report without its reason or a reason cut
+short. Such an orphan is harmless: the report is still in D and is judged again after the
+restart; the start-up repair removes orphans and gives a reason to a report an earlier version
+left without one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from backupwatch.fsutil import (
+    ensure_real_dir,
+    open_dir,
+    rename_noreplace,
+    unique_name,
+)
+from backupwatch.sites import REJECTED_DIR
+
+log = structlog.get_logger(__name__)
+
+REASON_SUFFIX = ".reason.txt"
+ORPHAN_AGE = 60.0
+"""A reason file without its report, younger than this, may belong to a rejection under way
+(another worker, or another daemon sharing the folder): it is left alone."""
+LOST_REASON = "the reason was lost: the daemon stopped while rejecting it; it will not be retried"
+
+
+def reason_text(display_name: str, reason: str) -> str:
+    return f"{display_name} was rejected: {reason}\n"
+
+
+def reject_into(report: Path, folder: Path, display_name: str, reason: str) -> Path:
+    """Move `report` to `folder/_rejected/` under a free name, its reason file written first.
+
+    Raises FileNotFoundError if the report vanished, UnsafePath if `_rejected` is not a real
+    folder (an agent's symlink), OSError for anything else; the report then stays in place.
+    """
+    target_dir = folder / REJECTED_DIR
+    ensure_real_dir(target_dir)
+    text = reason_text(display_name, reason).encode("utf-8", "backslashreplace")
+    with open_dir(report.parent) as src_fd, open_dir(target_dir) as dst_fd:
+        os.stat(report.name, dir_fd=src_fd, follow_symlinks=False)  # vanished: say so now
+        for attempt in range(10_000):
+            name = unique_name(report.name, attempt)
+            if not _write_reason(dst_fd, name, text):
+                continue
+            try:
+                rename_noreplace(src_fd, report.name, dst_fd, name)
+            except FileExistsError:
+                _unlink_quietly(dst_fd, name + REASON_SUFFIX)
+                continue
+            except BaseException:
+                _unlink_quietly(dst_fd, name + REASON_SUFFIX)
+                raise
+            os.fsync(dst_fd)
+            return target_dir / name
+    raise FileExistsError(f"no free name for {report.name} in {target_dir}")
+
+
+def _write_reason(dir_fd: int, name: str, text: bytes) -> bool:
+    """Put NAME.reason.txt in place, whole; False when NAME or a live reason already holds it."""
+    if _exists(dir_fd, name):
+        return False
+    temp = _write_temp(dir_fd, text)
+    try:
+        return _place_reason(dir_fd, temp, name + REASON_SUFFIX)
+    finally:
+        _unlink_quietly(dir_fd, temp)
+
+
+def _write_temp(dir_fd: int, text: bytes) -> str:
+    """A dot-file (never read as a report) holding `text`, fsynced: renamed into place next."""
+    temp = f".{uuid.uuid4().hex}.reason.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
+    with os.fdopen(fd, "wb") as out:
+        out.write(text)
+        out.flush()
+        os.fsync(out.fileno())
+    return temp
+
+
+def _place_reason(dir_fd: int, temp: str, reason_name: str) -> bool:
+    try:
+        rename_noreplace(dir_fd, temp, dir_fd, reason_name)
+        return True
+    except FileExistsError:
+        if not _is_orphan(dir_fd, reason_name):
+            return False
+    os.rename(temp, reason_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the orphan
+    return True
+
+
+def _is_orphan(dir_fd: int, reason_name: str) -> bool:
+    """An old reason file whose report is not beside it: left by a crash mid-rejection."""
+    report_name = reason_name.removesuffix(REASON_SUFFIX)
+    try:
+        st = os.stat(reason_name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    old = time.time() - st.st_mtime > ORPHAN_AGE
+    return old and stat.S_ISREG(st.st_mode) and not _exists(dir_fd, report_name)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _unlink_quietly(dir_fd: int, name: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dir_fd)
+
+
+@dataclass(frozen=True)
+class Repair:
+    orphans_removed: int = 0
+    reasons_restored: int = 0
+
+
+def repair(folder: Path) -> Repair:
+    """Finish what a crash left half-done in `folder/_rejected/` (see the module docstring)."""
+    target_dir = folder / REJECTED_DIR
+    try:
+        with open_dir(target_dir) as dir_fd:
+            names = set(_listing(target_dir))
+            orphans = [n for n in names if n.endswith(REASON_SUFFIX) and _is_orphan(dir_fd, n)]
+            for name in orphans:
+                _unlink_quietly(dir_fd, name)
+                log.info("rejected.orphan_reason_removed", folder=str(target_dir), reason=name)
+            bare = [
+                n
+                for n in names
+                if not n.endswith(REASON_SUFFIX)
+                and not n.startswith(".")
+                and n + REASON_SUFFIX not in names
+            ]
+            for name in bare:
+                _restore_reason(dir_fd, name)
+    except (FileNotFoundError, NotADirectoryError, OSError):
+        return Repair()
+    return Repair(len(orphans), len(bare))
+
+
+def _restore_reason(dir_fd: int, name: str) -> None:
+    temp = _write_temp(dir_fd, reason_text(name, LOST_REASON).encode("utf-8", "backslashreplace"))
+    try:
+        rename_noreplace(dir_fd, temp, dir_fd, name + REASON_SUFFIX)
+        log.warning("rejected.reason_restored", report=name)
+    except FileExistsError:
+        pass
+    finally:
+        _unlink_quietly(dir_fd, temp)
+
+
+def _listing(folder: Path) -> Iterator[str]:
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                yield entry.name
