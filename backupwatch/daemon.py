@@ -10,61 +10,53 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import os
 import queue
+import select
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 import structlog
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch import __version__
+from backupwatch.arrivals import Arrivals, Waiting
 from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
-from backupwatch.control import ControlError, ControlServer
+from backupwatch.control import ControlError, ControlServer, Handler
 from backupwatch.jobs import JobSpec, load_jobs
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
 from backupwatch.notify import Notifier
-from backupwatch.pipeline import Context, Outcome, build_registry, process_path, reject
+from backupwatch.outage import OutageLog
+from backupwatch.pipeline import Context, build_registry
+from backupwatch.promotion import clean_temps
+from backupwatch.rejected import repair
 from backupwatch.scan import pending_reports
-from backupwatch.sites import PathKind, Registry
+from backupwatch.sites import PathKind, Registry, normalize
 from backupwatch.store import ExpectedBackupJob, Store
 from backupwatch.timer import MissingTimer
 from backupwatch.timeutil import utc_now
-from backupwatch.watcher import (
-    DepositWatcher,
-    EventKind,
-    WorkQueue,
-)
+from backupwatch.watcher import DepositWatcher, EventKind, WorkQueue
+from backupwatch.workers import ReportHandler, WorkerPool
 
 log = structlog.get_logger(__name__)
 
-SETTLE_SECONDS = 1.0  # a file seen only as "created" is read after this quiet time
-RETRY_SECONDS = 5.0  # how long not-yet-valid JSON is retried after its last change
-RETRY_DELAY = 0.5
-DATABASE_BACKOFF = 5.0
-MAX_FAILURES = 5  # internal errors on one report before it is rejected with the error
+STAGED_RECHECK = 0.2  # a waiting report is looked at again this soon after an event in D
 STOP_TIMEOUT = 8.0  # SPEC §7: stop within 10 s
 REQUEST_TIMEOUT = 60.0  # a control request waits this long for the main thread
 STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest sleep)
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
 RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
-
-
-@dataclass
-class Worker:
-    thread: threading.Thread
-    heartbeat: float = field(default_factory=time.monotonic)  # each loop pass and progress beat
-    current: Path | None = None  # the report in hand
 
 
 class Daemon:
@@ -82,30 +74,49 @@ class Daemon:
         self.notifier = Notifier(environ)
         self.store = Store(settings.database_url)
         self.queue = WorkQueue()
-        self.counters: collections.Counter[str] = collections.Counter()
+        self.arrivals = Arrivals()
+        self.outage = OutageLog()
         self.started = time.monotonic()
-        self.stop_requested = threading.Event()
-        self.wakeup = threading.Event()
+        self.stopping = False  # set by a signal handler: a plain flag, no lock
+        self.wakeup = Wakeup()
+        self.waiting = Waiting(wake=self.wakeup.set)
         self.requests: queue.SimpleQueue[tuple[str, Future[dict[str, Any]]]] = queue.SimpleQueue()
         self.reload_signalled = False
-        self.workers: list[Worker] = []
-        self.worker_of: dict[int, Worker] = {}
-        self.first_seen: dict[Path, float] = {}
-        self.failures: collections.Counter[Path] = collections.Counter()
-        self.ctx: Context
-        self.watcher: DepositWatcher
-        self.timer: MissingTimer
-        self.control: ControlServer
+        self.phase = "starting"
+        self.ready = False
         self.last_rescan = 0.0
         self.last_status = ""
+        self.repairs_done = False
+        # Every component exists before the control socket serves (`status` during the start
+        # sequence must not find half a daemon); threads start in `start()`.
+        empty = Registry(normalize(settings.backup_storage_root))
+        self.ctx = Context(self.store, settings, empty, self.beat, observer=self.arrivals)
+        self.handler = ReportHandler(
+            lambda: self.ctx, clock, self.queue, self.arrivals, self.waiting, self.outage
+        )
+        self.pool = WorkerPool(self.queue, self.handler, WORKERS)
+        self.timer = MissingTimer(
+            self.store, clock, self.ctx.max_age, self._site_busy, outage=self.outage
+        )
+        self.watcher = DepositWatcher(
+            settings.backup_storage_root, self._on_event, self._on_overflow
+        )
+        self.control = ControlServer(settings.control_socket, self._handlers())
+
+    @property
+    def counters(self) -> collections.Counter[str]:
+        return self.handler.counters
 
     # ------------------------------------------------------------------ start
 
     def start(self) -> None:
         """SPEC §7's start sequence; READY=1 is sent only once all of it is done."""
+        self.control.start()
+        self._set_phase("preparing the storage roots")
         self._prepare_roots()
-        self.notifier.status("migrating the database")
+        self._set_phase("migrating the database")
         self.store.migrate()
+        self._set_phase("syncing the jobs")
         # The job models are needed for this sync only: release them (30,000 jobs ≈ 110 MiB).
         specs, self.specs = self.specs, []
         result = self.store.sync_jobs(
@@ -118,23 +129,28 @@ class Daemon:
             changed=result.changed,
             deactivated=result.deactivated,
         )
-        self.ctx = Context(self.store, self.settings, self._registry(), self.beat)
-        self._start_control()
-        self._start_watcher()
-        self._start_workers()
-        self.notifier.status("processing the reports waiting in the deposit folders")
+        self.ctx = Context(self.store, self.settings, self._registry(), self.beat, self.arrivals)
+        self._set_phase("watching the deposit folders")
+        self.watcher.start()
+        self.pool.start()
+        self._set_phase("processing the reports waiting in the deposit folders")
         self.rescan()
         while not self.queue.wait_idle(timeout=1.0):
-            if self.stop_requested.is_set():
+            if self.stopping:
                 return
-        self.timer = MissingTimer(self.store, self.clock, self.ctx.max_age, self._site_busy)
+        self._set_phase("flagging the deadlines missed while stopped")
         flagged = self.timer.run_once(self.clock())
         log.info("timer.caught_up", flagged=len(flagged))
         self.timer.start()
+        self.phase, self.ready = "running", True
         self.notifier.ready(self.status_line())
         log.info(
             "daemon.ready", version=__version__, pid=os.getpid(), sites=len(self.ctx.registry.sites)
         )
+
+    def _set_phase(self, phase: str) -> None:
+        self.phase = f"starting: {phase}"
+        self.notifier.status(phase)
 
     def _prepare_roots(self) -> None:
         """Create the two storage roots if absent; a failure names the path, not just errno.
@@ -157,147 +173,86 @@ class Daemon:
     def _registry(self) -> Registry:
         return build_registry(self.settings, self.store.active_jobs())
 
-    def _start_control(self) -> None:
-        handlers = {
+    def _handlers(self) -> dict[str, Handler]:
+        return {
             "status": self._handle_status,
             "reload": lambda _req: self._post("reload"),
             "rescan": lambda _req: self._post("rescan"),
         }
-        self.control = ControlServer(self.settings.control_socket, handlers)
-        self.control.start()
-
-    def _start_watcher(self) -> None:
-        """The watcher counts the folders and warns about low kernel limits itself."""
-        root = self.settings.backup_storage_root
-        self.watcher = DepositWatcher(root, self._on_event, self._on_overflow)
-        self.watcher.start()
-
-    def _start_workers(self) -> None:
-        for index in range(WORKERS):
-            # daemon=True: a report still in hand at the stop deadline (a huge file being
-            # hashed) is abandoned, not waited for; it is left in place and done at next start.
-            thread = threading.Thread(
-                target=self._work, args=(index,), name=f"worker-{index}", daemon=True
-            )
-            self.workers.append(Worker(thread))
-            thread.start()
 
     # ------------------------------------------------------------- inotify side
 
     def _on_event(self, kind: EventKind, path: Path) -> None:
-        """Runs on watchdog's thread: classify and queue, nothing that can block or raise."""
+        """Runs on the watcher's thread: classify and queue, nothing that can block or raise."""
         if kind is EventKind.DIR_CREATED:
-            return  # watchdog watches it already; its files arrive as events of their own
+            return  # the watcher watches it already; its files arrive as events of their own
+        for waiting in self.waiting.touched(path):
+            if waiting != path:
+                self.queue.put(waiting, STAGED_RECHECK)  # its staged file may have landed
         if self.ctx.registry.classify(path).kind is PathKind.IGNORED:
             return
-        delay = SETTLE_SECONDS if kind is EventKind.CREATED else 0.0
-        self.queue.put(path, delay)
+        self.arrivals.saw(kind, path, linked=kind is EventKind.CREATED and _has_links(path))
+        self.waiting.remove(path)
+        self.queue.put(path)
 
     def _on_overflow(self) -> None:
         log.warning("watcher.events_lost", action="rescan")
+        self.arrivals.events_lost()
         self.queue.needs_rescan.set()
         self.wakeup.set()
 
-    # ---------------------------------------------------------------- workers
-
-    def _work(self, index: int) -> None:
-        worker = self.workers[index]
-        self.worker_of[threading.get_ident()] = worker
-        while True:
-            worker.heartbeat = time.monotonic()
-            path = self.queue.get(timeout=1.0)
-            if path is None:
-                if self.queue_closed:
-                    return
-                continue
-            worker.current = path
-            try:
-                self._handle(path)
-            finally:
-                worker.current = None
-                self.queue.done(path)
-
-    @property
-    def queue_closed(self) -> bool:
-        return self.stop_requested.is_set()
-
-    def _handle(self, path: Path) -> None:
-        first = self.first_seen.setdefault(path, time.monotonic())
-        try:
-            result = process_path(self.ctx, path, self.clock(), self._may_retry(path, first))
-        except SQLAlchemyError as exc:
-            log.error(
-                "worker.database_error", report=str(path), error=str(exc), retry_in=DATABASE_BACKOFF
-            )
-            self.queue.put(path, DATABASE_BACKOFF)
-            return
-        except Exception as exc:
-            self._internal_error(path, exc)
-            return
-        if result.outcome is Outcome.RETRY:
-            self.queue.put(path, RETRY_DELAY)
-            return
-        self.first_seen.pop(path, None)
-        self.failures.pop(path, None)
-        self.counters[result.outcome.value] += 1
-        self.counters["unexpected_databases"] += len(result.unexpected)
-        self.counters["not_relevant_databases"] += len(result.not_relevant)
-
-    def _may_retry(self, path: Path, first_seen: float) -> bool:
-        """Not-yet-valid JSON is retried while its writer may still be at work (SPEC §3)."""
-        if time.monotonic() - first_seen < RETRY_SECONDS:
-            return True
-        try:
-            return time.time() - path.stat().st_mtime < RETRY_SECONDS
-        except OSError:
-            return False
-
-    def _internal_error(self, path: Path, exc: Exception) -> None:
-        self.failures[path] += 1
-        attempts = self.failures[path]
-        log.exception("worker.internal_error", report=str(path), attempt=attempts)
-        if attempts < MAX_FAILURES:
-            self.queue.put(path, float(2**attempts))
-            return
-        self.failures.pop(path, None)
-        classified = self.ctx.registry.classify(path)
-        folder = classified.site.folder if classified.site else path.parent
-        try:
-            reject(self.ctx, path, folder, f"internal error while processing it: {exc!r}")
-            self.counters[Outcome.REJECTED.value] += 1
-        except OSError:
-            log.exception("worker.cannot_reject", report=str(path))
-
     def _site_busy(self, job: ExpectedBackupJob) -> bool:
-        folder = self.settings.backup_storage_root / job.deposit_path
-        return self.queue.pending_under(folder)
+        """A report of this site is queued, in hand or waiting: it may be the one the deadline
+        waits for, so the timer defers the job a little (see `timer.DEFER_LIMIT`)."""
+        folder = normalize(self.settings.backup_storage_root / job.deposit_path)
+        return self.queue.pending_under(folder) or self.waiting.pending_under(folder)
 
     # --------------------------------------------------------------- main loop
 
     def run(self) -> int:
         """The main thread's loop: requests, periodic rescans, watchdog pings, shutdown."""
-        while not self.stop_requested.is_set():
+        while not self.stopping:
             self.wakeup.wait(self._next_tick())
-            self.wakeup.clear()
-            if self.stop_requested.is_set():
+            if self.stopping:
                 break
-            self.tick()
+            try:
+                self.tick()
+            except Exception:  # the main loop must outlive any one of its steps
+                log.exception("daemon.tick_failed")
         return self.shutdown()
 
     def tick(self) -> bool:
         """One pass of the main loop; True when every loop was healthy (and systemd pinged)."""
         self._serve_requests()
         self._revive_watcher()
+        self.pool.supervise(self.stale_after)
         if self.reload_signalled:
             self.reload_signalled = False
             self.reload()
         if self.queue.needs_rescan.is_set() or self._rescan_due():
             self.rescan()
+        for path in self.waiting.due():
+            self.queue.put(path)
+        if not self.repairs_done:
+            self._repair_after_crash()
         healthy = self.healthy()
         if healthy and self.notifier.watchdog_interval is not None:
             self.notifier.watchdog()
         self._publish_status()
         return healthy
+
+    def _repair_after_crash(self) -> None:
+        """Once, after READY: what a crash can leave half-done that nothing else revisits."""
+        self.repairs_done = True
+        temps = clean_temps(self.ctx.temp_root, self.store.report_processed)
+        folders = {site.folder for site in self.ctx.registry.sites.values()}
+        fixed = [repair(folder) for folder in folders]
+        log.info(
+            "daemon.repaired",
+            promotion_temps_removed=temps,
+            orphan_reasons_removed=sum(r.orphans_removed for r in fixed),
+            reasons_restored=sum(r.reasons_restored for r in fixed),
+        )
 
     def _publish_status(self) -> None:
         """Keep `systemctl status` current without flooding the notify socket."""
@@ -308,19 +263,26 @@ class Daemon:
 
     def _next_tick(self) -> float:
         interval = self.notifier.watchdog_interval or 5.0
+        upcoming = self.waiting.next_due_in()
+        if upcoming is not None:
+            interval = min(interval, upcoming)
         return max(0.05, min(interval, 5.0))
 
     def _revive_watcher(self) -> None:
-        """watchdog's threads die for good on some errors: start a new observer, then rescan."""
+        """The watcher's threads can die on some errors: start a new one, then rescan."""
         if self.watcher.is_alive():
             return
         log.error("watcher.died", action="restart and rescan")
         self.watcher.stop()
+        self.watcher = DepositWatcher(
+            self.settings.backup_storage_root, self._on_event, self._on_overflow
+        )
         try:
-            self._start_watcher()
+            self.watcher.start()
         except OSError as exc:
             log.error("watcher.restart_failed", error=str(exc))
             return
+        self.arrivals.events_lost()
         self.queue.needs_rescan.set()
 
     def _rescan_due(self) -> bool:
@@ -329,6 +291,11 @@ class Daemon:
 
     def _post(self, kind: str) -> dict[str, Any]:
         """Hand a control request to the main thread and wait for its answer."""
+        if not self.ready:
+            return {
+                "ok": False,
+                "error": f"the daemon is still starting ({self.phase}); try again once it is ready",
+            }
         future: Future[dict[str, Any]] = Future()
         self.requests.put((kind, future))
         self.wakeup.set()
@@ -359,17 +326,20 @@ class Daemon:
 
     def beat(self) -> None:
         """Called by the pipeline during long work (hashing, copying): this worker is alive."""
-        worker = self.worker_of.get(threading.get_ident())
-        if worker is not None:
-            worker.heartbeat = time.monotonic()
+        self.pool.beat()
 
     def healthy(self) -> bool:
         """Every loop alive and recently seen: only then does systemd get its ping."""
-        now = time.monotonic()
+        if not self.ready:
+            return False
         stale = self.stale_after
-        loops_ok = all(w.thread.is_alive() and now - w.heartbeat < stale for w in self.workers)
-        timer_ok = self.timer.is_alive() and now - self.timer.heartbeat < stale
-        return loops_ok and timer_ok and self.watcher.is_alive() and self.control.is_alive()
+        timer_ok = self.timer.is_alive() and time.monotonic() - self.timer.heartbeat < stale
+        return (
+            self.pool.healthy(stale)
+            and timer_ok
+            and self.watcher.is_alive()
+            and self.control.is_alive()
+        )
 
     # ------------------------------------------------------------ operations
 
@@ -385,21 +355,37 @@ class Daemon:
         return {"ok": True, "queued": queued}
 
     def reload(self) -> dict[str, Any]:
-        """SIGHUP / `backupwatchctl reload`: all or nothing; an invalid config changes nothing."""
+        """SIGHUP / `backupwatchctl reload`: all or nothing; what fails changes nothing."""
         self.notifier.reloading()
+        try:
+            return self._reload()
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def _reload(self) -> dict[str, Any]:
         try:
             settings = load_settings(self.settings.config_path, self.environ)
             specs = load_jobs(settings)
         except ConfigError as exc:
             log.error("reload.invalid_config", errors=exc.errors)
-            self.notifier.ready(self.status_line())
             return {"ok": False, "error": str(exc)}
-        settings = self._keep_restart_keys(settings)
-        result = self.store.sync_jobs(
-            specs, settings.scanner_report_collection_window_minutes, self.clock()
-        )
+        needs_restart = self._restart_changes(settings)
+        settings = settings.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
+        try:
+            result = self.store.sync_jobs(
+                specs, settings.scanner_report_collection_window_minutes, self.clock()
+            )
+            registry = build_registry(settings, self.store.active_jobs())
+        except SQLAlchemyError as exc:
+            detail = str(exc).splitlines()[0]
+            log.error("reload.database_error", error=detail, action="previous configuration kept")
+            return {
+                "ok": False,
+                "error": f"cannot reach the database ({detail}); "
+                "the daemon keeps its previous configuration",
+            }
         self.settings = settings
-        self.ctx = Context(self.store, settings, self._registry(), self.beat)
+        self.ctx = Context(self.store, settings, registry, self.beat, self.arrivals)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
         self.rescan()
@@ -408,32 +394,48 @@ class Daemon:
             added=result.added,
             changed=result.changed,
             deactivated=result.deactivated,
+            needs_restart=[change.key for change in needs_restart],
         )
-        self.notifier.ready(self.status_line())
         return {
             "ok": True,
             "added": result.added,
             "changed": result.changed,
             "deactivated": result.deactivated,
+            "needs_restart": [change.as_json() for change in needs_restart],
         }
 
-    def _keep_restart_keys(self, settings: Settings) -> Settings:
-        kept = {key: getattr(self.settings, key) for key in RESTART_KEYS}
-        for key, value in kept.items():
-            if getattr(settings, key) != value:
-                log.warning("reload.needs_restart", key=key)
-        return settings.model_copy(update=kept)
+    def _restart_changes(self, settings: Settings) -> list[RestartChange]:
+        """Keys changed in the file that only a restart applies (SPEC §1): said, not hidden."""
+        changes = []
+        for key in RESTART_KEYS:
+            old, new = getattr(self.settings, key), getattr(settings, key)
+            if old != new:
+                change = RestartChange(key, shown_setting(key, old), shown_setting(key, new))
+                log.warning(
+                    "reload.needs_restart", key=key, running=change.running, file=change.file
+                )
+                changes.append(change)
+        return changes
 
     def _handle_status(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """Answered on the control thread from what exists at any moment of the start."""
         return {
             "ok": True,
+            "state": "running" if self.ready else ("stopping" if self.stopping else "starting"),
+            "phase": self.phase,
             "pid": os.getpid(),
             "version": __version__,
             "uptime_s": round(time.monotonic() - self.started),
             "pending_reports": self.queue.in_progress_or_queued(),
-            "in_hand": [str(w.current) for w in self.workers if w.current is not None],
+            "waiting_reports": self.waiting.reasons(),
+            "left_in_place": self.handler.parked(),
+            "in_hand": self.pool.in_hand(),
+            "replaced_workers": [w.retired for w in self.pool.retired()],
             "counters": dict(self.counters),
             "healthy": self.healthy(),
+            "database": shown_setting("database_url", self.settings.database_url),
+            "config_path": str(self.settings.config_path),
+            "warnings": list(self.watcher.limit_warnings),
         }
 
     def status_line(self) -> str:
@@ -441,32 +443,83 @@ class Daemon:
         jobs = sum(len(site.jobs) for site in registry.sites.values())
         return (
             f"watching {len(registry.sites)} sites, {jobs} jobs; "
-            f"{self.queue.in_progress_or_queued()} reports pending; since start "
-            f"{self.counters['accepted']} accepted, {self.counters['rejected']} rejected"
+            f"{self.queue.in_progress_or_queued()} reports pending, {len(self.waiting)} waiting; "
+            f"since start {self.counters['accepted']} accepted, "
+            f"{self.counters['rejected']} rejected"
         )
 
     # --------------------------------------------------------------- stop
 
     def request_stop(self) -> None:
-        self.stop_requested.set()
+        """Safe from a signal handler: a flag and a byte on a pipe, no lock taken."""
+        self.stopping = True
         self.wakeup.set()
 
     def shutdown(self) -> int:
         """Finish the reports in hand, then stop everything; queued ones stay on disk."""
+        self.ready = False
+        self.phase = "stopping"
         self.notifier.stopping()
         log.info("daemon.stopping")
         deadline = time.monotonic() + STOP_TIMEOUT
-        for component in ("watcher", "control"):
-            if hasattr(self, component):
-                getattr(self, component).stop()
+        self.watcher.stop()
+        self.control.stop()
+        self.pool.stop()
         self.queue.close()
-        for worker in self.workers:
-            worker.thread.join(max(0.0, deadline - time.monotonic()))
-        if hasattr(self, "timer"):
-            self.timer.stop(max(0.0, deadline - time.monotonic()))
+        self.pool.join(deadline)
+        self.timer.stop(max(0.0, deadline - time.monotonic()))
         self.store.dispose()
         log.info("daemon.stopped")
         return 0
+
+
+class Wakeup:
+    """Wakes the main loop from any thread or from a signal handler.
+
+    A self-pipe rather than a threading.Event: Event.set() takes a lock, and a signal handler
+    that runs while the main thread holds that same lock (inside Event.clear()) deadlocks it.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def set(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe is already a pending wake-up
+            os.write(self._write, b"!")
+
+    def wait(self, timeout: float) -> None:
+        """Until set() (since the last wait) or `timeout` seconds."""
+        ready, _, _ = select.select([self._read], [], [], timeout)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self._read, 4096):
+                    pass
+
+
+@dataclass(frozen=True)
+class RestartChange:
+    key: str
+    running: str
+    file: str
+
+    def as_json(self) -> dict[str, str]:
+        return {"key": self.key, "running": self.running, "file": self.file}
+
+
+def shown_setting(key: str, value: object) -> str:
+    """A setting as it may be shown to an operator: a database URL without its password."""
+    if key == "database_url":
+        return make_url(str(value)).render_as_string(hide_password=True)
+    return str(value)
+
+
+def _has_links(path: Path) -> bool:
+    """A new name with more than one link is a hard link to an existing file (lftp's `mv`
+    may link then unlink): a complete file, which no writer holds open because of it."""
+    try:
+        return os.lstat(path).st_nlink > 1
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------ entry point

@@ -1,26 +1,29 @@
 """SPEC §3 and §5: turning one report file into entries, promoted backups and an archived report.
 
-The decision table is `agent_verdict` + `file_verdict`, pure functions of the database block and of
-the server's facts about the staged file. `process_path` is the single adapter around them. Its
-order makes a crash at any line harmless: the staged file is hard-linked (never moved) to final
-storage before the commit, the entries and the report's idempotency row commit together, and only
-then are the staged files unlinked and the report archived. A retried report finds its key
-committed and just finishes the clean-up.
+`process_path` is the one adapter around the pure parts: `report.accept_report` (is the report
+acceptable?), `readiness` (may it be judged yet?) and `verdict.decide` (the §5 table). Its order
+makes a crash at any line harmless: read the bytes → their SHA-256 → already processed? (finish
+the clean-up, archive) → accept or reject → per database, the staged file opened beneath D,
+hashed once and, on SUCCESS, linked (or copied, see `promotion`) into final storage → one
+transaction: the entries and the report's idempotency row → remove the promoted staged files →
+archive the report. A retried report finds its key committed and only finishes the clean-up.
+
+Nothing an agent puts in its folder may raise out of here except through the daemon's retry
+of unexpected errors: bad input is rejected with a reason, a report that cannot be moved is
+left in place (`Outcome.PARKED`) and said so.
 """
 
 from __future__ import annotations
 
 import enum
-import errno
 import hashlib
-import json
 import os
 import stat
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -29,113 +32,79 @@ from backupwatch.enums import BackupEntryStatus
 from backupwatch.fsutil import (
     Identity,
     UnsafePath,
-    copy_verified,
-    ensure_real_dir,
-    link_unique,
     move_unique,
     open_beneath,
-    open_dir,
     read_capped,
     sha256_fd,
 )
 from backupwatch.jobs import final_relpath
+from backupwatch.names import display_name
+from backupwatch.promotion import (
+    TEMP_DIR,
+    AlreadyCommitted,
+    Facts,
+    Promoted,
+    PromotionBusy,
+    Request,
+    StagedChanged,
+    ensure_sole_link,
+    promote,
+    release_temp,
+)
+from backupwatch.readiness import Content, StagedState, Wait, Writer, report_wait, staged_wait
+from backupwatch.rejected import reject_into
 from backupwatch.report import (
     DatabaseReport,
     ReportRejected,
     StatusReport,
-    check_freshness,
-    parse_report,
+    accept_report,
+    size_problem,
 )
 from backupwatch.schedule import cycle_for
-from backupwatch.sites import ARCHIVE_DIR, REJECTED_DIR, JobRef, PathKind, Registry, Site
+from backupwatch.sites import (
+    ARCHIVE_DIR,
+    JobRef,
+    PathKind,
+    Registry,
+    Site,
+)
 from backupwatch.store import ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
+from backupwatch.verdict import (
+    UNCHANGED_WARNING,
+    StagedFacts,
+    Verdict,
+    agent_verdict,
+    decide,
+    file_verdict,
+    mark_unchanged,
+)
+
+__all__ = [
+    "Context",
+    "Outcome",
+    "Result",
+    "StagedFacts",
+    "Verdict",
+    "agent_verdict",
+    "build_registry",
+    "decide",
+    "file_verdict",
+    "process_path",
+]
 
 log = structlog.get_logger(__name__)
 
-
-# ----------------------------------------------------------------- the decision table
-
-
-@dataclass(frozen=True)
-class Verdict:
-    status: BackupEntryStatus
-    message: str
-
-
-@dataclass(frozen=True)
-class StagedFacts:
-    """What the server itself found: `problem` set when there is no usable regular file."""
-
-    name: str
-    problem: str | None = None
-    size: int | None = None
-    sha256: str | None = None  # None when the size already differed: no need to hash
-
-
-def agent_verdict(db: DatabaseReport) -> Verdict | None:
-    """Steps 1-2 of SPEC §5: what the agent itself says failed."""
-    failed = [
-        step
-        for step, ok in (
-            ("backup", db.backup_process.status),
-            ("compress", db.compress_process.status),
-        )
-        if not ok
-    ]
-    if failed:
-        return Verdict(
-            BackupEntryStatus.FAILED, f"the agent reports its {' and '.join(failed)} step failed"
-        )
-    if not db.transfer_process.status:
-        detail = db.transfer_process.error_message or "no error message given"
-        return Verdict(BackupEntryStatus.FAILED, f"the agent reports its transfer failed: {detail}")
-    return None
-
-
-def file_verdict(db: DatabaseReport, facts: StagedFacts) -> Verdict:
-    """Steps 3-6 of SPEC §5: what the server finds on disk."""
-    if facts.problem is not None:
-        return Verdict(
-            BackupEntryStatus.TRANSFER_INTEGRITY_FAILED,
-            f"staged file {facts.name}: {facts.problem}",
-        )
-    expected_size = db.compress_process.size_bytes
-    if facts.size != expected_size:
-        return Verdict(
-            BackupEntryStatus.TRANSFER_INTEGRITY_FAILED,
-            f"staged file {facts.name} is {facts.size} bytes, the agent reported {expected_size}",
-        )
-    if facts.sha256 != db.compress_process.sha256_checksum:
-        return Verdict(
-            BackupEntryStatus.HASH_MISMATCH,
-            f"staged file {facts.name} has SHA-256 {facts.sha256}, "
-            f"the agent reported {db.compress_process.sha256_checksum}",
-        )
-    return Verdict(
-        BackupEntryStatus.SUCCESS, f"staged file {facts.name} verified ({facts.size} bytes)"
-    )
-
-
-def decide(db: DatabaseReport, facts: StagedFacts | None) -> Verdict:
-    """The whole table; `facts` may be None only when the agent's own steps failed."""
-    verdict = agent_verdict(db)
-    if verdict is not None:
-        return verdict
-    if facts is None:
-        raise ValueError("the staged file must be inspected once the agent's steps succeeded")
-    return file_verdict(db, facts)
-
-
-# ---------------------------------------------------------------------- the adapter
+BUSY_RETRY = 0.5  # seconds: another worker is promoting the same report bytes
 
 
 class Outcome(enum.StrEnum):
     ACCEPTED = "accepted"
     REJECTED = "rejected"
     DUPLICATE = "duplicate"
-    RETRY = "retry"  # not yet valid JSON: its writer may still be at work
+    WAIT = "wait"  # not yet judged: `Result.wait` says until when (SPEC §3, §5 step 3)
     GONE = "gone"
     IGNORED = "ignored"
+    PARKED = "parked"  # could not be archived or rejected: left in place, said why
 
 
 @dataclass
@@ -143,9 +112,34 @@ class Result:
     outcome: Outcome
     path: Path
     reason: str | None = None
+    wait: Wait | None = None
     entries: list[NewEntry] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     not_relevant: list[str] = field(default_factory=list)
+    left_in_place: str | None = None  # recorded, but the report could not be archived: why
+
+
+class Observer(Protocol):
+    """What the daemon has observed that the readiness rules need (see `arrivals`)."""
+
+    def writer(self, path: Path) -> Writer: ...
+
+    def unchanged_for(self, path: Path, st: os.stat_result) -> float: ...
+
+    def quiet_for(self, folder: Path) -> float: ...
+
+
+class Settled:
+    """No observation at all: every file is whole and every folder quiet (tools, tests)."""
+
+    def writer(self, path: Path) -> Writer:
+        return Writer(open=False, closed_for=float("inf"))
+
+    def unchanged_for(self, path: Path, st: os.stat_result) -> float:
+        return float("inf")
+
+    def quiet_for(self, folder: Path) -> float:
+        return float("inf")
 
 
 @dataclass
@@ -156,10 +150,19 @@ class Context:
     settings: Settings
     registry: Registry
     beat: Callable[[], None] = lambda: None  # "still working": keeps the watchdog fed
+    observer: Observer = field(default_factory=Settled)
 
     @property
     def max_age(self) -> timedelta:
         return timedelta(days=self.settings.max_status_file_age_days)
+
+    @property
+    def settle(self) -> float:
+        return self.settings.report_settle_seconds
+
+    @property
+    def temp_root(self) -> Path:
+        return self.settings.validated_backups_base_path / TEMP_DIR
 
 
 def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registry:
@@ -179,13 +182,30 @@ def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registr
     return Registry.build(settings.backup_storage_root, entries)
 
 
+# ------------------------------------------------------------------------- reading
+
+
 class Rejection(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
 
 
-def process_path(ctx: Context, path: Path, now: datetime, may_retry: bool = False) -> Result:
+class Unreadable(Exception):
+    """The server may not open the report (mode or owner): wait, then say what to fix."""
+
+    def __init__(self, st: os.stat_result) -> None:
+        super().__init__("permission denied")
+        self.st = st
+
+
+@dataclass(frozen=True)
+class ReportBytes:
+    data: bytes
+    st: os.stat_result
+
+
+def process_path(ctx: Context, path: Path, now: datetime) -> Result:
     """Process whatever `path` is (SPEC §3); never raises for bad agent input."""
     classified = ctx.registry.classify(path)
     if classified.kind is PathKind.IGNORED:
@@ -199,72 +219,100 @@ def process_path(ctx: Context, path: Path, now: datetime, may_retry: bool = Fals
         return Result(Outcome.IGNORED, path)
     if classified.kind is PathKind.STRAY or classified.site is None:
         return reject(ctx, path, path.parent, "it lies in a folder that no active job uses")
-    return _process_report(ctx, classified.site, path, now, may_retry)
+    return _process_report(ctx, classified.site, path, now)
 
 
-def _process_report(ctx: Context, site: Site, path: Path, now: datetime, may_retry: bool) -> Result:
+def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Result:
     try:
-        data = _read_report(site, path, ctx.settings.report_max_bytes)
+        read = _read_report(site, path, ctx.settings.report_max_bytes)
     except FileNotFoundError:
         return Result(Outcome.GONE, path)
+    except Unreadable as exc:
+        return _unreadable(ctx, site, path, exc.st)
     except Rejection as exc:
         return reject(ctx, path, site.folder, exc.reason)
-    sha = hashlib.sha256(data).hexdigest()
+    sha = hashlib.sha256(read.data).hexdigest()
     if ctx.store.report_processed(sha):
-        finish_promotions(ctx.store, sha, site)
-        archive(path, site)
-        log.info("report.duplicate", site=site.name, report=_name(ctx, path), sha256=sha)
-        return Result(Outcome.DUPLICATE, path)
+        return _seen_before(ctx, site, path, sha)
     try:
-        report = _validate(data, site, now, ctx.max_age)
-    except Rejection as exc:
-        if may_retry and not _is_json(data):
-            return Result(Outcome.RETRY, path, exc.reason)
+        report = accept_report(read.data, now, ctx.max_age, site.agent_ids)
+    except ReportRejected as exc:
+        if exc.incomplete:
+            writer = ctx.observer.writer(path)
+            unchanged = ctx.observer.unchanged_for(path, read.st)
+            wait = report_wait(Content.INCOMPLETE, writer, unchanged, ctx.settle)
+            if wait is not None:
+                return Result(Outcome.WAIT, path, exc.reason, wait=wait)
         return reject(ctx, path, site.folder, exc.reason)
     return _record(ctx, site, path, report, sha, now)
 
 
-def _read_report(site: Site, path: Path, limit: int) -> bytes:
+def _read_report(site: Site, path: Path, limit: int) -> ReportBytes:
     relative = PurePosixPath(path.relative_to(site.folder))
     try:
         with open_beneath(site.folder, relative) as (_dir_fd, fd, _name):
-            size = os.fstat(fd).st_size
-            if size > limit:
-                raise Rejection(f"it is {size} bytes, over report_max_bytes ({limit})")
+            st = os.fstat(fd)
+            problem = size_problem(st.st_size, limit)
+            if problem:
+                raise Rejection(problem)
             data = read_capped(fd, limit)
     except UnsafePath as exc:
         raise Rejection(f"it is not a regular file inside the deposit folder ({exc})") from exc
+    except PermissionError as exc:
+        raise Unreadable(os.lstat(path)) from exc
     if len(data) > limit:
         raise Rejection(f"it grew over report_max_bytes ({limit}) while being read")
-    return data
+    return ReportBytes(data, st)
 
 
-def _is_json(data: bytes) -> bool:
-    try:
-        json.loads(data)
-    except ValueError:
-        return False
-    return True
+def _unreadable(ctx: Context, site: Site, path: Path, st: os.stat_result) -> Result:
+    writer = ctx.observer.writer(path)
+    unchanged = ctx.observer.unchanged_for(path, st)
+    wait = report_wait(Content.UNREADABLE, writer, unchanged, ctx.settle)
+    if wait is not None:
+        return Result(Outcome.WAIT, path, "the server may not read it yet", wait=wait)
+    return reject(ctx, path, site.folder, unreadable_reason("it", st))
 
 
-def _validate(data: bytes, site: Site, now: datetime, max_age: timedelta) -> StatusReport:
-    try:
-        report = parse_report(data)
-        check_freshness(report, now, max_age)
-    except ReportRejected as exc:
-        raise Rejection(exc.reason) from exc
-    if report.agent_id is not None and report.agent_id not in site.agent_ids:
-        expected = ", ".join(sorted(site.agent_ids))
-        raise Rejection(f"agent_id {report.agent_id!r} is not this site's ({expected})")
-    return report
+def unreadable_reason(what: str, st: os.stat_result) -> str:
+    """What an operator must fix when the daemon's user may not read an agent's file."""
+    return (
+        f"{what} cannot be read by the daemon's user (owner uid {st.st_uid}, group gid "
+        f"{st.st_gid}, mode {st.st_mode & 0o7777:04o}): agents must upload files the "
+        "backupwatch group can read (a set-gid site folder with a default ACL, or umask 027); "
+        'see "Agents\' upload accounts" in the packaging guide'
+    )
 
 
-def _record(
-    ctx: Context, site: Site, path: Path, report: StatusReport, sha: str, now: datetime
-) -> Result:
-    result = Result(Outcome.ACCEPTED, path)
-    name = _name(ctx, path)
-    relevant: list[tuple[JobRef, datetime, DatabaseReport]] = []
+def _seen_before(ctx: Context, site: Site, path: Path, sha: str) -> Result:
+    """These bytes were committed already (a crash before the archive, or sent twice)."""
+    finish_promotions(ctx, sha, site, ctx.store.successes_of_report(sha))
+    result = Result(Outcome.DUPLICATE, path)
+    result.left_in_place = archive(path, site)
+    log.info("report.duplicate", site=site.name, report=_name(ctx, path), sha256=sha)
+    return result
+
+
+# ------------------------------------------------------------------------- judging
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """One database of the report, matched to the job and cycle it belongs to."""
+
+    job: JobRef
+    cycle: datetime
+    db: DatabaseReport
+
+
+@dataclass
+class Judged:
+    entry: NewEntry
+    promoted: Promoted | None = None
+
+
+def _assign(site: Site, report: StatusReport, name: str, result: Result) -> list[Assigned]:
+    relevant: list[Assigned] = []
     for database_name, db in report.databases.items():
         job = site.job_for(database_name, report.agent_id)
         if job is None:
@@ -284,55 +332,96 @@ def _record(
                 operation_timestamp=report.operation_timestamp.isoformat(),
             )
             continue
-        relevant.append((job, cycle, db))
-    previous = ctx.store.last_success_sha256s([job.id for job, _, _ in relevant])
-    for job, cycle, db in relevant:
-        entry = _judge(ctx, site, job, cycle, report, db, name, sha, previous.get(job.id))
-        result.entries.append(entry)
+        relevant.append(Assigned(job, cycle, db))
+    return relevant
+
+
+def _record(
+    ctx: Context, site: Site, path: Path, report: StatusReport, sha: str, now: datetime
+) -> Result:
+    result = Result(Outcome.ACCEPTED, path)
+    name = _name(ctx, path)
+    assigned = _assign(site, report, name, result)
+    wait = _staged_wait(ctx, site, assigned)
+    if wait is not None:
+        return Result(Outcome.WAIT, path, wait.why, wait=wait)
+    previous = ctx.store.last_success_sha256s([a.job.id for a in assigned])
+    judged: list[Judged] = []
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
-    if ctx.store.record_report(record, result.entries, now):
-        finish_promotions(ctx.store, sha, site, result.entries)
+    try:
+        for item in assigned:
+            judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id)))
+        committed = ctx.store.record_report(record, [j.entry for j in judged], now)
+    except PromotionBusy:
+        _undo(judged)
+        return Result(Outcome.WAIT, path, "being promoted by another worker", Wait(BUSY_RETRY, ""))
+    except AlreadyCommitted:
+        _undo(judged)
+        return _seen_before(ctx, site, path, sha)
+    except BaseException:
+        _undo(judged)  # SPEC §5: no promoted file without its entry
+        raise
+    if committed:
+        result.entries = [j.entry for j in judged]
+        finish_promotions(ctx, sha, site, result.entries, judged)
     else:
-        result.outcome = Outcome.DUPLICATE  # another worker or daemon committed these bytes first
-        result.entries = []  # none of these was recorded: do not log them as recorded
-        finish_promotions(ctx.store, sha, site)
-    archive(path, site)
+        # Another worker or daemon committed these bytes first: keep only what it recorded.
+        _drop_uncommitted(judged, ctx.store.successes_of_report(sha))
+        result.outcome = Outcome.DUPLICATE
+        finish_promotions(ctx, sha, site, ctx.store.successes_of_report(sha))
+    result.left_in_place = archive(path, site)
     for entry in result.entries:
         _log_entry(entry, job_label(site, entry.job_id), site, name)
     return result
 
 
+def _staged_wait(ctx: Context, site: Site, assigned: list[Assigned]) -> Wait | None:
+    """SPEC §5 step 3: a staged file still arriving is not judged while D keeps changing."""
+    states = [_staged_state(site, item.db) for item in assigned if agent_verdict(item.db) is None]
+    if all(state is StagedState.PRESENT for state in states):
+        return None
+    return staged_wait(states, ctx.observer.quiet_for(site.folder), ctx.settle)
+
+
+def _staged_state(site: Site, db: DatabaseReport) -> StagedState:
+    """A stat through the same confined open as the verdict: no read, no hash."""
+    try:
+        with open_beneath(site.folder, PurePosixPath(db.staged_file_name or "")) as (_d, fd, _n):
+            size = os.fstat(fd).st_size
+    except FileNotFoundError:
+        return StagedState.ABSENT
+    except PermissionError:
+        return StagedState.UNREADABLE
+    except (UnsafePath, OSError):
+        return StagedState.PRESENT  # a symlink or a folder: judged now, not waited for
+    expected = db.compress_process.size_bytes
+    return StagedState.SHORT if expected is not None and size < expected else StagedState.PRESENT
+
+
 def _judge(
     ctx: Context,
     site: Site,
-    job: JobRef,
-    cycle: datetime,
+    item: Assigned,
     report: StatusReport,
-    db: DatabaseReport,
     report_name: str,
     sha: str,
     previous_sha256: str | None,
-) -> NewEntry:
+) -> Judged:
     ctx.beat()
-    verdict = agent_verdict(db)
-    server: dict[str, Any] = {}
-    final_path: Path | None = None
+    db = item.db
     facts: StagedFacts | None = None
-    if verdict is None:
-        verdict, facts, final_path, server = _judge_staged(ctx, site, job, cycle, db)
-    unchanged = False
-    if verdict.status is BackupEntryStatus.SUCCESS and facts is not None:
-        unchanged = previous_sha256 == facts.sha256
-        if unchanged:
-            verdict = Verdict(
-                verdict.status,
-                verdict.message + "; WARNING: identical to the "
-                "previous successful backup (SHA-256 unchanged)",
-            )
+    promoted: Promoted | None = None
+    if agent_verdict(db) is None:
+        verdict, facts, promoted = _judge_staged(ctx, site, item, sha)
+    else:
+        verdict = decide(db, None)  # the agent's own steps failed: no file to look at
+    unchanged = mark_unchanged(verdict, facts, previous_sha256)
+    if unchanged:
+        verdict = Verdict(verdict.status, verdict.message + UNCHANGED_WARNING)
     staged = site.folder / db.staged_file_name if db.staged_file_name else None
-    return NewEntry(
-        job_id=job.id,
-        cycle=cycle,
+    entry = NewEntry(
+        job_id=item.job.id,
+        cycle=item.cycle,
         status=verdict.status,
         message=verdict.message,
         report_name=report_name,
@@ -347,31 +436,55 @@ def _judge(
         server_sha256=facts.sha256 if facts else None,
         server_size=facts.size if facts else None,
         staged_path=str(staged) if staged else None,
-        final_path=str(final_path) if final_path else None,
+        final_path=str(promoted.path) if promoted else None,
         unchanged_since_last_success=unchanged,
-        details={"agent": db.model_dump(mode="json"), "server": server},
+        details={"agent": db.model_dump(mode="json"), "server": _server_details(promoted)},
     )
+    return Judged(entry, promoted)
+
+
+def _server_details(promoted: Promoted | None) -> dict[str, Any]:
+    if promoted is None:
+        return {}
+    final = promoted.path.lstat()
+    return {
+        "promotion": promoted.method,
+        "staged_dev": promoted.staged.dev,
+        "staged_ino": promoted.staged.ino,
+        "final_dev": final.st_dev,
+        "final_ino": final.st_ino,
+    }
 
 
 def _judge_staged(
-    ctx: Context, site: Site, job: JobRef, cycle: datetime, db: DatabaseReport
-) -> tuple[Verdict, StagedFacts, Path | None, dict[str, Any]]:
+    ctx: Context, site: Site, item: Assigned, sha: str
+) -> tuple[Verdict, StagedFacts, Promoted | None]:
     """Inspect, hash and (on success) promote the staged file, all through one open descriptor."""
+    db = item.db
     staged_name = db.staged_file_name or ""
     try:
         with open_beneath(site.folder, PurePosixPath(staged_name)) as (dir_fd, fd, base):
             facts = _inspect(staged_name, fd, db.compress_process.size_bytes, ctx.beat)
-            verdict = file_verdict(db, facts)
+            verdict = decide(db, facts)
             if verdict.status is not BackupEntryStatus.SUCCESS:
-                return verdict, facts, None, {}
-            return _promote(ctx, job, cycle, dir_fd, fd, base, facts, verdict)
+                return verdict, facts, None
+            return _promote(ctx, item, sha, dir_fd, fd, base, facts, verdict)
     except FileNotFoundError:
         facts = StagedFacts(staged_name, problem="absent")
     except (UnsafePath, IsADirectoryError) as exc:
         facts = StagedFacts(staged_name, problem=f"refused: {exc}")
-    except PermissionError as exc:
-        facts = StagedFacts(staged_name, problem=f"not readable by the server: {exc.strerror}")
-    return file_verdict(db, facts), facts, None, {}
+    except PermissionError:
+        st = _lstat_beneath(site.folder, staged_name)
+        problem = unreadable_reason("it", st) if st else "it cannot be read by the daemon's user"
+        facts = StagedFacts(staged_name, problem=problem)
+    return decide(db, facts), facts, None
+
+
+def _lstat_beneath(folder: Path, relative: str) -> os.stat_result | None:
+    try:
+        return os.lstat(folder / relative)
+    except OSError:
+        return None
 
 
 def _inspect(
@@ -386,118 +499,154 @@ def _inspect(
 
 def _promote(
     ctx: Context,
-    job: JobRef,
-    cycle: datetime,
+    item: Assigned,
+    sha: str,
     dir_fd: int,
     fd: int,
     base: str,
     facts: StagedFacts,
     verdict: Verdict,
-) -> tuple[Verdict, StagedFacts, Path | None, dict[str, Any]]:
-    """SPEC §5 step 6: link (or verified copy) into final storage, never overwriting."""
-    root = ctx.settings.validated_backups_base_path
-    target = root / final_relpath(job.final_storage_path_template, job.fields, cycle, base)
-    ensure_real_dir(target.parent)
-    staged = Identity.of(os.fstat(fd))
+) -> tuple[Verdict, StagedFacts, Promoted | None]:
+    """SPEC §5 step 6: into final storage, never overwriting (see `promotion`)."""
     assert facts.sha256 is not None
     assert facts.size is not None
+    job = item.job
+    root = ctx.settings.validated_backups_base_path
+    target = root / final_relpath(job.final_storage_path_template, job.fields, item.cycle, base)
+    request = Request(
+        dir_fd=dir_fd,
+        fd=fd,
+        base=base,
+        target=target,
+        facts=Facts(facts.sha256, facts.size),
+        key=f"{sha}-{job.id}",
+        temp_root=ctx.temp_root,
+        committed=lambda: ctx.store.report_processed(sha),
+        progress=ctx.beat,
+    )
     try:
-        final = link_unique(dir_fd, base, target.parent, target.name, staged)
-        method = "link"
-        if Identity.of(final.lstat()) != staged:
-            final.unlink()
-            failed = Verdict(
-                BackupEntryStatus.TRANSFER_INTEGRITY_FAILED,
-                f"staged file {facts.name} was replaced while it was being validated",
-            )
-            return failed, facts, None, {}
-    except OSError as exc:
-        # EXDEV: final storage is on another filesystem. EPERM: fs.protected_hardlinks refuses
-        # to link an agent's file the daemon may read but not write. Both: a verified copy.
-        if exc.errno not in (errno.EXDEV, errno.EPERM):
-            raise
-        try:
-            final = copy_verified(
-                fd, target.parent, target.name, facts.sha256, facts.size, ctx.beat
-            )
-        except ValueError:  # copy_verified's digest check: the agent rewrote it meanwhile
-            failed = Verdict(
-                BackupEntryStatus.TRANSFER_INTEGRITY_FAILED,
-                f"staged file {facts.name} changed while it was being copied to final storage",
-            )
-            return failed, facts, None, {}
-        method = "copy"
-    message = f"{verdict.message}; stored at {final}"
-    if final.name != target.name:
+        promoted = promote(request)
+    except StagedChanged as exc:
+        failed = Verdict(
+            BackupEntryStatus.TRANSFER_INTEGRITY_FAILED, f"staged file {facts.name} {exc}"
+        )
+        return failed, facts, None
+    message = f"{verdict.message}; stored at {promoted.path}"
+    if promoted.path.name != target.name:
         message += f" ({target.name} already existed, so a new name was used)"
-    server = {"promotion": method, "staged_dev": staged.dev, "staged_ino": staged.ino}
-    return Verdict(verdict.status, message), facts, final, server
+    return Verdict(verdict.status, message), facts, promoted
+
+
+def _undo(judged: Sequence[Judged]) -> None:
+    for item in judged:
+        if item.promoted is not None:
+            item.promoted.undo()
+
+
+def _drop_uncommitted(judged: Sequence[Judged], committed: Sequence[Any]) -> None:
+    """A duplicate: remove what this attempt put in final storage that nobody recorded."""
+    recorded = {entry.final_path for entry in committed}
+    for item in judged:
+        promoted = item.promoted
+        if promoted is None:
+            continue
+        if str(promoted.path) in recorded:
+            promoted.release()
+        else:
+            promoted.undo()
+
+
+# ---------------------------------------------------------------------- after the commit
 
 
 def finish_promotions(
-    store: Store, sha: str, site: Site, committed: Sequence[NewEntry] | None = None
+    ctx: Context,
+    sha: str,
+    site: Site,
+    entries: Sequence[Any],
+    judged: Sequence[Judged] = (),
 ) -> None:
-    """Unlink the staged files of a committed report's successes, if still the validated ones.
+    """Remove the staged files of a committed report's successes and what the copies left.
 
-    `committed` are the entries this worker has just committed; without them (a report seen
-    again after a crash) they are read back from the store.
-    The staged path is walked beneath D without following a symlink (SPEC §9): an agent that
-    swapped a folder for a symlink after the commit cannot make us unlink anything elsewhere.
+    `entries` are NewEntry or BackupEntry rows; `judged` holds this attempt's promotions (a
+    report seen again after a crash has none: its temps are found by name). The staged path is
+    walked beneath D without following a symlink (SPEC §9), and only the very file validated
+    (same inode) is removed. Then the final file must have one link (`ensure_sole_link`).
     """
-    entries = committed if committed is not None else store.successes_of_report(sha)
+    for item in judged:
+        if item.promoted is not None:
+            item.promoted.release()
     for entry in entries:
-        if entry.status is not BackupEntryStatus.SUCCESS:
-            continue
-        if entry.staged_path is None or entry.final_path is None:
+        if entry.status is not BackupEntryStatus.SUCCESS or entry.final_path is None:
             continue
         server = (entry.details or {}).get("server", {})
-        validated = Identity(server.get("staged_dev", -1), server.get("staged_ino", -1))
-        try:
-            relative = PurePosixPath(Path(entry.staged_path).relative_to(site.folder))
-            with open_beneath(site.folder, relative) as (dir_fd, fd, name):
-                if Identity.of(os.fstat(fd)) == validated:
-                    os.unlink(name, dir_fd=dir_fd)
-        except FileNotFoundError:
-            continue
-        except (ValueError, UnsafePath, OSError) as exc:
-            log.warning("staged.not_removed", staged=entry.staged_path, reason=str(exc))
+        _remove_staged(
+            site,
+            entry.staged_path,
+            Identity(server.get("staged_dev", -1), server.get("staged_ino", -1)),
+        )
+        if not judged:
+            release_temp(ctx.temp_root, f"{sha}-{entry.job_id}")
+        if entry.server_sha256 is not None and entry.server_size is not None:
+            ensure_sole_link(
+                Path(entry.final_path), Facts(entry.server_sha256, entry.server_size), ctx.beat
+            )
 
 
-def archive(path: Path, site: Site) -> Path | None:
-    """Move a processed report to D/_archive/ under a unique name."""
+def _remove_staged(site: Site, staged_path: str | None, validated: Identity) -> None:
+    if staged_path is None:
+        return
     try:
-        return move_unique(path, site.folder / ARCHIVE_DIR)
+        relative = PurePosixPath(Path(staged_path).relative_to(site.folder))
+        with open_beneath(site.folder, relative) as (dir_fd, fd, name):
+            if Identity.of(os.fstat(fd)) == validated:
+                os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return
+    except (ValueError, UnsafePath, OSError) as exc:
+        log.warning("staged.not_removed", staged=staged_path, reason=str(exc))
+
+
+def archive(path: Path, site: Site) -> str | None:
+    """Move a processed report to D/_archive/ under a unique name; why not, if it cannot be."""
+    try:
+        move_unique(path, site.folder / ARCHIVE_DIR)
     except FileNotFoundError:
         return None  # a concurrent worker archived it already
+    except (UnsafePath, OSError) as exc:
+        log.error(
+            "report.cannot_archive", report=str(path), reason=str(exc), action="left in place"
+        )
+        return f"cannot be archived: {exc}"
+    return None
 
 
 def reject(ctx: Context, path: Path, folder: Path, reason: str) -> Result:
     """Move a report to FOLDER/_rejected/ with NAME.reason.txt beside it (SPEC §3)."""
     name = _name(ctx, path)
-    log.warning("report.rejected", report=name, reason=reason)
     try:
-        target = move_unique(path, folder / REJECTED_DIR)
+        reject_into(path, folder, name, reason)
     except FileNotFoundError:
         return Result(Outcome.GONE, path)
-    _write_reason(target, name, reason)
+    except (UnsafePath, OSError) as exc:
+        log.error(
+            "report.cannot_reject",
+            report=name,
+            reason=reason,
+            error=str(exc),
+            action="left in place; retried once it changes",
+        )
+        return Result(Outcome.PARKED, path, reason, left_in_place=f"cannot be rejected: {exc}")
+    log.warning("report.rejected", report=name, reason=reason)
     return Result(Outcome.REJECTED, path, reason)
 
 
-def _write_reason(target: Path, name: str, reason: str) -> None:
-    text = f"{name} was rejected: {reason}\n"
-    with open_dir(target.parent) as dir_fd:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(f"{target.name}.reason.txt", flags, 0o644, dir_fd=dir_fd)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-
-
 def _name(ctx: Context, path: Path) -> str:
-    """The report's path relative to the deposit root: what operators see and search for."""
+    """The report's path relative to the deposit root, as safe text: what operators search."""
     try:
-        return str(path.relative_to(ctx.registry.root))
+        return display_name(str(path.relative_to(ctx.registry.root)))
     except ValueError:
-        return str(path)
+        return display_name(str(path))
 
 
 def job_label(site: Site, job_id: int) -> str:

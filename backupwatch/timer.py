@@ -17,6 +17,7 @@ from datetime import datetime, timedelta
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
+from backupwatch.outage import OutageLog
 from backupwatch.store import ExpectedBackupJob, Store
 
 log = structlog.get_logger(__name__)
@@ -42,8 +43,10 @@ class MissingTimer:
         clock: Callable[[], datetime],
         max_age: timedelta,
         site_busy: Callable[[ExpectedBackupJob], bool] | None = None,
+        outage: OutageLog | None = None,
     ) -> None:
         self.store = store
+        self.outage = outage or OutageLog()
         self.clock = clock
         self.max_age = max_age
         self.site_busy = site_busy or (lambda _job: False)
@@ -124,8 +127,9 @@ class MissingTimer:
                 now = self.clock()
                 self.run_once(now)
                 delay = self.seconds_until_next(now)
+                self.outage.ok()
             except SQLAlchemyError as exc:
-                log.error("timer.database_error", error=str(exc))
+                self.outage.failed(exc, loop="missing-timer")
                 delay = ERROR_BACKOFF
             except Exception:
                 # A dead timer would never flag MISSING again: log, back off, go on.

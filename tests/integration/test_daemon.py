@@ -146,8 +146,9 @@ def test_new_site_folder_is_watched_without_restart(make_daemon: MakeDaemon) -> 
 
 def test_bad_report_is_rejected_and_the_daemon_goes_on(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
-    daemon.start()
     site = daemon.deposit / AGENT
+    site.mkdir(parents=True)  # watched from the start: the rename into place is seen
+    daemon.start()
     outside = daemon.base / "outside.txt"
     outside.write_text("do not touch")
 

@@ -13,7 +13,6 @@ import os
 import shutil
 import socket
 import stat
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -28,16 +27,19 @@ from sqlalchemy import func, select
 from support import World, database, drop, job_block, report, stage, utc
 
 import backupwatch.pipeline as pipeline
+import backupwatch.promotion as promotion
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.pipeline import (
     Outcome,
     Result,
+    Settled,
     StagedFacts,
     agent_verdict,
     decide,
     file_verdict,
     process_path,
 )
+from backupwatch.readiness import Wait, Writer
 from backupwatch.report import DatabaseReport
 from backupwatch.store import BackupEntry, ProcessedReport, Store
 
@@ -438,21 +440,36 @@ def test_report_behind_a_symlinked_log_folder_is_not_touched(
     assert not (site / "_rejected").exists()
 
 
-def test_not_yet_valid_json_is_retried_while_its_writer_may_be_at_work(
-    w: World, site: Path
-) -> None:
+class WriterOpen(Settled):
+    """The daemon saw the report created and no close yet."""
+
+    def writer(self, path: Path) -> Writer:
+        return Writer(open=True)
+
+
+def test_not_yet_valid_json_waits_while_its_writer_holds_it_open(w: World, site: Path) -> None:
     data = json.dumps(sales_report()).encode()
     path = site / "STATUS.json"
     stage(site, "STATUS.json", data[:100])
+    w.ctx.observer = WriterOpen()
 
-    result = process_path(w.ctx, path, NOW, may_retry=True)
+    result = process_path(w.ctx, path, NOW)
 
-    assert result.outcome is Outcome.RETRY
+    assert result.outcome is Outcome.WAIT
+    assert result.wait == Wait(None, "its writer still holds it open")  # only an event ends it
     assert path.read_bytes() == data[:100]
     assert not (site / "_rejected").exists()
     stage(site, "STATUS.json", b'{"databases": {}}')  # complete JSON: schema errors are final
-    result = process_path(w.ctx, path, NOW, may_retry=True)
+    result = process_path(w.ctx, path, NOW)
     assert result.outcome is Outcome.REJECTED
+
+
+def test_not_json_is_rejected_once_its_writer_is_done(w: World, site: Path) -> None:
+    path = stage(site, "STATUS.json", b'{"operation_timestamp": ')
+    result = process_path(w.ctx, path, NOW)  # Settled: closed long ago, unchanged since
+    assert result.outcome is Outcome.REJECTED
+    assert result.reason is not None
+    assert result.reason.startswith("not valid JSON")
 
 
 # ====================================================================== staged files (§5)
@@ -640,9 +657,10 @@ def test_unreadable_staged_file_fails_only_its_database(
     assert result.outcome is Outcome.ACCEPTED
     sales, hr = w.history(SALES), w.history(HR)
     assert [e.status for e in sales] == [BackupEntryStatus.TRANSFER_INTEGRITY_FAILED]
-    assert (
-        sales[0].message == f"staged file {STAGED}: not readable by the server: Permission denied"
+    assert sales[0].message.startswith(
+        f"staged file {STAGED}: it cannot be read by the daemon's user (owner uid 0"
     )
+    assert "Agents' upload accounts" in sales[0].message  # what to fix, and where to read how
     assert [e.status for e in hr] == [BackupEntryStatus.SUCCESS]
     assert (site / STAGED).exists()
 
@@ -742,19 +760,6 @@ def test_a_symlink_in_final_storage_is_refused(w: World, site: Path, tmp_path: P
     assert victim.stat().st_nlink == 1
 
 
-@pytest.fixture
-def other_filesystem(tmp_path: Path) -> Iterator[Path]:
-    if not Path("/dev/shm").is_dir():
-        pytest.skip("no /dev/shm here to put final storage on another filesystem")
-    folder = Path(tempfile.mkdtemp(prefix="backupwatch-test-", dir="/dev/shm"))
-    try:
-        if folder.stat().st_dev == tmp_path.stat().st_dev:
-            pytest.skip("/dev/shm is on the same filesystem as tmp_path: no EXDEV to test")
-        yield folder
-    finally:
-        shutil.rmtree(folder)
-
-
 def test_across_filesystems_the_copy_is_verified_and_staged_removed_after_commit(
     tmp_path: Path, database_url: str, other_filesystem: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -791,14 +796,14 @@ def test_across_filesystems_a_file_changed_during_the_copy_is_not_promoted(
     w = world(tmp_path, database_url, validated_backups_base_path=str(other_filesystem))
     site = w.site(AGENT)
     staged = stage(site, STAGED, DUMP)
-    real_copy = pipeline.copy_verified
+    real_copy = promotion.copy_hashing
 
-    def rewrite_then_copy(*args: Any, **kwargs: Any) -> Path:
+    def rewrite_then_copy(*args: Any, **kwargs: Any) -> tuple[str, int]:
         with staged.open("r+b") as out:
             out.write(b"REWRITTEN")
         return real_copy(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "copy_verified", rewrite_then_copy)
+    monkeypatch.setattr(promotion, "copy_hashing", rewrite_then_copy)
 
     _result, entry = judge(w, site)
 
@@ -929,8 +934,10 @@ def test_crash_after_link_before_commit_reuses_the_final_name(
         return real_record(self, *args)
 
     monkeypatch.setattr(Store, "record_report", record_once)
+    monkeypatch.setattr(pipeline, "_undo", lambda _judged: None)  # a kill -9: no clean-up runs
     with pytest.raises(RuntimeError, match="power cut"):
         w.process(path, NOW)
+    monkeypatch.undo()
     assert final.stat().st_nlink == 2  # linked, not yet committed
     assert staged.exists()
     assert path.exists()
@@ -967,14 +974,19 @@ def test_cleanup_never_follows_a_symlink_swapped_in_after_the_commit(
     os.link(final, bait)
     (site / top).symlink_to(outside, target_is_directory=True)
     drop(site, data)
-    before = snapshot(tmp_path, site)
+    before = snapshot(tmp_path, site, w.validated, outside)
+    bait_before = bait.stat()
 
     result = w.process(path, NOW)
 
     assert result.outcome is Outcome.DUPLICATE
-    assert snapshot(tmp_path, site) == before
+    assert snapshot(tmp_path, site, w.validated, outside) == before
     assert bait.read_bytes() == DUMP
-    assert final.stat().st_nlink == 2
+    assert bait.stat().st_mtime_ns == bait_before.st_mtime_ns
+    # Issue 6 item 6: final storage keeps a verified copy of its own, reachable from nowhere else.
+    assert final.read_bytes() == DUMP
+    assert final.stat().st_nlink == 1
+    assert bait.stat().st_nlink == 1
     assert not path.exists()
     assert len(all_entries(w)) == 1
 

@@ -1,0 +1,282 @@
+"""The worker threads: each takes one report path at a time off the queue and runs the pipeline.
+
+No exception from one report may end a worker (an agent's symlinked `_rejected/` once killed
+them all and blinded the daemon for every site). What a worker does with each outcome:
+- WAIT: the report goes to `Waiting` until an event or its recheck time (SPEC §3, §5);
+- a database error: retried after a pause, logged through `OutageLog` (one line per outage);
+- an unexpected error: retried 2, 4, 8, 16 s later, then rejected with the error;
+- a report that cannot be archived or rejected (PARKED): logged, left in place, and not looked
+  at again until it, or its folder's `_rejected/` and `_archive/`, change.
+The pool replaces a worker that died or stays wedged on one report, and says so in `status`.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+
+from backupwatch.arrivals import Arrivals, Waiting
+from backupwatch.fsutil import Identity
+from backupwatch.outage import OutageLog
+from backupwatch.pipeline import Context, Outcome, Result, process_path, reject
+from backupwatch.sites import ARCHIVE_DIR, REJECTED_DIR
+from backupwatch.watcher import WorkQueue
+
+log = structlog.get_logger(__name__)
+
+DATABASE_BACKOFF = 5.0
+MAX_FAILURES = 5  # unexpected errors on one report before it is rejected with the error
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A report's file and its folder's two destinations, as they were when it was parked."""
+
+    report: tuple[int, int, int] | None
+    rejected: Identity | None
+    archive: Identity | None
+
+    @classmethod
+    def of(cls, path: Path, folder: Path) -> Snapshot:
+        return cls(
+            _file_state(path), _dir_state(folder / REJECTED_DIR), _dir_state(folder / ARCHIVE_DIR)
+        )
+
+
+def _file_state(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_ctime_ns)
+
+
+def _dir_state(path: Path) -> Identity | None:
+    try:
+        return Identity.of(os.lstat(path))
+    except OSError:
+        return None
+
+
+class ReportHandler:
+    """What a worker does with one path; shared by all workers (thread-safe)."""
+
+    def __init__(
+        self,
+        context: Callable[[], Context],
+        clock: Callable[[], datetime],
+        work: WorkQueue,
+        arrivals: Arrivals,
+        waiting: Waiting,
+        outage: OutageLog,
+    ) -> None:
+        self._context = context
+        self._clock = clock
+        self._queue = work
+        self._arrivals = arrivals
+        self._waiting = waiting
+        self._outage = outage
+        self._lock = threading.Lock()
+        self._failures: collections.Counter[Path] = collections.Counter()
+        self._parked: dict[Path, Snapshot] = {}
+        self.counters: collections.Counter[str] = collections.Counter()
+
+    def handle(self, path: Path) -> None:
+        """Never raises: every failure ends in a retry, a wait, a rejection or a parking."""
+        ctx = self._context()
+        if self._still_parked(ctx, path):
+            return
+        try:
+            result = process_path(ctx, path, self._clock())
+        except SQLAlchemyError as exc:
+            self._outage.failed(exc, report=str(path))
+            self._queue.put(path, DATABASE_BACKOFF)
+            return
+        except Exception as exc:
+            self._unexpected(ctx, path, exc)
+            return
+        self._outage.ok()
+        self._after(ctx, path, result)
+
+    def _after(self, ctx: Context, path: Path, result: Result) -> None:
+        with self._lock:
+            self._failures.pop(path, None)
+            self.counters[result.outcome.value] += 1
+            self.counters["unexpected_databases"] += len(result.unexpected)
+            self.counters["not_relevant_databases"] += len(result.not_relevant)
+        if result.outcome is Outcome.WAIT:
+            assert result.wait is not None
+            folder = self._folder(ctx, path)
+            self._waiting.park(path, folder, result.wait.recheck_in, result.wait.why)
+            return
+        self._waiting.remove(path)
+        self._arrivals.done(path)
+        if result.outcome is Outcome.PARKED or result.left_in_place:
+            self._park(ctx, path, result.left_in_place or result.reason or "")
+
+    def _unexpected(self, ctx: Context, path: Path, exc: Exception) -> None:
+        with self._lock:
+            self._failures[path] += 1
+            attempts = self._failures[path]
+        log.exception("worker.internal_error", report=str(path), attempt=attempts)
+        if attempts < MAX_FAILURES:
+            self._queue.put(path, float(2**attempts))
+            return
+        with self._lock:
+            self._failures.pop(path, None)
+        try:
+            result = reject(ctx, path, self._folder(ctx, path), f"internal error: {exc!r}")
+        except Exception:  # even the rejection failed: leave it where it is, said so
+            log.exception("worker.cannot_reject", report=str(path))
+            self._park(ctx, path, "internal error, and it could not be rejected")
+            return
+        self._after(ctx, path, result)
+
+    def _folder(self, ctx: Context, path: Path) -> Path:
+        site = ctx.registry.classify(path).site
+        return site.folder if site is not None else path.parent
+
+    def _park(self, ctx: Context, path: Path, why: str) -> None:
+        snapshot = Snapshot.of(path, self._folder(ctx, path))
+        if snapshot.report is None:
+            return
+        with self._lock:
+            self._parked[path] = snapshot
+        log.warning("report.left_in_place", report=str(path), reason=why)
+
+    def _still_parked(self, ctx: Context, path: Path) -> bool:
+        """A parked report is skipped until it or its folder's destinations change."""
+        with self._lock:
+            snapshot = self._parked.get(path)
+        if snapshot is None:
+            return False
+        if Snapshot.of(path, self._folder(ctx, path)) == snapshot:
+            return True
+        with self._lock:
+            self._parked.pop(path, None)
+        return False
+
+    def parked(self) -> list[str]:
+        with self._lock:
+            return sorted(str(p) for p in self._parked)
+
+
+@dataclass
+class Worker:
+    thread: threading.Thread
+    heartbeat: float = field(default_factory=time.monotonic)  # each loop pass and progress beat
+    current: Path | None = None  # the report in hand
+    retired: str | None = None  # why it was replaced: "died" or "wedged on …"
+
+
+class WorkerPool:
+    """`size` workers; a dead or wedged one is replaced so that other sites keep flowing."""
+
+    def __init__(self, work: WorkQueue, handler: ReportHandler, size: int) -> None:
+        self._queue = work
+        self._handler = handler
+        self._size = size
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self.workers: list[Worker] = []
+        self._by_thread: dict[int, Worker] = {}
+        self._serial = 0
+
+    def start(self) -> None:
+        for _ in range(self._size):
+            self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._serial += 1
+            name = f"worker-{self._serial}"
+        # daemon=True: a report still in hand at the stop deadline (a huge file being hashed)
+        # is abandoned, not waited for; it stays in place and is done at the next start.
+        thread = threading.Thread(target=self._run, name=name, daemon=True)
+        worker = Worker(thread)
+        with self._lock:
+            self.workers.append(worker)
+        thread.start()
+
+    def _run(self) -> None:
+        worker = self._current_worker()
+        while not self._stopping.is_set() and worker.retired is None:
+            worker.heartbeat = time.monotonic()
+            path = self._queue.get(timeout=1.0)
+            if path is None:
+                continue
+            worker.current = path
+            try:
+                self._handler.handle(path)
+            except BaseException:  # handle() never raises; this is the last line of defence
+                log.exception("worker.failed", report=str(path))
+            finally:
+                worker.current = None
+                self._queue.done(path)
+
+    def _current_worker(self) -> Worker:
+        ident = threading.get_ident()
+        with self._lock:
+            worker = next(w for w in self.workers if w.thread.ident == ident)
+            self._by_thread[ident] = worker
+            return worker
+
+    def beat(self) -> None:
+        """Progress from inside long work (hashing, copying): this worker is alive."""
+        worker = self._by_thread.get(threading.get_ident())
+        if worker is not None:
+            worker.heartbeat = time.monotonic()
+
+    def supervise(self, stale_after: float) -> None:
+        """Replace workers that died or have sat on one report longer than `stale_after`."""
+        now = time.monotonic()
+        for worker in self.active():
+            if not worker.thread.is_alive():
+                worker.retired = "died"
+            elif worker.current is not None and now - worker.heartbeat > stale_after:
+                worker.retired = f"wedged on {worker.current} for {now - worker.heartbeat:.0f} s"
+            else:
+                continue
+            log.error("worker.replaced", worker=worker.thread.name, reason=worker.retired)
+            self._spawn()
+
+    def active(self) -> list[Worker]:
+        with self._lock:
+            return [w for w in self.workers if w.retired is None]
+
+    def retired(self) -> list[Worker]:
+        with self._lock:
+            return [w for w in self.workers if w.retired is not None]
+
+    def healthy(self, stale_after: float) -> bool:
+        """Every active worker alive and recently seen, and no replaced worker still stuck.
+
+        A wedged worker is replaced at once, so that other sites keep flowing, but the daemon
+        stays unhealthy (no systemd watchdog ping) while the wedged thread has not come back:
+        a worker stuck on a local file means something is wrong with the daemon or the host,
+        and a restart is the remedy systemd applies.
+        """
+        now = time.monotonic()
+        stuck = any(w.thread.is_alive() for w in self.retired())
+        active = self.active()
+        fresh = all(w.thread.is_alive() and now - w.heartbeat < stale_after for w in active)
+        return bool(active) and fresh and not stuck
+
+    def in_hand(self) -> list[str]:
+        return [str(w.current) for w in self.active() if w.current is not None]
+
+    def join(self, deadline: float) -> None:
+        for worker in list(self.workers):
+            worker.thread.join(max(0.0, deadline - time.monotonic()))
