@@ -204,14 +204,15 @@ class WorkerPool:
             name = f"worker-{self._serial}"
         # daemon=True: a report still in hand at the stop deadline (a huge file being hashed)
         # is abandoned, not waited for; it stays in place and is done at the next start.
-        thread = threading.Thread(target=self._run, name=name, daemon=True)
-        worker = Worker(thread)
+        worker = Worker(threading.Thread(name=name, daemon=True))
+        worker.thread = threading.Thread(target=self._run, args=(worker,), name=name, daemon=True)
         with self._lock:
             self.workers.append(worker)
-        thread.start()
+        worker.thread.start()
 
-    def _run(self) -> None:
-        worker = self._current_worker()
+    def _run(self, worker: Worker) -> None:
+        with self._lock:
+            self._by_thread[threading.get_ident()] = worker  # idents are reused: set, not looked up
         while not self._stopping.is_set() and worker.retired is None:
             worker.heartbeat = time.monotonic()
             path = self._queue.get(timeout=1.0)
@@ -225,13 +226,6 @@ class WorkerPool:
             finally:
                 worker.current = None
                 self._queue.done(path)
-
-    def _current_worker(self) -> Worker:
-        ident = threading.get_ident()
-        with self._lock:
-            worker = next(w for w in self.workers if w.thread.ident == ident)
-            self._by_thread[ident] = worker
-            return worker
 
     def beat(self) -> None:
         """Progress from inside long work (hashing, copying): this worker is alive."""
