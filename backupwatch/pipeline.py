@@ -46,7 +46,6 @@ from backupwatch.report import (
     check_freshness,
     parse_report,
 )
-from backupwatch.schedule import cycle_for
 from backupwatch.sites import ARCHIVE_DIR, REJECTED_DIR, JobRef, PathKind, Registry, Site
 from backupwatch.store import ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
 
@@ -174,6 +173,7 @@ def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registr
             schedule=job.schedule,
             fields=job.fields,
             final_storage_path_template=job.final_storage_path_template,
+            previous=job.previous_eras,
         )
         entries.append((PurePosixPath(job.deposit_path), ref))
     return Registry.build(settings.backup_storage_root, entries)
@@ -273,7 +273,7 @@ def _record(
                 "report.database_unexpected", site=site.name, report=name, database=database_name
             )
             continue
-        cycle = cycle_for(job.schedule, report.operation_timestamp)
+        cycle = job.cycle_for(report.operation_timestamp)
         if cycle is None:
             result.not_relevant.append(database_name)
             log.info(
