@@ -60,14 +60,7 @@ from backupwatch.report import (
     accept_report,
     size_problem,
 )
-from backupwatch.schedule import cycle_for
-from backupwatch.sites import (
-    ARCHIVE_DIR,
-    JobRef,
-    PathKind,
-    Registry,
-    Site,
-)
+from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
 from backupwatch.store import ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
 from backupwatch.verdict import (
     UNCHANGED_WARNING,
@@ -177,6 +170,7 @@ def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registr
             schedule=job.schedule,
             fields=job.fields,
             final_storage_path_template=job.final_storage_path_template,
+            previous=job.previous_eras,
         )
         entries.append((PurePosixPath(job.deposit_path), ref))
     return Registry.build(settings.backup_storage_root, entries)
@@ -321,7 +315,7 @@ def _assign(site: Site, report: StatusReport, name: str, result: Result) -> list
                 "report.database_unexpected", site=site.name, report=name, database=database_name
             )
             continue
-        cycle = cycle_for(job.schedule, report.operation_timestamp)
+        cycle = job.cycle_for(report.operation_timestamp)
         if cycle is None:
             result.not_relevant.append(database_name)
             log.info(

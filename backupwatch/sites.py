@@ -11,8 +11,10 @@ import enum
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path, PurePosixPath
 
+from backupwatch.missing import Era, assign_cycle
 from backupwatch.schedule import Schedule
 
 ARCHIVE_DIR = "_archive"
@@ -32,6 +34,11 @@ class JobRef:
     schedule: Schedule
     fields: Mapping[str, str]
     final_storage_path_template: str
+    previous: tuple[Era, ...] = ()  # replaced schedules whose cycles are still owed
+
+    def cycle_for(self, t: datetime) -> datetime | None:
+        """The cycle a report made at t belongs to (`missing.assign_cycle`), or None."""
+        return assign_cycle(self.schedule, self.previous, t)
 
 
 @dataclass(frozen=True)

@@ -9,12 +9,13 @@ several daemons sharing one database never flag the same cycle twice.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import structlog
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -50,7 +51,22 @@ from sqlalchemy.types import TypeDecorator
 
 from backupwatch.enums import WEEKDAYS, BackupEntryStatus, BackupFrequency, JobStatus
 from backupwatch.jobs import JobSpec
-from backupwatch.schedule import Schedule, deadline, due_cycles, next_cycle_at_or_after
+from backupwatch.missing import (
+    Change,
+    Cursor,
+    Due,
+    Era,
+    Timeline,
+    change_schedule,
+    describe,
+    eras_from_json,
+    eras_to_json,
+    fresh_cursor,
+    settle,
+)
+from backupwatch.schedule import Schedule
+
+log = structlog.get_logger(__name__)
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -122,6 +138,10 @@ class ExpectedBackupJob(Base):
     # The timer's cursor: the earliest cycle not yet settled, and its deadline (indexed).
     next_cycle_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_deadline_at: Mapped[datetime | None] = mapped_column(UTCDateTime, index=True)
+    # Replaced schedules whose cycles are still owed (`missing.Era`, as JSON) and when the current
+    # schedule took effect; both cleared by the timer step that settles those cycles.
+    previous_schedules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    schedule_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     @property
     def label(self) -> str:
@@ -140,6 +160,16 @@ class ExpectedBackupJob(Base):
             day_of_month=self.day_of_month,
             expected_date=self.expected_date,
             window=timedelta(minutes=self.window_minutes),
+        )
+
+    @property
+    def previous_eras(self) -> tuple[Era, ...]:
+        return eras_from_json(self.previous_schedules)
+
+    @property
+    def timeline(self) -> Timeline:
+        return Timeline(
+            self.schedule, self.activated_at, self.previous_eras, self.schedule_changed_at
         )
 
     @property
@@ -300,9 +330,12 @@ class Store:
         error means the row now exists, so one more pass (which updates it instead) settles it.
         """
         try:
-            return self._sync_once(specs, default_window_minutes, now)
+            result = self._sync_once(specs, default_window_minutes, now)
         except IntegrityError:
-            return self._sync_once(specs, default_window_minutes, now)
+            result = self._sync_once(specs, default_window_minutes, now)
+        for change in result.schedule_changes:
+            change.log()
+        return result
 
     def _sync_once(
         self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
@@ -318,7 +351,7 @@ class Store:
                 if job is None:
                     session.add(_new_job(spec, columns, now))
                     result.added += 1
-                elif _apply_spec(job, spec.active, columns, now):
+                elif _apply_spec(job, spec.active, columns, now, result.schedule_changes):
                     result.changed += 1
             for key, job in existing.items():
                 if key not in seen and job.active:
@@ -447,42 +480,63 @@ class Store:
             return list(session.scalars(query))
 
     def settle_job(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[datetime]:
-        """Flag every cycle of `job` whose deadline passed without an entry; return them.
+        """Flag every due cycle of `job` (`missing.settle`) that has no entry; return them.
 
-        The cursor moves by compare-and-swap: if another daemon moved it first, this one flags
-        nothing. The partial unique index makes a second MISSING impossible even so.
+        The cursor moves by compare-and-swap: if another daemon moved it first, or a sync changed
+        the job since it was read, this one flags nothing. The partial unique index makes a
+        second MISSING impossible even so.
         """
-        schedule = job.schedule
         start = job.next_cycle_at
         if start is None:
             return []
-        due = [c for c in _due_from(schedule, start, now, job.activated_at)]
-        upcoming = _first_pending(schedule, now, job.activated_at)
+        plan = settle(job.timeline, start, now, oldest)
         flagged: list[datetime] = []
         with self.session() as session:
-            moved = session.execute(
-                update(ExpectedBackupJob)
-                .where(
-                    ExpectedBackupJob.id == job.id,
-                    ExpectedBackupJob.next_cycle_at == start,
-                    ExpectedBackupJob.active.is_(True),
-                )
-                .values(
-                    next_cycle_at=upcoming,
-                    next_deadline_at=deadline(schedule, upcoming) if upcoming else None,
-                )
-            )
-            if moved.rowcount != 1:  # type: ignore[attr-defined]
+            if not self._move_cursor(session, job, start, plan.cursor):
                 return []
-            for cycle in due:
-                if deadline(schedule, cycle) < oldest:
-                    continue
-                if self._flag_missing(session, job, cycle, now):
-                    flagged.append(cycle)
+            for due in plan.due:
+                if self._flag_missing(session, job, due.cycle, now, due.message(job.agent_id)):
+                    flagged.append(due.cycle)
         return flagged
 
+    def _move_cursor(
+        self, session: Session, job: ExpectedBackupJob, start: datetime, cursor: Cursor
+    ) -> bool:
+        """The compare-and-swap: the cursor moves only from where this step read it.
+
+        The cursor alone is not enough: a sync in between (another daemon's reload) may have
+        changed the schedule or the owed eras this step planned from, and left the cursor on
+        the same instant; `updated_at` and `schedule_changed_at` catch that.
+        """
+        j = ExpectedBackupJob
+        changed_at = job.schedule_changed_at
+        moved = session.execute(
+            update(j)
+            .where(
+                j.id == job.id,
+                j.next_cycle_at == start,
+                j.schedule_changed_at.is_(None)
+                if changed_at is None
+                else j.schedule_changed_at == changed_at,
+                j.updated_at == job.updated_at,
+                j.active.is_(True),
+            )
+            .values(
+                next_cycle_at=cursor.cycle,
+                next_deadline_at=cursor.deadline,
+                previous_schedules=None,
+                schedule_changed_at=None,
+            )
+        )
+        return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
+
     def _flag_missing(
-        self, session: Session, job: ExpectedBackupJob, cycle: datetime, now: datetime
+        self,
+        session: Session,
+        job: ExpectedBackupJob,
+        cycle: datetime,
+        now: datetime,
+        message: str | None = None,
     ) -> bool:
         has_entry = session.scalar(
             select(BackupEntry.id)
@@ -491,11 +545,8 @@ class Store:
         )
         if has_entry is not None:
             return False
-        window = job.window_minutes
-        message = (
-            f"no report for the cycle of {cycle:%Y-%m-%d %H:%M}Z arrived before its deadline "
-            f"(window ±{window} min); check the agent of site {job.agent_id}"
-        )
+        if message is None:
+            message = Due(cycle, job.schedule).message(job.agent_id)
         statement = (
             self._insert(BackupEntry.__table__)
             .values(
@@ -541,6 +592,31 @@ class SyncResult:
     added: int = 0
     changed: int = 0
     deactivated: int = 0
+    schedule_changes: list[ScheduleChange] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleChange:
+    """One active job's schedule change, logged once the sync has committed."""
+
+    job: str
+    old: Schedule
+    changed_at: datetime
+    change: Change
+
+    def log(self) -> None:
+        """One line per change: what the catch-up still owes, and where counting resumes."""
+        first = self.change.first_cycle
+        level = log.warning if self.change.owed else log.info
+        level(
+            "job.schedule_changed",
+            job=self.job,
+            old=describe(self.old),
+            new=describe(self.change.timeline.schedule),
+            changed_at=self.changed_at.isoformat(),
+            owed=self.change.owed,
+            first_cycle=first.isoformat() if first else None,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -649,12 +725,16 @@ def _new_job(spec: JobSpec, columns: dict[str, Any], now: datetime) -> ExpectedB
         updated_at=now,
         **columns,
     )
-    _reset_cursor(job, now) if spec.active else _deactivate(job, now)
+    _start_fresh(job, now) if spec.active else _deactivate(job, now)
     return job
 
 
 def _apply_spec(
-    job: ExpectedBackupJob, active: bool, columns: dict[str, Any], now: datetime
+    job: ExpectedBackupJob,
+    active: bool,
+    columns: dict[str, Any],
+    now: datetime,
+    schedule_changes: list[ScheduleChange],
 ) -> bool:
     """Update `job` from its configured columns; True when anything changed. History is kept."""
     changed = {k for k, v in columns.items() if k != "config_source" and getattr(job, k) != v}
@@ -662,6 +742,7 @@ def _apply_spec(
     if not changed and active == job.active:
         job.config_source = columns["config_source"]
         return False
+    old, cursor = job.timeline, job.next_cycle_at
     for key, value in columns.items():
         setattr(job, key, value)
     job.updated_at = now
@@ -669,58 +750,32 @@ def _apply_spec(
         _deactivate(job, now)
     elif reactivated:
         job.active, job.activated_at, job.deactivated_at = True, now, None
-        _reset_cursor(job, now)
+        _start_fresh(job, now)
     elif changed & set(SCHEDULE_COLUMNS):
-        _reset_cursor(job, now, resume_from=_unsettled_since(job, now))
+        change = change_schedule(old, cursor, job.schedule, now)
+        _set_cursor(job, change.cursor, change.timeline)
+        schedule_changes.append(ScheduleChange(job.label, old.schedule, now, change))
     # A change of agent or paths alone counts as a change but keeps the timer's cursor.
     return True
 
 
 def _deactivate(job: ExpectedBackupJob, now: datetime) -> None:
+    """Inactive: never MISSING again (SPEC §2), so nothing is owed either."""
     job.active = False
     job.deactivated_at = now
-    job.next_cycle_at = None
-    job.next_deadline_at = None
+    _set_cursor(job, Cursor(None, None))
 
 
-def _unsettled_since(job: ExpectedBackupJob, now: datetime) -> datetime | None:
-    """Where the timer stopped, if deadlines passed unsettled (the daemon was down)."""
-    if job.next_deadline_at is not None and job.next_deadline_at <= now:
-        return job.next_cycle_at
-    return None
+def _start_fresh(job: ExpectedBackupJob, now: datetime) -> None:
+    """A job added or reactivated at `now`: its first deadline ahead, nothing owed."""
+    _set_cursor(job, fresh_cursor(Timeline(job.schedule, job.activated_at), now))
 
 
-def _reset_cursor(
-    job: ExpectedBackupJob, now: datetime, resume_from: datetime | None = None
-) -> None:
-    """Point the timer at the first cycle (at or after activation) whose deadline is ahead.
-
-    With `resume_from` (a schedule changed while the daemon was down), the cursor starts there
-    instead, so the new schedule's cycles that closed during the downtime are still flagged.
-    """
-    schedule = job.schedule
-    if resume_from is not None:
-        upcoming = next_cycle_at_or_after(schedule, max(job.activated_at, resume_from))
-    else:
-        upcoming = _first_pending(schedule, now, job.activated_at)
-    job.next_cycle_at = upcoming
-    job.next_deadline_at = deadline(schedule, upcoming) if upcoming else None
-
-
-def _first_pending(schedule: Schedule, now: datetime, activated_at: datetime) -> datetime | None:
-    """The earliest cycle >= activation whose deadline is still ahead of `now`."""
-    candidate = next_cycle_at_or_after(schedule, max(activated_at, now - schedule.window))
-    while candidate is not None and deadline(schedule, candidate) <= now:
-        candidate = next_cycle_at_or_after(schedule, candidate + timedelta(minutes=1))
-    return candidate
-
-
-def _due_from(
-    schedule: Schedule, start: datetime, now: datetime, activated_at: datetime
-) -> Iterable[datetime]:
-    """Cycles from the cursor on whose deadline has passed by `now`."""
-    after = deadline(schedule, start) - timedelta(microseconds=1)
-    return due_cycles(schedule, after, now, activated_at)
+def _set_cursor(job: ExpectedBackupJob, cursor: Cursor, timeline: Timeline | None = None) -> None:
+    """Write the timer's cursor and what is still owed (the eras of `timeline`; by default none)."""
+    job.next_cycle_at, job.next_deadline_at = cursor.cycle, cursor.deadline
+    job.previous_schedules = eras_to_json(timeline.previous) if timeline else None
+    job.schedule_changed_at = timeline.changed_at if timeline else None
 
 
 def _current_status() -> Any:

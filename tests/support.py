@@ -158,6 +158,19 @@ class World:
         world.ctx = Context(store, settings, build_registry(settings, store.active_jobs()))
         return world
 
+    def restart(self, jobs: str, now: datetime) -> None:
+        """Start again at `now` with `jobs` as the job file: sync, then a fresh registry.
+
+        The daemon's start sequence does the same before it processes the waiting reports.
+        """
+        (self.base / "jobs.d" / "jobs.toml").write_text(jobs)
+        self.store.sync_jobs(
+            load_jobs(self.settings), self.settings.scanner_report_collection_window_minutes, now
+        )
+        self.ctx = Context(
+            self.store, self.settings, build_registry(self.settings, self.store.active_jobs())
+        )
+
     @property
     def deposit(self) -> Path:
         return self.settings.backup_storage_root

@@ -682,21 +682,24 @@ def test_find_job_by_id_or_by_company_city_neighborhood_database(store: Store) -
     assert [j.label for j in store.all_jobs()] == [HR, SALES]
 
 
-def test_a_schedule_changed_while_the_daemon_was_down_still_flags_the_missed_cycles(
+def test_a_schedule_changed_while_the_daemon_was_down_flags_the_old_schedules_owed_cycles(
     store: Store,
 ) -> None:
-    """Down from before Tuesday's 14:00 deadline until Thursday; the hour changed meanwhile."""
+    """Down from before Tuesday's 14:00 deadline until Thursday 09:00; 13:00 became 06:00 meanwhile.
+
+    The change takes effect at the sync (Thursday 09:00): the 13:00 cycles whose deadline passed
+    before it are owed; the 06:00 schedule counts from its first cycle with a deadline after it.
+    """
     store.sync_jobs([spec()], 60, T0)
     back = utc(2026, 11, 26, 9, 0)
 
     store.sync_jobs([spec(expected_hour_utc=6)], 60, back)  # synced at start, before catch-up
     flagged = MissingTimer(store, lambda: back, MAX_AGE).run_once(back)
 
-    assert [f.cycle for f in flagged] == [
-        utc(2026, 11, 25, 6, 0),
-        utc(2026, 11, 26, 6, 0),
-    ]
-    assert job(store).next_cycle_at == utc(2026, 11, 27, 6, 0)
+    assert [f.cycle for f in flagged] == [utc(2026, 11, 24, 13, 0), utc(2026, 11, 25, 13, 0)]
+    after = job(store)
+    assert after.next_cycle_at == utc(2026, 11, 27, 6, 0)
+    assert (after.previous_schedules, after.schedule_changed_at) == (None, None)
 
 
 def test_a_schedule_changed_while_running_is_not_retroactive(store: Store) -> None:
