@@ -7,8 +7,6 @@ with the reason; in CI (CI=true) an unreachable server is a failure, never a sil
 
 from __future__ import annotations
 
-import functools
-import os
 import shutil
 import tempfile
 import uuid
@@ -17,29 +15,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from support import PG_URL
-
-
-@functools.cache
-def postgres_unavailable() -> str | None:
-    engine = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-    try:
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text("SELECT 1"))
-    except sqlalchemy.exc.OperationalError as exc:
-        return f"PostgreSQL unreachable at {PG_URL}: {str(exc).splitlines()[0]}"
-    finally:
-        engine.dispose()
-    return None
-
-
-def require_postgres() -> None:
-    reason = postgres_unavailable()
-    if reason is None:
-        return
-    if os.environ.get("CI"):
-        pytest.fail(f"{reason} (CI must run the PostgreSQL tests)")
-    pytest.skip(reason)
+from support import PG_URL, require_postgres
 
 
 @pytest.fixture

@@ -11,8 +11,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_postgres
-from support import TcpProxy, database, drop, job_block, report, stage, write_config
+from support import (
+    TcpProxy,
+    database,
+    drop,
+    job_block,
+    report,
+    require_postgres,
+    stage,
+    write_config,
+)
 
 from backupwatch import daemon as daemon_module
 from backupwatch import timer as timer_module
@@ -212,6 +220,7 @@ def test_one_agents_symlinked_rejected_folder_blinds_no_other_site(
     assert instance.tick() is True
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_worker_that_dies_is_replaced(daemon: Daemon, monkeypatch: pytest.MonkeyPatch) -> None:
     """Nothing escapes `handle`; a bug in the loop around it kills the thread anyway."""
     real_done = daemon.queue.done
