@@ -15,6 +15,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TextIO
 
+from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch import __version__
@@ -27,6 +28,7 @@ from backupwatch.timeutil import format_z, utc_now
 
 EXIT_OK, EXIT_ERROR, EXIT_DAEMON_DOWN = 0, 1, 3
 DEFAULT_MAX_BYTES = 1_048_576
+DEFAULT_HISTORY_LIMIT = 20
 
 
 class Ctl:
@@ -45,6 +47,10 @@ class Ctl:
 
     def print(self, text: str = "") -> None:
         print(text, file=self.out)
+
+    def line(self, text: str) -> None:
+        """A line that shows strings agents or reports chose: escaped, see `visible`."""
+        self.print(visible(text))
 
     def fail(self, text: str) -> None:
         print(f"backupwatchctl: {text}", file=self.err)
@@ -253,12 +259,19 @@ def cmd_history(ctl: Ctl) -> int:
     if store is None or job is None:
         ctl.fail(f"unknown job: {ctl.args.job} (give an id or company/city/neighborhood/database)")
         return EXIT_ERROR
-    entries = store.history(job.id, ctl.args.limit)
+    limit = ctl.args.limit or None
+    entries = store.history(job.id, limit)
+    total = _entry_count(store, job.id) if len(entries) == limit else len(entries)
     store.dispose()
+    left_out = None
+    if total > len(entries):
+        left_out = f"{len(entries)} of {total} entries shown; --limit N or --limit 0 for all"
     if ctl.args.json:
-        ctl.dump([_entry_json(e) for e in entries])
+        ctl.dump([_entry_json(e) for e in entries])  # SPEC §8: a plain list, so the note goes
+        if left_out:  # to stderr
+            ctl.fail(left_out)
         return EXIT_OK
-    ctl.print(f"{job.label} ({job.frequency.value}, agent {job.agent_id})")
+    ctl.line(f"{job.label} ({job.frequency.value}, agent {job.agent_id})")
     _table(
         ctl,
         ["CYCLE", "STATUS", "RECORDED", "REPORT", "MESSAGE"],
@@ -273,7 +286,15 @@ def cmd_history(ctl: Ctl) -> int:
             for e in entries
         ],
     )
+    if left_out:
+        ctl.print(left_out)
     return EXIT_OK
+
+
+def _entry_count(store: Store, job_id: int) -> int:
+    with store.reading() as session:
+        query = select(func.count()).select_from(BackupEntry).where(BackupEntry.job_id == job_id)
+        return session.scalar(query) or 0
 
 
 def _entry_json(entry: BackupEntry) -> dict[str, Any]:
@@ -306,10 +327,10 @@ def cmd_validate(ctl: Ctl) -> int:
     for name in ctl.args.files:
         reason = _validate_file(Path(name), max_bytes, max_age)
         if reason is None:
-            ctl.print(f"{name}: valid")
+            ctl.line(f"{name}: valid")
         else:
             failures += 1
-            ctl.print(f"{name}: invalid: {reason}")
+            ctl.line(f"{name}: invalid: {reason}")
     return EXIT_ERROR if failures else EXIT_OK
 
 
@@ -340,7 +361,23 @@ def cmd_check_config(ctl: Ctl) -> int:
 # ------------------------------------------------------------------ plumbing
 
 
+def visible(text: str) -> str:
+    """`text` with every character a terminal would not simply print shown as a Python escape.
+
+    Agents choose report names, file names and error messages; raw, an ANSI escape could
+    rewrite the operator's screen and a newline forge a line of its own. C0, DEL and C1
+    controls, line separators, bidi and other format characters, lone surrogates (from
+    undecodable file names) become `\\x1b`, `\\n`, `\\u202e`, `\\udcff`; printable text,
+    backslashes included, is left as it is. `--json` needs none of this: JSON escapes them.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def _table(ctl: Ctl, header: list[str], rows: list[list[str]]) -> None:
+    """Columns, one row a line; every cell escaped (see `visible`)."""
+    rows = [[visible(str(cell)) for cell in row] for row in rows]
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     for row in [header, *rows]:
         ctl.print(
@@ -378,14 +415,33 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("rescan", help="make the daemon scan the deposit folders now")
     jobs = commands.add_parser("jobs", help="the configured jobs")
     jobs.add_argument("--json", action="store_true")
-    history = commands.add_parser("history", help="a job's entries, newest first")
+    history = commands.add_parser(
+        "history",
+        help=f"a job's entries, newest first (the {DEFAULT_HISTORY_LIMIT} newest unless --limit)",
+    )
     history.add_argument("job", help="job id or company/city/neighborhood/database")
-    history.add_argument("--limit", type=int, default=20)
+    history.add_argument(
+        "--limit",
+        type=_limit,
+        default=DEFAULT_HISTORY_LIMIT,
+        metavar="N",
+        help=f"show the N newest entries (default: the {DEFAULT_HISTORY_LIMIT} newest; 0 for all)",
+    )
     history.add_argument("--json", action="store_true")
     validate = commands.add_parser("validate", help="check STATUS.json files offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
     commands.add_parser("check-config", help="check the configuration and job files")
     return parser
+
+
+def _limit(value: str) -> int:
+    try:
+        limit = int(value)
+    except ValueError:
+        limit = -1
+    if limit < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (0 for all), not {value!r}")
+    return limit
 
 
 def main(argv: Sequence[str] | None = None) -> int:

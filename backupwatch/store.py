@@ -276,14 +276,32 @@ def _configure_sqlite(engine: Engine) -> None:
             connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
+# The PostgreSQL advisory lock that serialises migrations: an arbitrary fixed 64-bit number (the
+# bytes of "bwmigrat"), hashed with the schema's name, so that installations (or test runs) in
+# other schemas of one database never wait for each other. Advisory locks are per database already.
+MIGRATION_LOCK_KEY = 0x62776D6967726174
+_TAKE_MIGRATION_LOCK = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(coalesce(current_schema(), ''), :key))"
+)
+
+
 def migrate(engine: Engine) -> None:
-    """Create or upgrade the schema to the newest Alembic revision (SPEC §6: done at start)."""
+    """Create or upgrade the schema to the newest Alembic revision (SPEC §6: done at start).
+
+    Two daemons of a failover pair start together: the migration runs in one transaction that
+    first takes a lock, so the second waits for the first to commit, then finds the schema at
+    head. On PostgreSQL the lock is an advisory one, released with the transaction; on SQLite it
+    is the write lock that `make_engine`'s BEGIN IMMEDIATE takes (this transaction must never
+    be READ_ONLY). Alembic reads the current revision after the lock, never before.
+    """
     from alembic import command
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
+        if connection.dialect.name == "postgresql":
+            connection.execute(_TAKE_MIGRATION_LOCK, {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
 

@@ -6,17 +6,22 @@ import json
 import os
 import signal
 import sqlite3
+import stat
+import subprocess
+import sys
 import time
 import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import alembic
 import pytest
 import sqlalchemy
 from conftest import Daemon, wait_for
 from support import PG_URL, database, drop, job_block, report, stage
 
+import backupwatch
 from backupwatch.control import call
 
 pytestmark = pytest.mark.integration
@@ -338,6 +343,37 @@ def test_postgres_connections_killed_under_the_daemon(
 
 
 NOBODY = 65534
+AS_NOBODY = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+
+
+def nobody_cannot_run_the_daemon() -> str | None:
+    """Why `nobody` cannot run this checkout's daemon, or None if it can.
+
+    The usual cause is a checkout (or its venv) under a folder that no other user may enter,
+    such as a home folder of mode 0700: `nobody` then cannot even start the venv's python."""
+    probe = subprocess.run(
+        [*AS_NOBODY, sys.executable, "-c", "import alembic.command, backupwatch.daemon"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return None
+    needed = [Path(sys.executable).parent]
+    needed += [Path(str(module.__file__)).parent for module in (backupwatch, alembic)]
+    closed = next((f for p in needed for f in [*reversed(p.parents), p] if _closed(f)), None)
+    if closed is None:
+        return f"nobody (uid {NOBODY}) cannot import backupwatch: {probe.stderr.strip()[-500:]}"
+    return (
+        f"nobody (uid {NOBODY}) cannot run this checkout's daemon: {closed} (mode "
+        f"{stat.S_IMODE(closed.stat().st_mode):04o}) lets no other user in; run the suite from "
+        f"a checkout and venv under folders others may enter, or `chmod o+x {closed}`"
+    )
+
+
+def _closed(folder: Path) -> bool:
+    return not folder.stat().st_mode & stat.S_IXOTH
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running the daemon as another user needs root")
@@ -348,6 +384,8 @@ def test_unprivileged_daemon_with_agent_owned_files(
     fs.protected_hardlinks=1 refuses link(2); promotion copies, archiving renames."""
     if Path("/proc/sys/fs/protected_hardlinks").read_text().strip() != "1":
         pytest.skip("fs.protected_hardlinks is not 1 here")
+    if reason := nobody_cannot_run_the_daemon():
+        pytest.skip(reason)
     base = short_dir / "tree"
     base.mkdir()
     os.chmod(short_dir, 0o755)
@@ -368,7 +406,7 @@ def test_unprivileged_daemon_with_agent_owned_files(
     os.chmod(staged, 0o644)  # owned by the "agent" (root here), readable, not writable
     os.chmod(staged.parent, 0o777)
 
-    daemon.start(as_user=["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"])
+    daemon.start(as_user=AS_NOBODY)
     drop(site, body)
 
     wait_for(lambda: statuses(daemon, SALES) == ["SUCCESS"], what="the SUCCESS entry")

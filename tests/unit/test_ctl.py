@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import json
+import unicodedata
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from support import database, job_block, report, utc, write_config
 
 from backupwatch import ctl
+from backupwatch.config import load_settings
+from backupwatch.enums import BackupEntryStatus
+from backupwatch.jobs import load_jobs
+from backupwatch.store import NewEntry, ProcessedReportRecord, Store
 from backupwatch.timeutil import utc_now
 
 JOBS = job_block("ACME", "Lyon", "Part-Dieu", "sales") + job_block(
     "Globex", "Paris", "La-Defense", "erp", frequency="WEEKLY", days_of_week=["MO", "FR"]
 )
+
+SALES = "ACME/Lyon/Part-Dieu/sales"
+T0 = utc(2026, 11, 24, 0, 0)
+NOTE = "entries shown; --limit N or --limit 0 for all"
 
 
 @pytest.fixture
@@ -144,3 +156,177 @@ def test_validate_oversize(
     code, out, _ = run(capsys, "--config", str(config), "validate", str(big))
     assert code == 1
     assert "over report_max_bytes" in out
+
+
+# --------------------------------------------------------------------------- history
+
+
+def record_entries(config: Path, messages: list[str], report_name: str = "STATUS.json") -> None:
+    """One FAILED entry per message, an hour apart, each from a report of its own."""
+    settings = load_settings(config, {})
+    store = Store(settings.database_url)
+    try:
+        store.migrate()
+        store.sync_jobs(load_jobs(settings), 60, T0)
+        job = store.find_job(SALES)
+        assert job is not None
+        for n, message in enumerate(messages):
+            sha, at = f"{n:064x}", T0 + timedelta(hours=n)
+            entry = NewEntry(
+                job.id, at, BackupEntryStatus.FAILED, message, report_name, report_sha256=sha
+            )
+            store.record_report(
+                ProcessedReportRecord(sha, "ACME_Lyon_Part-Dieu", report_name, "accepted"),
+                [entry],
+                at,
+            )
+    finally:
+        store.dispose()
+
+
+def history_rows(out: str) -> list[str]:
+    """The table's rows: what follows the job line and the header."""
+    return [line for line in out.splitlines()[2:] if line and NOTE not in line]
+
+
+def test_history_shows_the_20_newest_and_says_how_many_were_left_out(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_entries(config, [f"failure {n}" for n in range(25)])
+
+    code, out, err = run(capsys, "--config", str(config), "history", SALES)
+
+    assert code == 0
+    rows = history_rows(out)
+    assert len(rows) == 20
+    assert "failure 24" in rows[0]
+    assert out.splitlines()[-1] == f"20 of 25 {NOTE}"
+    assert err == ""
+
+
+def test_history_limit_0_shows_every_entry(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_entries(config, [f"failure {n}" for n in range(25)])
+
+    code, out, _ = run(capsys, "--config", str(config), "history", SALES, "--limit", "0")
+
+    assert code == 0
+    assert len(history_rows(out)) == 25
+    assert NOTE not in out
+
+
+@pytest.mark.parametrize(("recorded", "limit"), [(20, "20"), (3, "20"), (25, "25")])
+def test_history_says_nothing_when_nothing_was_left_out(
+    config: Path, capsys: pytest.CaptureFixture[str], recorded: int, limit: str
+) -> None:
+    record_entries(config, [f"failure {n}" for n in range(recorded)])
+
+    _, out, err = run(capsys, "--config", str(config), "history", SALES, "--limit", limit)
+
+    assert len(history_rows(out)) == recorded
+    assert NOTE not in out + err
+
+
+def test_history_json_stays_a_plain_list_and_says_what_was_left_out_on_stderr(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_entries(config, [f"failure {n}" for n in range(25)])
+
+    code, out, err = run(capsys, "--config", str(config), "history", SALES, "--json")
+    _, everything, quiet = run(
+        capsys, "--config", str(config), "history", SALES, "--json", "--limit", "0"
+    )
+
+    assert code == 0
+    assert [e["message"] for e in json.loads(out)] == [f"failure {n}" for n in range(24, 4, -1)]
+    assert err == f"backupwatchctl: 20 of 25 {NOTE}\n"
+    assert len(json.loads(everything)) == 25
+    assert quiet == ""
+
+
+def test_history_help_says_the_default_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        ctl.main(["history", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the 20 newest" in text
+    assert "0 for all" in text
+
+
+def test_history_refuses_a_negative_limit(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        ctl.main(["history", SALES, "--limit", "-1"])
+    assert exit_.value.code == 2
+    assert "0 or more" in capsys.readouterr().err
+
+
+HOSTILE = "disk full\x1b[2J\x1b]0;owned\x07\nSUCCESS  all good\r\x9b31m\x7f"
+
+
+def test_history_escapes_what_agents_wrote_and_json_keeps_it_exact(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record_entries(config, [HOSTILE], report_name="STATUS\n\x1b[31m.json")
+
+    _, out, _ = run(capsys, "--config", str(config), "history", SALES)
+    _, as_json, _ = run(capsys, "--config", str(config), "history", SALES, "--json")
+
+    (row,) = history_rows(out)
+    assert "disk full\\x1b[2J\\x1b]0;owned\\x07\\nSUCCESS  all good\\r\\x9b31m\\x7f" in row
+    assert "STATUS\\n\\x1b[31m.json" in row
+    assert not any(unicodedata.category(c) == "Cc" for c in out.replace("\n", ""))
+    (entry,) = json.loads(as_json)
+    assert entry["message"] == HOSTILE
+    assert entry["report"] == "STATUS\n\x1b[31m.json"
+
+
+def test_validate_escapes_file_names_and_reasons(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hostile = tmp_path / "STATUS\x1b[2J\n.json"
+    hostile.write_text('{"agent_id": "\\u001b[31mx", "databases": 1}')
+
+    code, out, _ = run(capsys, "--config", str(tmp_path / "none.toml"), "validate", str(hostile))
+
+    assert code == 1
+    assert len(out.splitlines()) == 1
+    assert "STATUS\\x1b[2J\\n.json: invalid: " in out
+    assert not any(unicodedata.category(c) == "Cc" for c in out.replace("\n", ""))
+
+
+# --------------------------------------------------------------------------- visible()
+
+CONTROL = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)}
+
+
+@given(st.text(alphabet=st.characters(codec=None)))
+def test_visible_output_holds_no_control_character(text: str) -> None:
+    shown = ctl.visible(text)
+    assert not any(ord(c) in CONTROL for c in shown)
+    assert shown.isprintable()
+    shown.encode("utf-8")  # lone surrogates (from undecodable file names) are escaped too
+
+
+@given(
+    st.text(alphabet=st.characters(blacklist_categories=["Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"]))
+)
+def test_visible_keeps_printable_text_unchanged(text: str) -> None:
+    text = "".join(c for c in text if c.isprintable())
+    assert ctl.visible(text) == text
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        ("a\nb", "a\\nb"),
+        ("\x1b[31m", "\\x1b[31m"),
+        ("tab\there", "tab\\there"),
+        ("\x9b", "\\x9b"),
+        ("\x7f", "\\x7f"),
+        ("\u202eevil", "\\u202eevil"),
+        ("\udcff.gz", "\\udcff.gz"),
+        ("Zürich  ä/ü C:\\dumps", "Zürich  ä/ü C:\\dumps"),
+    ],
+)
+def test_visible_examples(raw: str, shown: str) -> None:
+    assert ctl.visible(raw) == shown

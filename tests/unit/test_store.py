@@ -7,6 +7,8 @@ MISSING is driven through `MissingTimer.run_once`, the very step the daemon runs
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from datetime import date, datetime, timedelta
@@ -19,12 +21,13 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import func, inspect, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from support import utc
 
 from backupwatch.enums import BackupEntryStatus, BackupFrequency, JobStatus
 from backupwatch.jobs import JobSpec
 from backupwatch.store import (
+    MIGRATION_LOCK_KEY,
     MIGRATIONS_DIR,
     BackupEntry,
     Base,
@@ -162,6 +165,91 @@ def test_migrate_creates_the_schema_and_is_idempotent(database_url: str) -> None
         assert job(store).activated_at == T0
     finally:
         store.dispose()
+
+
+# A daemon's start, up to its migration: imported, connected, then held until every process is
+# ready, so that all of them reach `migrate()` together (what two daemons of a failover pair do).
+MIGRATING_PROCESS = """
+import sys
+import alembic.command
+from backupwatch.store import Store
+store = Store(sys.argv[1])
+with store.engine.connect():
+    pass
+print("ready", flush=True)
+sys.stdin.readline()
+store.migrate()
+store.dispose()
+"""
+
+
+def migrate_in_processes(url: str, count: int) -> list[str]:
+    """`count` real processes migrating one fresh database at the same moment; the stderr of
+    each one that failed."""
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", MIGRATING_PROCESS, url],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    for process in processes:
+        assert process.stdout is not None
+        assert process.stdout.readline() == "ready\n", process.communicate(timeout=30)[1]
+    for process in processes:
+        assert process.stdin is not None
+        process.stdin.write("go\n")  # the barrier: every process is imported and connected
+        process.stdin.flush()
+    outcomes = [(p.communicate(timeout=120)[1], p.returncode) for p in processes]
+    return [stderr for stderr, code in outcomes if code != 0]
+
+
+def test_processes_migrating_a_fresh_database_together_all_succeed(database_url: str) -> None:
+    """Issue 11: the second daemon of a pair died on CREATE TABLE alembic_version. Each must wait
+    for the one migrating, then find the schema at head."""
+    failures = migrate_in_processes(database_url, count=4)
+
+    assert not failures, "\n".join(failures)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    head = ScriptDirectory.from_config(config).get_current_head()
+    store = Store(database_url)
+    try:
+        with store.engine.connect() as connection:
+            versions = connection.execute(text("SELECT version_num FROM alembic_version"))
+            assert [row[0] for row in versions] == [head]
+    finally:
+        store.dispose()
+
+
+def test_a_migration_waits_for_the_lock_of_its_own_schema_only(postgres_url: str) -> None:
+    """Installations (and test runs) in other schemas of one database never wait for each
+    other. The lock is held throughout; lock_timeout turns a wait into an error."""
+    other_schema = f"{postgres_url.rpartition('%3D')[2]}_other"
+    other_url = f"{postgres_url.rpartition('%3D')[0]}%3D{other_schema}"
+    holder = Store(postgres_url)
+    with holder.engine.begin() as connection:
+        connection.execute(text(f"CREATE SCHEMA {other_schema}"))
+    try:
+        with holder.engine.begin() as connection:
+            connection.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(current_schema(), :key))"),
+                {"key": MIGRATION_LOCK_KEY},
+            )
+            other = Store(f"{other_url}%20-clock_timeout%3D10s")
+            other.migrate()  # not blocked
+            other.dispose()
+            same = Store(f"{postgres_url}%20-clock_timeout%3D200ms")
+            with pytest.raises(OperationalError, match="lock timeout"):
+                same.migrate()
+            same.dispose()
+    finally:
+        with holder.engine.begin() as connection:
+            connection.execute(text(f"DROP SCHEMA {other_schema} CASCADE"))
+        holder.dispose()
 
 
 def test_orm_metadata_matches_the_migrated_schema(store: Store) -> None:
