@@ -19,7 +19,7 @@ import alembic
 import pytest
 import sqlalchemy
 from conftest import Daemon, wait_for
-from support import PG_URL, database, drop, job_block, report, stage
+from support import PG_URL, TcpProxy, database, drop, job_block, report, stage
 
 import backupwatch
 from backupwatch.control import call
@@ -340,6 +340,37 @@ def test_postgres_connections_killed_under_the_daemon(
     assert (site / "_archive" / "second.json").exists()
     assert daemon.process.poll() is None  # type: ignore[union-attr]
     assert daemon.stop() == 0
+
+
+def test_a_database_outage_is_logged_once_and_nothing_is_lost(
+    make_daemon: MakeDaemon, postgres_url: str
+) -> None:
+    """Issue 11 item 10: every pending report logged an error every 5 s of an outage."""
+    proxy = TcpProxy(("127.0.0.1", 5432))
+    try:
+        daemon = make_daemon(proxy.url_for(postgres_url), hourly_jobs("sales"))
+        daemon.start()
+        site = daemon.deposit / AGENT
+        proxy.cut()
+        for index in range(10):
+            drop(site, good_report(site), f"during-{index}.json")
+        wait_for(
+            lambda: any(e.get("event") == "database.unreachable" for e in daemon.logs()),
+            what="the outage noticed",
+        )
+        time.sleep(6)  # what this test is about: the retries within the outage stay silent
+        proxy.restore()
+        wait_for(lambda: len(daemon.history(SALES)) == 10, timeout=30, what="all ten recorded")
+        events = [e.get("event") for e in daemon.logs()]
+        assert events.count("database.unreachable") == 1
+        assert events.count("database.back") == 1
+        assert "worker.database_error" not in events
+        assert sorted(p.name for p in (site / "_archive").iterdir()) == sorted(
+            f"during-{index}.json" for index in range(10)
+        )
+        assert daemon.stop() == 0
+    finally:
+        proxy.close()
 
 
 NOBODY = 65534

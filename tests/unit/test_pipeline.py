@@ -28,6 +28,7 @@ from support import World, database, drop, job_block, report, stage, utc
 
 import backupwatch.pipeline as pipeline
 import backupwatch.promotion as promotion
+from backupwatch.arrivals import Arrivals
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.pipeline import (
     Outcome,
@@ -470,6 +471,81 @@ def test_not_json_is_rejected_once_its_writer_is_done(w: World, site: Path) -> N
     assert result.outcome is Outcome.REJECTED
     assert result.reason is not None
     assert result.reason.startswith("not valid JSON")
+
+
+class UnobservedWriter(Settled):
+    """What the daemon knows of a file found at start: no writer seen; here just changed."""
+
+    def writer(self, path: Path) -> Writer:
+        return Writer.unobserved()
+
+    def unchanged_for(self, path: Path, st: os.stat_result) -> float:
+        return 0.0
+
+
+def test_a_report_nested_too_deeply_is_rejected_at_once(w: World, site: Path) -> None:
+    """Issue 11 item 9: 100,000-deep brackets gave ~6 s of tracebacks before the rejection."""
+    path = stage(site, "STATUS.json", b"[" * 100_000 + b"]" * 100_000)
+    w.ctx.observer = UnobservedWriter()  # even a report still settling: no wait for this one
+    result = process_path(w.ctx, path, NOW)
+    assert result.outcome is Outcome.REJECTED
+    assert result.reason == "JSON not accepted: nested too deeply"
+
+
+def test_a_not_json_report_with_a_future_mtime_waits_only_on_the_daemons_clock(
+    w: World, site: Path
+) -> None:
+    """Issue 11 item 7: an agent-set mtime in the future kept it 'being written' forever."""
+    path = stage(site, "STATUS.json", b"{ not json")
+    future = path.stat().st_mtime + 10 * 365 * 86400
+    os.utime(path, (future, future))
+    arrivals = Arrivals()
+    w.ctx.observer = arrivals
+
+    result = process_path(w.ctx, path, NOW)  # its ctime is now: settling starts now
+
+    assert result.outcome is Outcome.WAIT
+    assert result.wait is not None
+    assert result.wait.recheck_in is not None
+    assert result.wait.recheck_in <= w.ctx.settle
+    old = path.stat().st_ctime - w.ctx.settle - 1
+    assert arrivals.unchanged_for(path, os.stat_result((*path.stat()[:9], old))) > w.ctx.settle
+
+
+def test_a_report_whose_name_is_not_utf8_is_recorded_under_an_escaped_name(
+    w: World, site: Path
+) -> None:
+    """Issue 11 item 8: the commit failed on the surrogates, the worker died, and the staged
+    files stayed linked into final storage with no entry."""
+    stage(site, STAGED, DUMP)
+    name = os.fsdecode(b"STATUS-\xe9t\xe9.json")
+    path = drop(site, sales_report(), name)
+
+    result = process_path(w.ctx, path, NOW)
+
+    assert result.outcome is Outcome.ACCEPTED
+    (entry,) = all_entries(w)
+    assert entry.report_name == f"{AGENT}/STATUS-\\xe9t\\xe9.json"
+    assert entry.status is BackupEntryStatus.SUCCESS
+    assert os.listdir(os.fsencode(site / "_archive")) == [b"STATUS-\xe9t\xe9.json"]
+
+
+def test_names_near_name_max_are_archived_rejected_and_promoted(w: World, site: Path) -> None:
+    """Issue 11 item 8: names over ~244 bytes gave archive and reason names over NAME_MAX."""
+    long_staged = "database/" + "s" * 240 + ".sql.gz"
+    stage(site, long_staged, DUMP)
+    report_name = "R" * 245 + ".json"
+    body = report(AGENT, WHEN, {"sales": database(long_staged, DUMP)})
+    path = stage(site, report_name, json.dumps(body).encode())
+    assert process_path(w.ctx, path, NOW).outcome is Outcome.ACCEPTED
+    (entry,) = all_entries(w)
+    assert entry.final_path is not None
+    assert Path(entry.final_path).read_bytes() == DUMP
+    bad = stage(site, report_name, b"[1]")
+    assert process_path(w.ctx, bad, NOW).outcome is Outcome.REJECTED
+    (reason,) = (site / "_rejected").glob("*.reason.txt")
+    assert "top level must be a JSON object" in reason.read_text()
+    assert len(os.listdir(site / "_archive")) == 1
 
 
 # ====================================================================== staged files (§5)
