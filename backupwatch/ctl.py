@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from sqlalchemy import func, select
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch import __version__
 from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
 from backupwatch.control import ControlError, DaemonUnreachable, call
 from backupwatch.jobs import JobSpec, load_jobs
+from backupwatch.names import visible
 from backupwatch.report import ReportRejected, accept_report, size_problem
 from backupwatch.store import BackupEntry, JobView, Store
 from backupwatch.timeutil import format_z, utc_now
@@ -41,6 +43,7 @@ class Ctl:
         self.out = out or sys.stdout  # looked up now, not at import: callers may redirect it
         self.err = err or sys.stderr
         self.environ = dict(os.environ)
+        self.last_answer: dict[str, Any] = {}  # the daemon's answer to the last action
 
     def settings(self) -> Settings:
         return load_settings(default_config_path(self.args.config, self.environ), self.environ)
@@ -70,11 +73,15 @@ def cmd_status(ctl: Ctl) -> int:
         ctl.dump({"daemon": daemon, "jobs": [_view_json(v) for v in views]})
     else:
         ctl.print(_daemon_line(daemon))
+        for line in _daemon_details(daemon):
+            ctl.print(f"  {visible(line)}")
         _table(
             ctl,
             ["ID", "SITE", "DATABASE", "FREQUENCY", "STATUS", "LAST SUCCESS", "NEXT DEADLINE"],
             [_view_row(v) for v in views],
         )
+    for warning in _mismatches(settings, daemon):
+        ctl.fail(warning)
     if db_error:
         ctl.fail(f"cannot read the database: {db_error}")
     if problem:
@@ -85,15 +92,25 @@ def cmd_status(ctl: Ctl) -> int:
     return EXIT_ERROR if db_error else EXIT_OK
 
 
+_DAEMON_KEYS = (  # SPEC §8's four first, then what the daemon adds
+    "pid",
+    "version",
+    "uptime_s",
+    "pending_reports",
+    "state",
+    "phase",
+    "waiting_reports",
+    "left_in_place",
+    "replaced_workers",
+    "warnings",
+    "database",
+    "config_path",
+)
+
+
 def _daemon_status(settings: Settings) -> tuple[dict[str, Any], str | None]:
     """The daemon's own view, and a problem other than 'not running' (e.g. permission denied)."""
-    down = {
-        "running": False,
-        "pid": None,
-        "version": None,
-        "uptime_s": None,
-        "pending_reports": None,
-    }
+    down: dict[str, Any] = {"running": False, **dict.fromkeys(_DAEMON_KEYS[:4])}
     try:
         answer = call(settings.control_socket, "status", timeout=5.0)
     except DaemonUnreachable:
@@ -102,13 +119,59 @@ def _daemon_status(settings: Settings) -> tuple[dict[str, Any], str | None]:
         return down, f"cannot ask the daemon: {exc}"
     if not answer.get("ok"):
         return down, f"the daemon answered with an error: {answer.get('error')}"
-    return {
-        "running": True,
-        "pid": answer.get("pid"),
-        "version": answer.get("version"),
-        "uptime_s": answer.get("uptime_s"),
-        "pending_reports": answer.get("pending_reports"),
-    }, None
+    return {"running": True, **{key: answer.get(key) for key in _DAEMON_KEYS}}, None
+
+
+def _daemon_details(daemon: dict[str, Any]) -> list[str]:
+    """What the daemon holds that an operator should know: waits, reports it could not move,
+    replaced workers, and warnings about its limits."""
+    lines = [
+        f"{count} report(s) waiting: {why}"
+        for why, count in sorted((daemon.get("waiting_reports") or {}).items())
+    ]
+    lines += [
+        f"left in place (cannot be moved): {path}" for path in daemon.get("left_in_place") or []
+    ]
+    lines += [f"worker replaced: {why}" for why in daemon.get("replaced_workers") or []]
+    lines += [f"warning: {text}" for text in daemon.get("warnings") or []]
+    return lines
+
+
+def _mismatches(settings: Settings, daemon: dict[str, Any]) -> list[str]:
+    """Issue 6 item 9: a daemon that runs on another database or socket than the file names
+    (the operator changed a key that needs a restart) must not be silently misread."""
+    if daemon["running"]:
+        running, named = daemon.get("database"), shown_url(settings.database_url)
+        if running and running != named:
+            return [
+                f"the running daemon uses the database {running}, but {settings.config_path} "
+                f"now names {named}: restart it to apply (systemctl restart backupwatch); "
+                "the job states above come from the file's database"
+            ]
+        return []
+    return [
+        f"backupwatchd (pid {pid}) is running but does not answer on {settings.control_socket}: "
+        f"if control_socket was changed in {settings.config_path}, restart it to apply"
+        for pid in running_daemons()
+    ]
+
+
+def shown_url(url: str) -> str:
+    """A database URL as the daemon shows it: without its password."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def running_daemons(proc: Path = Path("/proc")) -> list[int]:
+    """Pids of backupwatchd processes this user can see (any command line naming it)."""
+    found = []
+    for entry in proc.glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if any(os.path.basename(arg) == b"backupwatchd" for arg in argv[:2]):
+            found.append(int(entry.name))
+    return sorted(found)
 
 
 def _open_store(settings: Settings) -> Store | None:
@@ -134,8 +197,11 @@ def _job_views(settings: Settings) -> tuple[list[JobView], str | None]:
 def _daemon_line(daemon: dict[str, Any]) -> str:
     if not daemon["running"]:
         return "backupwatchd: not running (job states below come from the database)"
+    state = daemon.get("state") or "running"
+    if state != "running":
+        state = daemon.get("phase") or state
     return (
-        f"backupwatchd: running, pid {daemon['pid']}, version {daemon['version']}, "
+        f"backupwatchd: {state}, pid {daemon['pid']}, version {daemon['version']}, "
         f"up {timedelta(seconds=daemon['uptime_s'] or 0)}, "
         f"{daemon['pending_reports']} reports pending"
     )
@@ -171,7 +237,14 @@ def _view_row(view: JobView) -> list[str]:
 
 
 def cmd_reload(ctl: Ctl) -> int:
-    return _daemon_action(ctl, "reload", _reload_text)
+    code = _daemon_action(ctl, "reload", _reload_text)
+    for change in ctl.last_answer.get("needs_restart") or []:
+        ctl.fail(
+            f"{change['key']} changed in the configuration ({change['running']} -> "
+            f"{change['file']}): the daemon applies it only when restarted "
+            "(systemctl restart backupwatch)"
+        )
+    return code
 
 
 def cmd_rescan(ctl: Ctl) -> int:
@@ -202,6 +275,7 @@ def _daemon_action(ctl: Ctl, command: str, describe: Callable[[dict[str, Any]], 
             f"{command} failed; the daemon keeps its previous configuration:\n{answer.get('error')}"
         )
         return EXIT_ERROR
+    ctl.last_answer = answer
     ctl.print(describe(answer))
     return EXIT_OK
 
@@ -359,20 +433,6 @@ def cmd_check_config(ctl: Ctl) -> int:
 
 
 # ------------------------------------------------------------------ plumbing
-
-
-def visible(text: str) -> str:
-    """`text` with every character a terminal would not simply print shown as a Python escape.
-
-    Agents choose report names, file names and error messages; raw, an ANSI escape could
-    rewrite the operator's screen and a newline forge a line of its own. C0, DEL and C1
-    controls, line separators, bidi and other format characters, lone surrogates (from
-    undecodable file names) become `\\x1b`, `\\n`, `\\u202e`, `\\udcff`; printable text,
-    backslashes included, is left as it is. `--json` needs none of this: JSON escapes them.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def _table(ctl: Ctl, header: list[str], rows: list[list[str]]) -> None:

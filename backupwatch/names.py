@@ -10,12 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 
 NAME_MAX = 255
 """Bytes in one file name on Linux filesystems (ext4, xfs, tmpfs)."""
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _HASH_CHARS = 8
 
 
@@ -24,8 +22,21 @@ def display_name(name: str) -> str:
 
     The result goes into the database, logs and messages; it is never used to open a file.
     """
-    text = os.fsencode(name).decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return visible(os.fsencode(name).decode("utf-8", "backslashreplace"))
+
+
+def visible(text: str) -> str:
+    """`text` with every character a terminal would not simply print shown as a Python escape.
+
+    Agents choose report names, file names and error messages; raw, an ANSI escape could
+    rewrite the operator's screen and a newline forge a line of its own. C0, DEL and C1
+    controls, line separators, bidi and other format characters, lone surrogates (from
+    undecodable file names) become `\\x1b`, `\\n`, `\\u202e`, `\\udcff`; printable text,
+    backslashes included, is left as it is. `--json` needs none of this: JSON escapes them.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
 
 
 def fit_name(name: str, reserve: int = 0) -> str:

@@ -201,6 +201,34 @@ def test_reload_by_signal_and_by_ctl(make_daemon: MakeDaemon, database_url: str)
     assert daemon.stop() == 0
 
 
+def test_reload_and_status_say_what_needs_a_restart(
+    make_daemon: MakeDaemon, short_dir: Path
+) -> None:
+    """Issue 6 item 9: after changing database_url or control_socket, reload printed
+    '0 added, 0 changed, 0 deactivated' and status silently read the new, empty database."""
+    daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
+    daemon.start()
+    text = daemon.config.read_text()
+    daemon.config.write_text(text.replace("db.sqlite", "other.sqlite"))
+
+    result = daemon.ctl("reload")
+    assert result.returncode == 0, result.stderr
+    assert "database_url changed in the configuration" in result.stderr
+    assert "only when restarted" in result.stderr
+    status = daemon.ctl("status")
+    assert "the running daemon uses the database sqlite:///" in status.stderr
+    assert "db.sqlite" in status.stderr
+    assert "restart it to apply" in status.stderr
+
+    moved = str(short_dir / "moved.sock")
+    daemon.config.write_text(text.replace(str(short_dir / "control.sock"), moved))
+    status = daemon.ctl("status")
+    assert status.returncode == 3
+    assert f"(pid {daemon.process.pid}) is running but does not answer on {moved}" in status.stderr  # type: ignore[union-attr]
+    daemon.config.write_text(text)
+    assert daemon.stop() == 0
+
+
 def test_rescan_on_demand(make_daemon: MakeDaemon) -> None:
     daemon = make_daemon("sqlite:///db.sqlite", hourly_jobs("sales"))
     daemon.start()

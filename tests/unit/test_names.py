@@ -25,7 +25,7 @@ def test_display_name_is_storable_single_line_text(raw: bytes) -> None:
 
 def test_display_name_shows_undecodable_bytes_and_controls() -> None:
     assert display_name(os.fsdecode(b"STATUS-\xff.json")) == "STATUS-\\xff.json"
-    assert display_name("a\x1b[31mred\n.json") == "a\\x1b[31mred\\x0a.json"
+    assert display_name("a\x1b[31mred\n.json") == "a\\x1b[31mred\\n.json"
     assert display_name("rapport-été.json") == "rapport-été.json"
 
 
