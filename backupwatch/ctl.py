@@ -22,7 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from backupwatch import __version__
 from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
 from backupwatch.control import ControlError, DaemonUnreachable, call
-from backupwatch.jobs import JobSpec, load_jobs
+from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
 from backupwatch.names import visible
 from backupwatch.report import ReportRejected, accept_report, size_problem
 from backupwatch.store import BackupEntry, JobView, Store
@@ -429,7 +429,22 @@ def cmd_check_config(ctl: Ctl) -> int:
     specs = load_jobs(settings)
     sites = {spec.deposit_relpath for spec in specs if spec.active}
     ctl.print(f"{settings.config_path}: OK: {len(specs)} jobs, {len(sites)} active deposit folders")
+    for warning in config_warnings(settings):
+        ctl.fail(f"warning: {warning}")
     return EXIT_OK
+
+
+def config_warnings(settings: Settings) -> list[str]:
+    """Mistakes that are not errors but would make the daemon watch the wrong thing."""
+    warnings = unread_job_files(settings)
+    for key in ("backup_storage_root", "validated_backups_base_path"):
+        root = getattr(settings, key)
+        if not root.is_dir():
+            warnings.append(
+                f"{key} {root} does not exist: the daemon will create it empty (relative paths "
+                f"are resolved against {settings.config_path.parent})"
+            )
+    return warnings
 
 
 # ------------------------------------------------------------------ plumbing

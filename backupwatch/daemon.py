@@ -33,14 +33,16 @@ from backupwatch import __version__
 from backupwatch.arrivals import Arrivals, Waiting
 from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
 from backupwatch.control import ControlError, ControlServer, Handler
-from backupwatch.jobs import JobSpec, load_jobs
+from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
+from backupwatch.names import display_name
+from backupwatch.notices import Notices
 from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
 from backupwatch.pipeline import Context, build_registry
 from backupwatch.promotion import clean_temps
 from backupwatch.rejected import repair
-from backupwatch.scan import pending_reports
+from backupwatch.scan import misplaced_reports, pending_reports
 from backupwatch.sites import PathKind, Registry, normalize
 from backupwatch.store import ExpectedBackupJob, Store
 from backupwatch.timer import MissingTimer
@@ -76,6 +78,7 @@ class Daemon:
         self.queue = WorkQueue()
         self.arrivals = Arrivals()
         self.outage = OutageLog()
+        self.notices = Notices()
         self.started = time.monotonic()
         self.stopping = False  # set by a signal handler: a plain flag, no lock
         self.wakeup = Wakeup()
@@ -92,7 +95,13 @@ class Daemon:
         empty = Registry(normalize(settings.backup_storage_root))
         self.ctx = Context(self.store, settings, empty, self.beat, observer=self.arrivals)
         self.handler = ReportHandler(
-            lambda: self.ctx, clock, self.queue, self.arrivals, self.waiting, self.outage
+            lambda: self.ctx,
+            clock,
+            self.queue,
+            self.arrivals,
+            self.waiting,
+            self.outage,
+            self.notices,
         )
         self.pool = WorkerPool(self.queue, self.handler, WORKERS)
         self.timer = MissingTimer(
@@ -117,6 +126,7 @@ class Daemon:
         self._set_phase("migrating the database")
         self.store.migrate()
         self._set_phase("syncing the jobs")
+        self._note_unread_job_files(self.settings)
         # The job models are needed for this sync only: release them (30,000 jobs ≈ 110 MiB).
         specs, self.specs = self.specs, []
         result = self.store.sync_jobs(
@@ -163,12 +173,34 @@ class Daemon:
             self.settings.validated_backups_base_path: (os.R_OK | os.W_OK | os.X_OK, "writable"),
         }
         for root, (mode, word) in needs.items():
+            existed = root.is_dir()
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot create {root}: {exc.strerror}") from exc
+            if not existed:
+                self._note_created_root(root)
             if not os.access(root, mode):
                 raise PermissionError(f"{root} is not {word} by this user")
+
+    def _note_created_root(self, root: Path) -> None:
+        """A root that did not exist is created, but said loudly (issue 6 item 10): a relative
+        path resolved somewhere new would otherwise quietly watch an empty folder."""
+        key = next(
+            k
+            for k in ("backup_storage_root", "validated_backups_base_path")
+            if getattr(self.settings, k) == root
+        )
+        self.notices.add(
+            f"created:{key}",
+            f"{key} {root} did not exist and was created empty: if agents deposit (or backups "
+            f"belong) elsewhere, fix {key} in {self.settings.config_path} (relative paths are "
+            "resolved against the config file's folder)",
+        )
+
+    def _note_unread_job_files(self, settings: Settings) -> None:
+        for text in unread_job_files(settings):
+            self.notices.add(f"unread:{text}", text)
 
     def _registry(self) -> Registry:
         return build_registry(self.settings, self.store.active_jobs())
@@ -189,11 +221,19 @@ class Daemon:
         for waiting in self.waiting.touched(path):
             if waiting != path:
                 self.queue.put(waiting, STAGED_RECHECK)  # its staged file may have landed
-        if self.ctx.registry.classify(path).kind is PathKind.IGNORED:
+        classified = self.ctx.registry.classify(path)
+        if classified.kind is PathKind.MISPLACED:
+            self._note_misplaced(path, classified.why or "")
+            return
+        if classified.kind is PathKind.IGNORED:
             return
         self.arrivals.saw(kind, path, linked=kind is EventKind.CREATED and _has_links(path))
         self.waiting.remove(path)
         self.queue.put(path)
+
+    def _note_misplaced(self, path: Path, why: str) -> None:
+        name = display_name(str(path))
+        self.notices.add(f"misplaced:{path}", f"{name} is never read: {why}", report=name)
 
     def _on_overflow(self) -> None:
         log.warning("watcher.events_lost", action="rescan")
@@ -351,6 +391,8 @@ class Daemon:
         for path in pending_reports(self.ctx.registry):
             if self.queue.put(path):
                 queued += 1
+        for path, classified in misplaced_reports(self.ctx.registry):
+            self._note_misplaced(path, classified.why or "")
         log.info("rescan.done", queued=queued)
         return {"ok": True, "queued": queued}
 
@@ -369,6 +411,7 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload.invalid_config", errors=exc.errors)
             return {"ok": False, "error": str(exc)}
+        self._note_unread_job_files(settings)
         needs_restart = self._restart_changes(settings)
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
         try:
@@ -435,7 +478,7 @@ class Daemon:
             "healthy": self.healthy(),
             "database": shown_setting("database_url", self.settings.database_url),
             "config_path": str(self.settings.config_path),
-            "warnings": list(self.watcher.limit_warnings),
+            "warnings": [*self.watcher.limit_warnings, *self.notices.texts()],
         }
 
     def status_line(self) -> str:

@@ -408,6 +408,24 @@ def _is_job_file(path: Path) -> bool:
     return path.suffix == ".toml" and not path.name.startswith(".") and path.is_file()
 
 
+def unread_job_files(settings: Settings) -> list[str]:
+    """Files in the jobs folder that are not read (`acme.tml`, `acme.toml.bak`): each one a
+    warning, since an operator who saved jobs there expects them to count. Hidden files
+    (editors' swap files) are left out."""
+    folder = settings.jobs_path
+    try:
+        if not folder.is_dir():
+            return []
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and not _is_job_file(p))
+    except OSError:
+        return []
+    return [
+        f"{folder / name}: not read: only *.toml files in {folder} hold jobs"
+        for name in names
+        if not name.startswith(".")
+    ]
+
+
 def _load_file(path: Path) -> tuple[list[JobSpec], list[str]]:
     try:
         document = tomllib.loads(path.read_bytes().decode("utf-8"))

@@ -11,7 +11,15 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from backupwatch.sites import NEVER_SCANNED, PathKind, Registry, report_folders
+from backupwatch.sites import (
+    LOG_DIR,
+    NEVER_SCANNED,
+    REPORT_LIKE_FOLDERS,
+    Classified,
+    PathKind,
+    Registry,
+    report_folders,
+)
 
 
 def pending_reports(registry: Registry) -> Iterator[Path]:
@@ -56,3 +64,40 @@ def _strays(registry: Registry) -> Iterator[Path]:
 
 def _walkable(name: str) -> bool:
     return name not in NEVER_SCANNED and not name.startswith(".")
+
+
+def misplaced_reports(registry: Registry) -> Iterator[tuple[Path, Classified]]:
+    """Files meant as reports that are never read where they lie (SPEC §3): `STATUS.JSON` in
+    D or D/log, and `*.json` in D's `Log/`, `logs/`, `reports/`… Looks at D, D/log and those
+    few folders only, never into staged data."""
+    for site in registry.sites.values():
+        for folder in (*report_folders(site), *_report_like_subfolders(site.folder)):
+            for path in _files(folder):
+                classified = registry.classify(path)
+                if classified.kind is PathKind.MISPLACED:
+                    yield path, classified
+
+
+def _report_like_subfolders(folder: Path) -> list[Path]:
+    try:
+        with os.scandir(folder) as entries:
+            return [
+                Path(e.path)
+                for e in entries
+                if e.name != LOG_DIR
+                and e.name.lower() in REPORT_LIKE_FOLDERS
+                and e.is_dir(follow_symlinks=False)
+            ]
+    except OSError:
+        return []
+
+
+def _files(folder: Path) -> Iterator[Path]:
+    if folder.is_symlink():
+        return
+    try:
+        with os.scandir(folder) as entries:
+            names = [e.path for e in entries if e.is_file(follow_symlinks=False)]
+    except OSError:
+        return
+    yield from (Path(name) for name in names)

@@ -68,12 +68,14 @@ class PathKind(enum.Enum):
     REPORT = "report"  # a report of a known site: process it
     STRAY = "stray"  # a report in a folder no active job uses: reject it
     IGNORED = "ignored"  # not a report (staged data, archives, writers' temp files)
+    MISPLACED = "misplaced"  # meant as a report, but never read where it is: warn, once
 
 
 @dataclass(frozen=True)
 class Classified:
     kind: PathKind
     site: Site | None = None
+    why: str | None = None  # MISPLACED: what the agent should do instead
 
 
 @dataclass(frozen=True)
@@ -96,18 +98,36 @@ class Registry:
         except ValueError:
             return Classified(PathKind.IGNORED)
         if not _looks_like_report(relative):
-            return Classified(PathKind.IGNORED)
+            return self._misplaced(path, relative)
         site = self.sites.get(path.parent)
         if site is None and path.parent.name == LOG_DIR:
             site = self.sites.get(path.parent.parent)
         if site is not None:
             return Classified(PathKind.REPORT, site)
         if any(parent in self.sites for parent in path.parents):
-            return Classified(PathKind.IGNORED)  # inside a site's tree: staged data, not a report
+            return self._misplaced(path, relative)  # in a site's tree: staged data, or a mistake
         return Classified(PathKind.STRAY)
 
     def site_of_folder(self, folder: Path) -> Site | None:
         return self.sites.get(normalize(folder))
+
+    def _misplaced(self, path: Path, relative: Path) -> Classified:
+        """A file an agent clearly meant as a report but that is never read where it lies."""
+        name = path.name
+        hidden = any(part.startswith(".") or part in NEVER_SCANNED for part in relative.parts)
+        if hidden or not name.lower().endswith(".json"):
+            return Classified(PathKind.IGNORED)
+        site = self.sites.get(path.parent) or (
+            self.sites.get(path.parent.parent) if path.parent.name == LOG_DIR else None
+        )
+        if site is not None:  # in D or D/log, but `.JSON`, `.Json`…
+            why = "its name must end in lower-case '.json' to be read as a report"
+            return Classified(PathKind.MISPLACED, site, why)
+        site = self.sites.get(path.parent.parent)
+        if site is not None and _report_like_folder(path.parent.name):
+            why = f"reports are read only directly in {site.folder} or in its {LOG_DIR}/ folder"
+            return Classified(PathKind.MISPLACED, site, why)
+        return Classified(PathKind.IGNORED)
 
 
 def _looks_like_report(relative: PurePosixPath | Path) -> bool:
@@ -117,6 +137,14 @@ def _looks_like_report(relative: PurePosixPath | Path) -> bool:
     if any(part.startswith(".") for part in parts):
         return False
     return not any(part in NEVER_SCANNED for part in parts[:-1])
+
+
+REPORT_LIKE_FOLDERS = frozenset({"log", "logs", "report", "reports", "status"})
+
+
+def _report_like_folder(name: str) -> bool:
+    """`Log/`, `LOGS/`, `reports/`: where agents put reports by mistake (not staged data)."""
+    return name != LOG_DIR and name.lower() in REPORT_LIKE_FOLDERS
 
 
 def normalize(path: Path) -> Path:

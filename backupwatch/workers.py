@@ -26,6 +26,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch.arrivals import Arrivals, Waiting
 from backupwatch.fsutil import Identity
+from backupwatch.names import display_name, visible
+from backupwatch.notices import Notices
 from backupwatch.outage import OutageLog
 from backupwatch.pipeline import Context, Outcome, Result, process_path, reject
 from backupwatch.sites import ARCHIVE_DIR, REJECTED_DIR
@@ -78,8 +80,10 @@ class ReportHandler:
         arrivals: Arrivals,
         waiting: Waiting,
         outage: OutageLog,
+        notices: Notices | None = None,
     ) -> None:
         self._context = context
+        self._notices = notices or Notices()
         self._clock = clock
         self._queue = work
         self._arrivals = arrivals
@@ -113,6 +117,8 @@ class ReportHandler:
             self.counters[result.outcome.value] += 1
             self.counters["unexpected_databases"] += len(result.unexpected)
             self.counters["not_relevant_databases"] += len(result.not_relevant)
+        for database in result.unexpected:
+            self._note_unexpected(ctx, path, database)
         if result.outcome is Outcome.WAIT:
             assert result.wait is not None
             folder = self._folder(ctx, path)
@@ -122,6 +128,18 @@ class ReportHandler:
         self._arrivals.done(path)
         if result.outcome is Outcome.PARKED or result.left_in_place:
             self._park(ctx, path, result.left_in_place or result.reason or "")
+
+    def _note_unexpected(self, ctx: Context, path: Path, database: str) -> None:
+        """SPEC §5: a database no job of the site expects; its staged file stays in D."""
+        folder = self._folder(ctx, path)
+        self._notices.add(
+            f"unexpected:{folder}:{database}",
+            f"{display_name(str(folder))}: reports name the database {visible(database)!r}, "
+            "which no job of this site expects: its staged files stay in the folder (add a "
+            "job for it, or stop the agent from sending it)",
+            site=str(folder),
+            database=database,
+        )
 
     def _unexpected(self, ctx: Context, path: Path, exc: Exception) -> None:
         with self._lock:

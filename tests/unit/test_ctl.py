@@ -330,3 +330,19 @@ def test_visible_keeps_printable_text_unchanged(text: str) -> None:
 )
 def test_visible_examples(raw: str, shown: str) -> None:
     assert ctl.visible(raw) == shown
+
+
+def test_check_config_warns_about_what_it_would_silently_do(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 6 item 10: relative roots resolving somewhere new, job files never read."""
+    text = config.read_text()
+    config.write_text(text.replace('"deposit"', '"nowhere/deposit"'))
+    (config.parent / "jobs.d" / "more.tml").write_text("")
+
+    code, out, err = run(capsys, "--config", str(config), "check-config")
+
+    assert code == 0
+    assert "OK" in out
+    assert f"backup_storage_root {config.parent}/nowhere/deposit does not exist" in err
+    assert "more.tml: not read" in err

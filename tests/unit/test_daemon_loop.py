@@ -295,3 +295,29 @@ def test_reload_says_which_changed_keys_need_a_restart(daemon: Daemon, tmp_path:
     assert keys["database_url"]["file"].endswith("other.sqlite")
     assert str(daemon.settings.database_url).endswith("db.sqlite")  # still the running one
     assert daemon.settings.control_socket == tmp_path / "c.sock"
+
+
+def test_silent_mistakes_show_in_status(
+    tmp_path: Path, notify: socket.socket, stopper: list[Daemon]
+) -> None:
+    """Issue 6 item 10: a root created from nothing, a `.JSON` report, a job file never read,
+    a database no job expects: each was at most one log line."""
+    instance = make(tmp_path, notify, f"sqlite:///{tmp_path}/db.sqlite")
+    stopper.append(instance)
+    (tmp_path / "jobs.d" / "paris.tml").write_text("# meant as a job file")
+    instance.settings.backup_storage_root.rmdir()
+    instance.start()
+    site = instance.settings.backup_storage_root / AGENT
+    site.mkdir()
+    drop(site, b"{}", "STATUS.JSON")
+    stage(site, "x.gz", b"x")
+    body = report(AGENT, utc_now(), {"sales": database("x.gz", b"x"), "ghost": database("g", b"g")})
+    drop(site, body)
+    assert poll(lambda: (site / "_archive" / "STATUS.json").exists())
+
+    warnings = call(instance.settings.control_socket, "status")["warnings"]
+
+    assert any("backup_storage_root" in w and "did not exist" in w for w in warnings)
+    assert any("paris.tml: not read" in w for w in warnings)
+    assert any("STATUS.JSON is never read" in w and "lower-case '.json'" in w for w in warnings)
+    assert any("'ghost', which no job of this site expects" in w for w in warnings)

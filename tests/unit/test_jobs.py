@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
+from pyfakefs.fake_filesystem import FakeFilesystem
 
 from backupwatch.config import ConfigError, Settings
 from backupwatch.enums import BackupFrequency
@@ -18,6 +19,7 @@ from backupwatch.jobs import (
     final_relpath,
     load_jobs,
     render_template,
+    unread_job_files,
 )
 from backupwatch.schedule import Schedule
 
@@ -689,3 +691,19 @@ def test_final_relpath_never_leaves_its_root(template: str, staged: str) -> None
     assert not path.is_absolute()
     assert ".." not in path.parts
     assert path.parts
+
+
+def test_files_in_the_jobs_folder_that_are_not_read_are_named(fs: FakeFilesystem) -> None:
+    """Issue 6 item 10: `jobs.d/acme.tml` was ignored without a word (pyfakefs: pure listing)."""
+    fs.create_file("/etc/bw/jobs.d/acme.toml")
+    fs.create_file("/etc/bw/jobs.d/paris.tml")
+    fs.create_file("/etc/bw/jobs.d/lyon.toml.dpkg-dist")
+    fs.create_file("/etc/bw/jobs.d/.acme.toml.swp")
+    fs.create_dir("/etc/bw/jobs.d/archive")
+    folder = Path("/etc/bw/jobs.d")
+    settings = Settings(config_path=Path("/etc/bw/backupwatch.toml"), jobs_path=folder)
+
+    warnings = unread_job_files(settings)
+
+    rest = f"not read: only *.toml files in {folder} hold jobs"
+    assert warnings == [f"{folder}/lyon.toml.dpkg-dist: {rest}", f"{folder}/paris.tml: {rest}"]

@@ -7,6 +7,7 @@ from datetime import timedelta
 from pathlib import Path, PurePosixPath
 
 import pytest
+from pyfakefs.fake_filesystem import FakeFilesystem
 
 import backupwatch.scan
 from backupwatch.enums import BackupFrequency
@@ -152,3 +153,26 @@ def test_a_site_folder_that_is_a_file_is_skipped(tree: tuple[Registry, Path, Pat
     stray = touch(root / "Unknown" / "STATUS.json")
 
     assert list(pending_reports(registry)) == [stray]
+
+
+def test_misplaced_reports_are_found_without_entering_staged_data(fs: FakeFilesystem) -> None:
+    """Pure listing logic: pyfakefs. The scan looks at D, D/log and report-like folders only."""
+    root = Path("/deposit")
+    registry = Registry.build(root, [(PurePosixPath("site"), job(1, "site"))])
+    for name in (
+        "site/STATUS.JSON",
+        "site/log/ok.json",
+        "site/log/Wrong.Json",
+        "site/Logs/STATUS.json",
+        "site/database/export.json",
+        "site/database/STATUS.JSON",
+        "site/_rejected/X.JSON",
+    ):
+        fs.create_file(root / name)
+
+    found = {
+        str(path.relative_to(root)): classified.why
+        for path, classified in backupwatch.scan.misplaced_reports(registry)
+    }
+
+    assert sorted(found) == ["site/Logs/STATUS.json", "site/STATUS.JSON", "site/log/Wrong.Json"]

@@ -153,3 +153,37 @@ def test_site_names_and_agents() -> None:
 def test_report_folders_are_d_and_d_log() -> None:
     site = Site(D, (SALES,))
     assert report_folders(site) == (D, D / "log")
+
+
+@pytest.mark.parametrize(
+    ("relative", "why"),
+    [
+        ("ACME_Lyon_Part-Dieu/STATUS.JSON", "lower-case '.json'"),
+        ("ACME_Lyon_Part-Dieu/log/status.Json", "lower-case '.json'"),
+        ("ACME_Lyon_Part-Dieu/Log/STATUS.json", "only directly in"),
+        ("ACME_Lyon_Part-Dieu/reports/STATUS.json", "only directly in"),
+        ("ACME_Lyon_Part-Dieu/LOGS/STATUS.JSON", "only directly in"),
+    ],
+)
+def test_reports_an_agent_put_where_they_are_never_read_are_misplaced(
+    relative: str, why: str
+) -> None:
+    """Issue 6 item 10: these were ignored without a word, even on rescan."""
+    classified = REGISTRY.classify(ROOT / relative)
+    assert classified.kind is PathKind.MISPLACED
+    assert classified.why is not None
+    assert why in classified.why
+
+
+@pytest.mark.parametrize(
+    "relative",
+    [
+        "ACME_Lyon_Part-Dieu/database/export.json",  # a database dumped as JSON: staged data
+        "ACME_Lyon_Part-Dieu/_archive/STATUS.JSON",
+        "ACME_Lyon_Part-Dieu/.STATUS.JSON.part",
+        "ACME_Lyon_Part-Dieu/reports/deep/STATUS.json",
+        "elsewhere/STATUS.JSON",
+    ],
+)
+def test_staged_data_and_writers_temp_files_are_not_misplaced_reports(relative: str) -> None:
+    assert REGISTRY.classify(ROOT / relative).kind is PathKind.IGNORED
