@@ -14,7 +14,6 @@ import errno
 import hashlib
 import os
 import stat
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -252,42 +251,6 @@ def ensure_real_dir(path: Path, mode: int = 0o775) -> None:
         raise UnsafePath(f"{path} is not a real directory (a symlink or a file?)")
 
 
-def copy_verified(
-    src_fd: int,
-    dst_dir: Path,
-    name: str,
-    expected_sha256: str,
-    expected_size: int,
-    progress: Callable[[], None] | None = None,
-) -> Path:
-    """Across filesystems: copy, fsync, check the bytes copied, then link into place.
-
-    The digest is taken of the bytes as they are copied, so the source is read once; a mismatch
-    (the staged file changed under us) leaves nothing behind and raises ValueError.
-    """
-    ensure_real_dir(dst_dir)
-    temp_name = f".backupwatch-{uuid.uuid4().hex}.tmp"
-    with open_dir(dst_dir) as dst_fd:
-        out = os.open(
-            temp_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640, dir_fd=dst_fd
-        )
-        try:
-            digest, size = copy_hashing(src_fd, out, progress)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            os.unlink(temp_name, dir_fd=dst_fd)
-            raise
-        os.close(out)
-        try:
-            if (digest, size) != (expected_sha256, expected_size):
-                raise ValueError("the staged file changed while it was being copied")
-            return link_unique(dst_fd, temp_name, dst_dir, name)
-        finally:
-            os.unlink(temp_name, dir_fd=dst_fd)
-            os.fsync(dst_fd)
-
-
 def copy_hashing(
     src_fd: int, out_fd: int, progress: Callable[[], None] | None = None
 ) -> tuple[str, int]:
@@ -305,11 +268,6 @@ def copy_hashing(
         if progress is not None and size % PROGRESS_EVERY < len(chunk):
             progress()
     return digest.hexdigest(), size
-
-
-def fsync_dir(path: Path) -> None:
-    with open_dir(path) as fd:
-        os.fsync(fd)
 
 
 def newest_change(folder: Path, skip: frozenset[str], limit: int = 10_000) -> float | None:

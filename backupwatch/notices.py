@@ -9,9 +9,7 @@ the oldest give way to new ones.
 from __future__ import annotations
 
 import threading
-import time
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import structlog
@@ -25,27 +23,23 @@ LIMIT = 200
 class Notice:
     text: str
     count: int
-    last_seen: float
 
 
 class Notices:
-    def __init__(self, limit: int = LIMIT, wall: Callable[[], float] = time.time) -> None:
+    def __init__(self, limit: int = LIMIT) -> None:
         self._limit = limit
-        self._wall = wall
         self._lock = threading.Lock()
         self._notices: OrderedDict[str, Notice] = OrderedDict()
 
     def add(self, key: str, text: str, **fields: object) -> None:
         """Keep `text` under `key`; log it the first time only."""
-        now = self._wall()
         with self._lock:
             notice = self._notices.get(key)
             if notice is not None:
                 notice.count += 1
-                notice.last_seen = now
                 self._notices.move_to_end(key)
                 return
-            self._notices[key] = Notice(text, 1, now)
+            self._notices[key] = Notice(text, 1)
             while len(self._notices) > self._limit:
                 self._notices.popitem(last=False)
         log.warning("notice", text=text, **fields)

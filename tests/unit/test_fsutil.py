@@ -9,7 +9,6 @@ import errno
 import hashlib
 import os
 import socket
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
 import pytest
@@ -19,7 +18,7 @@ from backupwatch.fsutil import (
     CHUNK,
     Identity,
     UnsafePath,
-    copy_verified,
+    copy_hashing,
     ensure_real_dir,
     link_unique,
     move_unique,
@@ -369,84 +368,6 @@ def test_ensure_real_dir_refuses_a_file(tmp_path: Path) -> None:
         ensure_real_dir(tmp_path / "file")
 
 
-# ---------------------------------------------------------------------- copy_verified
-
-
-@pytest.fixture
-def source(tmp_path: Path) -> Iterator[tuple[int, bytes]]:
-    content = os.urandom(CHUNK + 4321)
-    path = tmp_path / "staged.gz"
-    path.write_bytes(content)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        yield fd, content
-    finally:
-        os.close(fd)
-
-
-def test_copy_verified_copies_a_new_inode_and_leaves_no_temp_file(
-    tmp_path: Path, source: tuple[int, bytes]
-) -> None:
-    fd, content = source
-    dst = tmp_path / "final" / "deep"
-
-    final = copy_verified(fd, dst, "backup.gz", hashlib.sha256(content).hexdigest(), len(content))
-
-    assert final == dst / "backup.gz"
-    assert final.read_bytes() == content
-    assert final.stat().st_nlink == 1
-    assert not os.path.samestat(final.stat(), os.fstat(fd))
-    assert names(dst) == ["backup.gz"]
-
-
-def test_copy_verified_never_overwrites(tmp_path: Path, source: tuple[int, bytes]) -> None:
-    fd, content = source
-    dst = tmp_path / "final"
-    dst.mkdir()
-    (dst / "backup.gz").write_bytes(b"old")
-
-    final = copy_verified(fd, dst, "backup.gz", hashlib.sha256(content).hexdigest(), len(content))
-
-    assert final == dst / "backup-2.gz"
-    assert final.read_bytes() == content
-    assert (dst / "backup.gz").read_bytes() == b"old"
-    assert names(dst) == ["backup-2.gz", "backup.gz"]
-
-
-@pytest.mark.parametrize("wrong", ["sha256", "size"])
-def test_copy_verified_detects_a_mismatch_and_leaves_nothing(
-    tmp_path: Path, source: tuple[int, bytes], wrong: str
-) -> None:
-    fd, content = source
-    digest, size = hashlib.sha256(content).hexdigest(), len(content)
-    if wrong == "sha256":
-        digest = hashlib.sha256(b"other").hexdigest()
-    else:
-        size += 1
-    dst = tmp_path / "final"
-
-    with pytest.raises(ValueError, match="changed while it was being copied"):
-        copy_verified(fd, dst, "backup.gz", digest, size)
-
-    assert names(dst) == []
-
-
-def test_copy_verified_refuses_a_symlinked_destination(
-    tmp_path: Path, source: tuple[int, bytes]
-) -> None:
-    fd, content = source
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    (tmp_path / "final").symlink_to(elsewhere, target_is_directory=True)
-
-    with pytest.raises(UnsafePath):
-        copy_verified(
-            fd, tmp_path / "final", "b.gz", hashlib.sha256(content).hexdigest(), len(content)
-        )
-
-    assert names(elsewhere) == []
-
-
 def test_hashing_and_copying_report_progress_on_large_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -458,10 +379,10 @@ def test_hashing_and_copying_report_progress_on_large_files(
     fd = os.open(big, os.O_RDONLY)
     try:
         digest, size = sha256_fd(fd, lambda: beats.append("hash"))
-        copied = copy_verified(
-            fd, tmp_path / "out", "big.gz", digest, size, lambda: beats.append("copy")
-        )
+        with (tmp_path / "copy.gz").open("wb") as out:
+            copied = copy_hashing(fd, out.fileno(), lambda: beats.append("copy"))
     finally:
         os.close(fd)
     assert beats == ["hash", "hash", "copy", "copy"]  # at 4 and 8 MiB of 10, each pass
-    assert copied.read_bytes() == big.read_bytes()
+    assert copied == (digest, size)
+    assert (tmp_path / "copy.gz").read_bytes() == big.read_bytes()

@@ -15,7 +15,7 @@ from pathlib import Path, PurePosixPath
 import pytest
 import structlog
 
-from backupwatch.fsutil import open_beneath
+from backupwatch.fsutil import UnsafePath, open_beneath
 from backupwatch.promotion import (
     TEMP_DIR,
     TEMP_MAX_AGE,
@@ -196,3 +196,14 @@ def test_clean_temps_removes_committed_and_abandoned_ones_only(tmp_path: Path) -
     assert removed == 2
     assert sorted(os.listdir(temps)) == sorted([names["u" * 64], names["h" * 64]])
     held.release()
+
+
+def test_a_symlinked_folder_in_final_storage_is_refused(site: Path, tmp_path: Path) -> None:
+    root = tmp_path / "validated"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    root.mkdir()
+    (root / "ACME").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(UnsafePath):
+        promoted(site, root)
+    assert os.listdir(elsewhere) == []
