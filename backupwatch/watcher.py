@@ -76,7 +76,7 @@ class EventKind(enum.StrEnum):
     CLOSED = "closed"  # IN_CLOSE_WRITE: a writer closed it
     MOVED = "moved"  # IN_MOVED_TO of a file: a complete file renamed or moved into place
     ATTRIB = "attrib"  # IN_ATTRIB of a file: mode, owner, times or link count changed
-    DIR_CREATED = "dir_created"  # a folder created or moved in (already watched, recursively)
+    DIR_CREATED = "dir_created"  # a folder created or moved in, reported once it is watched
 
 
 # --------------------------------------------------------------------------- work queue
@@ -479,7 +479,6 @@ class _Session:
         elif event.is_moved_from:
             self._unwatch(path)
         elif event.is_create or event.is_moved_to:
-            self._emit(EventKind.DIR_CREATED, path)
             self._walk(path, new=True)
 
     def _unwatch(self, path: bytes) -> None:
@@ -516,14 +515,14 @@ class _Session:
             folder = stack.pop()
             state = self._ensure_watched(folder)
             folders += 1
+            if new and (state is _Added.NEW or folder == top):
+                self._emit(EventKind.DIR_CREATED, folder)  # once watched, if it can be
             if state is _Added.FAILED or (new and state is _Added.KNOWN):
                 continue
             added += state is _Added.NEW
             subfolders, files = _list(folder, files=new)
             stack.extend(subfolders)
             if new:
-                if folder != top:
-                    self._emit(EventKind.DIR_CREATED, folder)
                 for path in files:
                     self._emit(EventKind.CREATED, path)
         return _Walked(folders, added)

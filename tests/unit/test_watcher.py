@@ -251,7 +251,8 @@ def test_folder_renamed_within_the_tree_reports_under_its_new_name(
 ) -> None:
     (root / "acme" / "log" / "old.json").write_text("{}")
     (root / "acme").rename(root / "acme2")
-    assert recorder.wait_for(lambda r: EventKind.DIR_CREATED in r.kinds_for(root / "acme2"))
+    log = root / "acme2" / "log"
+    assert recorder.wait_for(lambda r: EventKind.DIR_CREATED in r.kinds_for(log))
     report = root / "acme2" / "log" / "STATUS.json"
     report.write_text("{}")
     assert recorder.wait_for(lambda r: EventKind.CLOSED in r.kinds_for(report))
@@ -461,13 +462,20 @@ class Probe:
                 self._cond.notify_all()
 
     def wait_for(
-        self, predicate: Callable[[dict[str, Any]], bool], timeout: float, what: str
+        self,
+        predicate: Callable[[dict[str, Any]], bool],
+        timeout: float,
+        what: str,
+        *,
+        log: bool = False,
     ) -> dict[str, Any]:
-        """The first line (seen or to come) that matches; fails after `timeout`."""
+        """The first line (seen or to come) that matches, on stdout or (`log`) on stderr;
+        fails after `timeout`."""
         found: list[dict[str, Any]] = []
+        lines = self.log if log else self.lines
 
         def match() -> bool:
-            found[:] = [line for line in self.lines if predicate(line)][:1]
+            found[:] = [line for line in lines if predicate(line)][:1]
             return bool(found) or self.process.poll() is not None
 
         with self._cond:
@@ -484,6 +492,16 @@ class Probe:
             f"closed event for {relative}",
         )
 
+    def logged(self, event: str, timeout: float = WAIT) -> dict[str, Any]:
+        return self.wait_for(lambda line: line.get("event") == event, timeout, event, log=True)
+
+    def stop(self) -> None:
+        """SIGSTOP, and wait until every thread is stopped: the signal is asynchronous, and a
+        reader still running would drain the queue that the test means to overflow."""
+        self.process.send_signal(signal.SIGSTOP)
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        assert poll(lambda: all(_state(task) == "T" for task in tasks.iterdir()))
+
     def overflow_calls(self) -> list[dict[str, Any]]:
         with self._cond:
             return [line for line in self.lines if "overflow" in line]
@@ -499,6 +517,13 @@ class Probe:
         self.process.wait(WAIT)
         for thread in self._readers:
             thread.join(WAIT)
+
+
+def _state(task: Path) -> str:
+    try:
+        return (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "T"  # a thread that ended is no longer running either
 
 
 @pytest.fixture
@@ -520,7 +545,7 @@ def overflow_while_stopped(p: Probe, during: Callable[[], None] = lambda: None) 
     """SIGSTOP the probe, queue more events than the kernel keeps, run `during` (whose
     events are lost), SIGCONT."""
     limit = max_queued_events()
-    p.process.send_signal(signal.SIGSTOP)
+    p.stop()
     try:
         flood(p.root / "flood", limit + 1000)
         during()
@@ -542,8 +567,8 @@ def test_real_overflow_in_a_stopped_process_is_detected(
     after = root / "acme" / "after.json"
     after.write_text("{}")
     p.closed(after)
-    assert len(p.events_lost_lines()) == 1
-    assert p.events_lost_lines()[0]["overflows"] == 1
+    p.logged("inotify_watches_checked")  # logged after inotify_events_lost
+    assert [line["overflows"] for line in p.events_lost_lines()] == [1]
 
 
 def test_overflow_with_more_folders_than_the_queue_settles(
@@ -574,6 +599,7 @@ def test_overflow_with_more_folders_than_the_queue_settles(
         assert line["overflows"] == 1
         assert line["rebuilds"] == 1
     assert len(p.overflow_calls()) == 1
+    p.logged("inotify_watches_checked")
     assert len(p.events_lost_lines()) == 1
 
 
@@ -950,8 +976,8 @@ def test_unreadable_folder_is_logged_and_counted_not_fatal(
     p = probe(root, prefix)
     ready = p.lines[0]
     assert (ready["folders"], ready["watches"]) == (4, 3)
-    failed = [line for line in p.log if line.get("event") == "inotify_watch_failed"]
-    assert [line["folder"] for line in failed] == [str(root / "locked")]
+    assert p.logged("inotify_watch_failed")["folder"] == str(root / "locked")
     report = root / "acme" / "log" / "STATUS.json"
     report.write_text("{}")
     p.closed(report)
+    assert sum(line.get("event") == "inotify_watch_failed" for line in p.log) == 1
