@@ -185,16 +185,21 @@ class Daemon:
     # ------------------------------------------------------------- inotify side
 
     def _on_event(self, kind: EventKind, path: Path) -> None:
-        """Runs on watchdog's thread: classify and queue, nothing that can block or raise."""
+        """Runs on the inotify thread: classify and queue, nothing that can block or raise.
+
+        A closed or moved file is complete: read it now. A created one (a writer may still
+        hold it open) or one whose mode changed waits the settle time; a close that follows
+        overtakes the wait."""
         if kind is EventKind.DIR_CREATED:
-            return  # watchdog watches it already; its files arrive as events of their own
+            return  # the watcher watches it already; its files arrive as events of their own
         if self.ctx.registry.classify(path).kind is PathKind.IGNORED:
             return
-        delay = SETTLE_SECONDS if kind is EventKind.CREATED else 0.0
+        delay = 0.0 if kind in (EventKind.CLOSED, EventKind.MOVED) else SETTLE_SECONDS
         self.queue.put(path, delay)
 
     def _on_overflow(self) -> None:
-        log.warning("watcher.events_lost", action="rescan")
+        """The watcher lost events and has its watches back: rescan (it logged the loss)."""
+        log.info("watcher.rescan_after_overflow")
         self.queue.needs_rescan.set()
         self.wakeup.set()
 
@@ -311,7 +316,8 @@ class Daemon:
         return max(0.05, min(interval, 5.0))
 
     def _revive_watcher(self) -> None:
-        """watchdog's threads die for good on some errors: start a new observer, then rescan."""
+        """The inotify reader can die (a read error), the root can lose its watch: start a
+        new watcher, then rescan."""
         if self.watcher.is_alive():
             return
         log.error("watcher.died", action="restart and rescan")
