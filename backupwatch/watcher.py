@@ -336,7 +336,8 @@ class _Walked:
 
 class _Added(enum.Enum):
     NEW = "new"  # the walk added its watch
-    KNOWN = "known"  # it was watched already
+    KNOWN = "known"  # it was watched already, at this path
+    RELOCATED = "relocated"  # it was watched already, under another path (a lost rename)
     FAILED = "failed"  # gone, not a folder, or the kernel refused the watch
 
 
@@ -505,9 +506,9 @@ class _Session:
         created after the listing has an event.
 
         `new` (a folder created or moved in, on the reader thread): stop at folders already
-        watched and report what the added ones hold (`mkdir -p a/b/c; touch a/b/c/f` is over
-        before the first event is read). Otherwise (start, rebuild): visit every folder and
-        report nothing; the caller's rescan reads what is there.
+        watched at that path and report what the others hold (`mkdir -p a/b/c; touch
+        a/b/c/f` is over before the first event is read). Otherwise (start, rebuild): visit
+        every folder and report nothing; the caller's rescan reads what is there.
         """
         stack = [top]
         folders = added = 0
@@ -515,7 +516,7 @@ class _Session:
             folder = stack.pop()
             state = self._ensure_watched(folder)
             folders += 1
-            if new and (state is _Added.NEW or folder == top):
+            if new and (state in (_Added.NEW, _Added.RELOCATED) or folder == top):
                 self._emit(EventKind.DIR_CREATED, folder)  # once watched, if it can be
             if state is _Added.FAILED or (new and state is _Added.KNOWN):
                 continue
@@ -540,8 +541,9 @@ class _Session:
                 return _Added.FAILED
             known = self._table.at_key(key)
             if known is not None:  # watched: inotify_add_watch would return the same wd
+                moved = known.path != folder
                 self._remove_watches(self._table.record(known.wd, folder, key))
-                return _Added.KNOWN
+                return _Added.RELOCATED if moved else _Added.KNOWN
             wd = self._add_watch(folder)
             if wd is None:
                 return _Added.FAILED

@@ -6,9 +6,10 @@ Creates FOLDERS site folders (default: max_queued_events + 1,617, the 18,001 of 
 default kernel), starts a DepositWatcher in a child process, stops the child with SIGSTOP,
 queues more events than `max_queued_events`, resumes it, then watches it for S seconds:
 how many overflows it logged (`inotify_events_lost`), how often it called on_overflow (each
-is a full rescan in the daemon), and the CPU it used. `--source` imports `backupwatch` from
-another checkout (e.g. `git worktree add /tmp/before main`) to measure the code before a
-change on the same machine. Prints one markdown table row.
+is a full rescan in the daemon), and the CPU it used. With `--storm` it overflows the queue
+every half second or so for the whole time (the CPU then includes reading the flood itself).
+`--source` imports `backupwatch` from another checkout (e.g. `git worktree add /tmp/before
+main`) to measure the code before a change on the same machine. Prints one markdown row.
 """
 
 from __future__ import annotations
@@ -60,12 +61,31 @@ def stopped(task: Path) -> bool:
         return True
 
 
-def count_lines(stream: object, counts: dict[str, int], key: str, match: str) -> None:
-    for line in stream:  # type: ignore[attr-defined]
-        if match in line:
-            counts[key] += 1
-        if '"ready"' in line:
-            counts["ready"] += 1
+def overflow(process: subprocess.Popen[str], folder: Path, limit: int) -> None:
+    """Stop the child, queue more events than the kernel keeps, resume it."""
+    process.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{process.pid}/task")
+    while not all(stopped(task) for task in tasks.iterdir()):
+        time.sleep(0.01)  # SIGSTOP is asynchronous
+    files = [folder / "a", folder / "b"]
+    for i in range(limit + 1000):
+        os.close(os.open(files[i % 2], os.O_WRONLY | os.O_CREAT, 0o644))
+    process.send_signal(signal.SIGCONT)
+
+
+def count_lines(stream: object, counts: dict[str, int]) -> None:
+    """Tally the child's lines: ready, on_overflow calls, lines logging lost events and the
+    overflows they count (a line without a count, as the code before 2026-11 logged, is one)."""
+    for text in stream:  # type: ignore[attr-defined]
+        try:
+            line = json.loads(text)
+        except ValueError:
+            continue
+        counts["ready"] += bool(line.get("ready"))
+        counts["overflow_calls"] += bool(line.get("overflow"))
+        if line.get("event") == "inotify_events_lost":
+            counts["lines"] += 1
+            counts["overflows"] += int(line.get("overflows", 1))
 
 
 def main() -> None:
@@ -73,6 +93,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folders", type=int, nargs="?", default=limit + 1617)
     parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--storm", action="store_true", help="overflow again and again")
     parser.add_argument("--source", type=Path, default=HERE, help="checkout to import from")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -94,14 +115,10 @@ def main() -> None:
             env=env,
             cwd=args.source,
         )
-        counts = {"ready": 0, "overflow_calls": 0, "events_lost": 0}
+        counts = dict.fromkeys(("ready", "overflow_calls", "lines", "overflows"), 0)
         readers = [
-            threading.Thread(
-                target=count_lines, args=(process.stdout, counts, "overflow_calls", '"overflow"')
-            ),
-            threading.Thread(
-                target=count_lines, args=(process.stderr, counts, "events_lost", "events_lost")
-            ),
+            threading.Thread(target=count_lines, args=(stream, counts))
+            for stream in (process.stdout, process.stderr)
         ]
         for thread in readers:
             thread.start()
@@ -110,17 +127,12 @@ def main() -> None:
             while not counts["ready"] and time.monotonic() < deadline:
                 time.sleep(0.05)
             cpu_before = cpu_seconds(process.pid)
-            process.send_signal(signal.SIGSTOP)
-            tasks = Path(f"/proc/{process.pid}/task")
-            while not all(stopped(task) for task in tasks.iterdir()):
-                time.sleep(0.01)  # SIGSTOP is asynchronous
-            files = [root / "flood" / "a", root / "flood" / "b"]
-            for f in files:
-                f.touch()
-            for i in range(limit + 1000):
-                os.close(os.open(files[i % 2], os.O_WRONLY))
-            process.send_signal(signal.SIGCONT)
-            time.sleep(args.seconds)
+            end = time.monotonic() + args.seconds
+            overflow(process, root / "flood", limit)
+            while args.storm and time.monotonic() < end:
+                time.sleep(0.5)  # let it run: then overflow it again
+                overflow(process, root / "flood", limit)
+            time.sleep(max(0.0, end - time.monotonic()))
             cpu = cpu_seconds(process.pid) - cpu_before
         finally:
             process.kill()
@@ -129,12 +141,13 @@ def main() -> None:
                 thread.join()
 
     print(
-        "| folders | max_queued_events | seconds | overflows logged | on_overflow calls "
-        "| CPU s (% of one core) |"
+        "| folders | max_queued_events | storm | seconds | overflows (log lines) "
+        "| on_overflow calls | CPU s (% of one core) |"
     )
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     print(
-        f"| {args.folders} | {limit} | {args.seconds:g} | {counts['events_lost']} "
+        f"| {args.folders} | {limit} | {args.storm} | {args.seconds:g} "
+        f"| {counts['overflows']} ({counts['lines']}) "
         f"| {counts['overflow_calls']} | {cpu:.1f} ({100 * cpu / args.seconds:.0f} %) |"
     )
     print(f"<!-- source {args.source}, python {sys.version.split()[0]}, {os.cpu_count()} CPUs -->")
