@@ -215,7 +215,9 @@ class Daemon:
     # ------------------------------------------------------------- inotify side
 
     def _on_event(self, kind: EventKind, path: Path) -> None:
-        """Runs on the watcher's thread: classify and queue, nothing that can block or raise."""
+        """Runs on the inotify thread: classify, tell `Arrivals`, queue; nothing that can block
+        or raise. Every report event is read at once: a report that is not whole yet waits (see
+        `readiness`) until its close, its rename or its settle time."""
         if kind is EventKind.DIR_CREATED:
             return  # the watcher watches it already; its files arrive as events of their own
         for waiting in self.waiting.touched(path):
@@ -236,7 +238,9 @@ class Daemon:
         self.notices.add(f"misplaced:{path}", f"{name} is never read: {why}", report=name)
 
     def _on_overflow(self) -> None:
-        log.warning("watcher.events_lost", action="rescan")
+        """The watcher lost events and has its watches back: rescan (it logged the loss).
+        What was seen of writers before may be stale now: a close may have been lost."""
+        log.info("watcher.rescan_after_overflow")
         self.arrivals.events_lost()
         self.queue.needs_rescan.set()
         self.wakeup.set()
@@ -309,7 +313,8 @@ class Daemon:
         return max(0.05, min(interval, 5.0))
 
     def _revive_watcher(self) -> None:
-        """The watcher's threads can die on some errors: start a new one, then rescan."""
+        """The inotify reader can die (a read error), the root can lose its watch: start a
+        new watcher, then rescan."""
         if self.watcher.is_alive():
             return
         log.error("watcher.died", action="restart and rescan")

@@ -1,39 +1,41 @@
-"""Inotify adapter (SPEC §3, §7): turns kernel events into paths on a bounded work queue.
+"""Inotify adapter (SPEC §3, §7): turns kernel events into paths for the daemon.
 
-Nothing here knows what a report is. The watchdog handler only maps an event to an
-`EventKind` and a path and hands it to the daemon's callback; the daemon decides what the
-path means and what to put on the `WorkQueue`. Everything the kernel can lose (queue
-overflow, watches over `max_user_watches`) is turned into a rescan request, because the
-periodic reconciliation scan, not inotify, is what guarantees that nothing is missed.
+Nothing here knows what a report is. `DepositWatcher` maps each kernel event to an `EventKind`
+and a path and hands it to the daemon's callback; the daemon decides what the path means and
+what to put on the `WorkQueue`. Everything the kernel can lose (queue overflow, watches over
+`max_user_watches`) is turned into a rescan request, because the periodic reconciliation scan,
+not inotify, is what guarantees that nothing is missed.
+
+Of watchdog only the lower layer is used: `InotifyFD` (the ctypes binding and its reader
+thread), fed by our own `WatchCallback`. Recursion and the overflow rebuild are ours, because
+watchdog's recursive watch group rebuilds after an overflow by removing every watch and adding
+it again: each removal queues an IN_IGNORED, so with more folders than `max_queued_events` the
+rebuild overflows the queue again, and again (18,001 folders: 36 overflows and 29 full rescans
+a minute). Ours only adds the watches that are missing, which queues nothing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import heapq
 import itertools
-import logging
 import os
+import stat
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING
 
 import structlog
-from watchdog.events import (
-    DirCreatedEvent,
-    FileClosedEvent,
-    FileCreatedEvent,
-    FileMovedEvent,
-    FileSystemEvent,
-    FileSystemEventHandler,
-)
+
+from backupwatch.watches import Key, RebuildPacer, WatchTable, key_of
 
 if TYPE_CHECKING:
-    from watchdog.observers.api import BaseObserver
+    from watchdog.observers.inotify_c import InotifyEvent, InotifyFD, WatchDescriptor
 
 __all__ = [
     "DepositWatcher",
@@ -45,39 +47,37 @@ __all__ = [
 
 _log = structlog.get_logger(__name__)
 
-# Only these events reach us. The filter also narrows the kernel mask (watchdog derives it in
-# InotifyEmitter.get_event_mask_from_filter) to IN_CREATE|IN_MOVED_FROM|IN_MOVED_TO|
-# IN_CLOSE_WRITE|IN_DELETE_SELF: without it every open/read/close of every file and folder
-# (including watchdog's own os.walk while adding watches) is queued, and above ~4,000 folders
-# the 16,384-event kernel queue overflows for good.
-EVENT_FILTER: tuple[type[FileSystemEvent], ...] = (
-    FileCreatedEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    DirCreatedEvent,
+# From <sys/inotify.h> (kernel ABI). What each folder's watch asks for, and why not more:
+# no IN_MODIFY (one event per write(): a big transfer would flood the queue), no IN_OPEN,
+# IN_ACCESS or IN_CLOSE_NOWRITE (every read, including our own walks, would be queued).
+IN_ATTRIB, IN_CLOSE_WRITE, IN_MOVED_FROM, IN_MOVED_TO = 0x4, 0x8, 0x40, 0x80
+IN_CREATE = 0x100
+IN_ONLYDIR, IN_DONT_FOLLOW, IN_EXCL_UNLINK = 0x01000000, 0x02000000, 0x04000000
+WATCH_MASK = (
+    IN_CREATE
+    | IN_CLOSE_WRITE
+    | IN_MOVED_FROM
+    | IN_MOVED_TO
+    | IN_ATTRIB
+    | IN_ONLYDIR  # a folder replaced by a file in between is not watched
+    | IN_DONT_FOLLOW  # nor one replaced by a symlink: nothing outside the root is watched
+    | IN_EXCL_UNLINK  # no events from files already unlinked but still open
 )
 
-# Where watchdog 7.1.0 reports lost events, and nowhere else: the kernel's IN_Q_OVERFLOW is
-# logged by InotifyFD.handle_event ("Inotify queue overflowed; filesystem events were lost"),
-# then each recursive watch group logs "Inotify queue overflowed; reconciling recursive
-# watches below %r" and, if re-adding its watches fails, "Unable to rebuild recursive inotify
-# watches below %r". Matching "overflow" rather than the whole sentence survives rewording.
-OVERFLOW_LOGGERS: tuple[str, ...] = ("watchdog.observers.inotify_c", "watchdog.observers.inotify")
-_LOST_WATCHES_PREFIX = "Unable to rebuild recursive inotify watches"
-_RECONCILING = "reconciling recursive watches"
-_REBUILD_WAIT = 120.0  # seconds; 90,000 watches take about 2.5 s to add
-
 _INOTIFY_PROC = Path("/proc/sys/fs/inotify")
-_DOUBLE_WATCH_WARNING = r"Callback with id .* already exists for watch"
+_PERSIST = " (and the setting in a file under /etc/sysctl.d/ to keep it after a reboot)"
+_STOP_TIMEOUT = 5.0
 
 
 class EventKind(enum.StrEnum):
     """What the kernel said about a path; the daemon maps it to "read now" or "let it settle"."""
 
-    CLOSED = "closed"
-    MOVED = "moved"
-    CREATED = "created"
-    DIR_CREATED = "dir_created"
+    CREATED = "created"  # IN_CREATE of a file: a writer may still hold it open, or a hard link
+    CLOSED = "closed"  # IN_CLOSE_WRITE: a writer closed it
+    MOVED = "moved"  # IN_MOVED_TO of a file: a complete file renamed or moved into place
+    ATTRIB = "attrib"  # IN_ATTRIB of a file: mode, owner, times or link count changed
+    FOUND = "found"  # already in a folder that was just created or moved in: no writer seen
+    DIR_CREATED = "dir_created"  # a folder created or moved in, reported once it is watched
 
 
 # --------------------------------------------------------------------------- work queue
@@ -88,9 +88,9 @@ class WorkQueue:
 
     One entry per path, because inotify repeats itself ("created" twice or three times, then
     "closed") and a report must be read once it has settled, not once per event. Bounded,
-    because the producer is watchdog's dispatch thread: blocking it would only move the
-    backlog into watchdog's unbounded queue, so a full queue drops the path and sets
-    `needs_rescan` for the reconciliation scan to pick it up instead.
+    because the producer is the inotify reader thread: blocking it would only let the
+    kernel queue overflow, so a full queue drops the path and sets `needs_rescan` for the
+    reconciliation scan to pick it up instead.
 
     `clock` drives the not-before times only; `get`/`wait_idle` timeouts use real monotonic
     time so that a test clock cannot make them block forever.
@@ -247,133 +247,14 @@ def _min_timeout(a: float | None, b: float | None) -> float | None:
     return min(a, b)
 
 
-# --------------------------------------------------------------------------- event handler
-
-
-def classify(event: FileSystemEvent) -> tuple[EventKind, Path] | None:
-    """Map a watchdog event to what the daemon needs; None for anything it does not use.
-
-    A move reports its destination: that is where the finished file now is.
-    """
-    if isinstance(event, FileMovedEvent):
-        return EventKind.MOVED, Path(os.fsdecode(event.dest_path))
-    if isinstance(event, FileClosedEvent):
-        return EventKind.CLOSED, Path(os.fsdecode(event.src_path))
-    if isinstance(event, DirCreatedEvent):
-        return EventKind.DIR_CREATED, Path(os.fsdecode(event.src_path))
-    if isinstance(event, FileCreatedEvent):
-        return EventKind.CREATED, Path(os.fsdecode(event.src_path))
-    return None
-
-
-class _Handler(FileSystemEventHandler):
-    """Runs in watchdog's only dispatch thread: one exception escaping here ends that thread
-    for good and events pile up unseen in watchdog's unbounded queue, so nothing escapes."""
-
-    def __init__(self, on_event: Callable[[EventKind, Path], None]) -> None:
-        super().__init__()
-        self._on_event = on_event
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        try:
-            item = classify(event)
-            if item is not None:
-                self._on_event(*item)
-        except BaseException:  # a SystemExit here would end the dispatch thread too
-            with contextlib.suppress(BaseException):
-                _log.exception("watch_event_failed", event=repr(event))
-
-
-# --------------------------------------------------------------------------- overflow hook
-
-
-@runtime_checkable
-class _Lock(Protocol):
-    def acquire(self, blocking: bool = ..., timeout: float = ...) -> bool: ...
-    def release(self) -> None: ...
-
-
-class _OverflowHook(logging.Handler):
-    """Watchdog reports a kernel queue overflow only through its logger, so we listen there.
-
-    On an overflow watchdog removes and re-adds every watch; a file written in between is
-    seen by no event. So `on_overflow` is called twice: at once (start the rescan early), and
-    again once the watches are back, so that a rescan starting then misses nothing. The
-    "reconciling" record is logged while watchdog holds the watch group's lock for the
-    rebuild, so a helper thread that takes that lock wakes exactly when the rebuild is done.
-    """
-
-    def __init__(
-        self, on_overflow: Callable[[], None], rebuild_locks: Callable[[], list[_Lock]]
-    ) -> None:
-        super().__init__(level=logging.WARNING)
-        self._on_overflow = on_overflow
-        self._rebuild_locks = rebuild_locks
-        self._saved_levels: dict[str, int] = {}
-
-    def emit(self, record: logging.LogRecord) -> None:
-        try:
-            self._react(record)
-        except BaseException:  # runs in watchdog's inotify reader thread: never kill it
-            with contextlib.suppress(BaseException):
-                _log.exception("overflow_hook_failed")
-
-    def _react(self, record: logging.LogRecord) -> None:
-        if not _means_lost_events(record):
-            return
-        message = record.getMessage()
-        _log.warning("inotify_events_lost", watchdog_message=message)
-        locks = self._rebuild_locks() if _RECONCILING in message else []
-        if not locks:
-            self._on_overflow()
-            return
-        threading.Thread(
-            target=self._notify_after_rebuild, args=(locks,), name="watch-rebuild", daemon=True
-        ).start()
-
-    def _notify_after_rebuild(self, locks: list[_Lock]) -> None:
-        try:
-            for lock in locks:
-                if lock.acquire(timeout=_REBUILD_WAIT):
-                    lock.release()
-            _log.info("inotify_watches_rebuilt")
-            self._on_overflow()
-        except BaseException:
-            with contextlib.suppress(BaseException):
-                _log.exception("overflow_hook_failed")
-
-    def install(self) -> None:
-        """Attach to watchdog's loggers, lowering them to WARNING if someone silenced them:
-        a level above WARNING would drop the record before any handler sees it."""
-        for name in OVERFLOW_LOGGERS:
-            logger = logging.getLogger(name)
-            if logger.getEffectiveLevel() > logging.WARNING:
-                self._saved_levels[name] = logger.level
-                logger.setLevel(logging.WARNING)
-            logger.addHandler(self)
-
-    def uninstall(self) -> None:
-        for name in OVERFLOW_LOGGERS:
-            logger = logging.getLogger(name)
-            logger.removeHandler(self)
-            if name in self._saved_levels:
-                logger.setLevel(self._saved_levels.pop(name))
-
-
-def _means_lost_events(record: logging.LogRecord) -> bool:
-    if record.name not in OVERFLOW_LOGGERS or record.levelno < logging.WARNING:
-        return False
-    message = record.getMessage()
-    return "overflow" in message.lower() or message.startswith(_LOST_WATCHES_PREFIX)
-
-
 # --------------------------------------------------------------------------- watcher
 
 
 class DepositWatcher:
-    """One recursive inotify observer on the storage root; new folders are watched as they
-    appear (watchdog adds the watch on IN_CREATE and synthesises "created" for what is
-    already inside), so no restart is ever needed for a new site."""
+    """Recursive inotify watches on the storage root; new folders are watched as they appear
+    (and what they already hold is reported as created), so no restart is needed for a new
+    site. After a kernel queue overflow the missing watches are added and `on_overflow` is
+    called once they are back, so that a rescan started then misses nothing."""
 
     def __init__(
         self,
@@ -382,88 +263,61 @@ class DepositWatcher:
         on_overflow: Callable[[], None],
     ) -> None:
         self._root = root
-        self._handler = _Handler(on_event)
-        self._hook = _OverflowHook(on_overflow, self._rebuild_locks)
-        self._observer: BaseObserver | None = None
+        self._on_event = on_event
+        self._on_overflow = on_overflow
+        self._session: _Session | None = None
         self.folder_count = 0
         self.limit_warnings: list[str] = []
 
     def start(self) -> None:
         """Add every watch (synchronously: when this returns, events are flowing).
 
-        Raises OSError when the root itself cannot be watched; watches that fail below the
-        root are only counted and logged, since watchdog drops those errors silently.
+        Raises OSError when the root itself cannot be watched; folders below it that cannot
+        be watched are logged (rate-limited) and left to the periodic rescan.
         """
-        self.folder_count = count_folders(self._root)
+        session = _Session(self._root, self._on_event, self._on_overflow)
+        try:
+            walked = session.start()
+        except BaseException:
+            session.stop(_STOP_TIMEOUT)
+            raise
+        self._session = session
+        self.folder_count = walked.folders
         self.limit_warnings = check_inotify_limits(self.folder_count)
         for warning in self.limit_warnings:
-            _log.warning("inotify_limit_low", detail=warning)
-        # watchdog warns (stderr, full repr of its state) whenever `mkdir -p` makes it add a
-        # watch twice; harmless, and noise in the journal
-        warnings.filterwarnings("ignore", _DOUBLE_WATCH_WARNING, RuntimeWarning)
-        self._hook.install()  # before start: the initial walk can already overflow
-        try:
-            self._observer = self._start_observer()
-        except BaseException:
-            self._hook.uninstall()
-            raise
-        self._check_watch_count()
+            _log.error("inotify_limit_low", detail=warning)
+        self._log_watching()
 
-    def stop(self, timeout: float = 5) -> None:
-        """Stop the observer threads; idempotent, so the daemon can call it from any exit."""
-        observer, self._observer = self._observer, None
-        self._hook.uninstall()
-        if observer is None:
-            return
-        observer.stop()
-        observer.join(timeout)
-        if observer.is_alive():
-            _log.warning("watcher_stop_timeout", timeout=timeout)
+    def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
+        """Remove the watches and end both threads; idempotent, so the daemon can call it
+        from any exit."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.stop(timeout)
 
     def is_alive(self) -> bool:
-        """All three watchdog threads (inotify reader, emitter, dispatcher) are running:
-        if any one dies, events stop silently, so the health check asks for all of them."""
-        observer = self._observer
-        if observer is None or not observer.is_alive():
-            return False
-        threads: list[threading.Thread] = list(observer.emitters)
-        reader = getattr(observer, "_inotify_fd", None)
-        if isinstance(reader, threading.Thread):
-            threads.append(reader)
-        return bool(threads) and all(t.is_alive() for t in threads)
+        """The inotify reader and the rebuild thread run and the root is still watched: if
+        either thread died, events or overflows would go unseen."""
+        session = self._session
+        return session is not None and session.is_alive()
 
     def watch_count(self) -> int | None:
-        """Kernel watches held now (None if watchdog's internals moved): below the folder
-        count means some folders are only covered by the periodic rescan."""
-        reader = getattr(self._observer, "_inotify_fd", None)
-        watches = getattr(reader, "_watch_for_wd", None)
-        return len(watches) if isinstance(watches, dict) else None
+        """Folders watched now: below `folder_count` means some are only covered by the
+        periodic rescan (None before start)."""
+        session = self._session
+        return session.watch_count() if session is not None else None
 
-    def _rebuild_locks(self) -> list[_Lock]:
-        """The locks watchdog (7.1.0) holds while it re-adds watches after an overflow;
-        [] if its internals moved, and the hook then notifies at once instead."""
-        observer = self._observer
-        groups = [getattr(e, "_inotify", None) for e in observer.emitters] if observer else []
-        locks = [getattr(g, "_lock", None) for g in groups]
-        return [lock for lock in locks if isinstance(lock, _Lock)]
+    @property
+    def overflows(self) -> int:
+        """Kernel queue overflows (IN_Q_OVERFLOW) seen since start."""
+        return self._session.overflows if self._session is not None else 0
 
-    def _start_observer(self) -> BaseObserver:
-        # Imported here so that the rest of this module (WorkQueue) imports on any platform.
-        from watchdog.observers.inotify import InotifyObserver
+    @property
+    def rebuilds(self) -> int:
+        """Walks of the tree after overflows, finished since start (one per burst)."""
+        return self._session.rebuilds if self._session is not None else 0
 
-        observer = InotifyObserver()  # starts its inotify reader thread already
-        try:
-            observer.schedule(
-                self._handler, str(self._root), recursive=True, event_filter=list(EVENT_FILTER)
-            )
-            observer.start()
-        except BaseException:
-            with contextlib.suppress(Exception):
-                observer.stop()  # else the reader thread and its inotify fd leak
-            raise
-        return observer
-
-    def _check_watch_count(self) -> None:
+    def _log_watching(self) -> None:
         watches = self.watch_count()
         _log.info("watching", root=str(self._root), folders=self.folder_count, watches=watches)
         if watches is not None and watches < self.folder_count:
@@ -471,8 +325,412 @@ class DepositWatcher:
                 "inotify_watches_missing",
                 folders=self.folder_count,
                 watches=watches,
-                hint="raise fs.inotify.max_user_watches; until then only the rescan sees them",
+                hint="see inotify_watch_failed; until fixed only the periodic rescan sees them",
             )
+
+
+@dataclass(frozen=True)
+class _Walked:
+    folders: int  # folders found (watched or not)
+    added: int  # watches added by this walk
+
+
+class _Added(enum.Enum):
+    NEW = "new"  # the walk added its watch
+    KNOWN = "known"  # it was watched already, at this path
+    RELOCATED = "relocated"  # it was watched already, under another path (a lost rename)
+    FAILED = "failed"  # gone, not a folder, or the kernel refused the watch
+
+
+class _Session:
+    """One inotify instance on the tree and the two threads around it.
+
+    watchdog's reader thread calls `on_event`, `on_watch_deleted` and `on_queue_overflow`
+    (its `WatchCallback` protocol); an exception escaping any of them would end that thread
+    for good, so none escapes. Overflows are handled by our own rebuild thread, so that the
+    reader goes on draining the kernel queue while the tree is walked.
+
+    Lock order: `_lock` (our bookkeeping), then watchdog's own lock inside `add_callback` /
+    `remove_callbacks`. watchdog calls us without holding its lock, and we never call the
+    daemon's callbacks while holding ours.
+    """
+
+    def __init__(
+        self,
+        root: Path,
+        on_event: Callable[[EventKind, Path], None],
+        on_overflow: Callable[[], None],
+    ) -> None:
+        # Imported here so that the rest of this module (WorkQueue) imports on any platform.
+        from watchdog.observers.inotify_c import CallbackId, InotifyFD, Mask
+
+        _require_overflow_callback()
+        self._root = os.fsencode(root)
+        self._on_event = on_event
+        self._on_overflow = on_overflow
+        self._table = WatchTable()
+        self._lock = threading.Lock()
+        self._closed = False  # under _lock: no watch is added once stop has begun
+        self._stopping = threading.Event()
+        self._overflowed = threading.Event()
+        self._counts = threading.Lock()
+        self._unhandled = 0  # overflows not yet covered by a rebuild
+        self.overflows = 0
+        self.rebuilds = 0
+        self._root_wd: int | None = None
+        self._root_lost = False
+        self._pacer = RebuildPacer()
+        self._failures = _FailureLog()
+        self._rebuilder = threading.Thread(
+            target=self._rebuild_loop, name="inotify-rebuild", daemon=True
+        )
+        self._fd: InotifyFD = InotifyFD()
+        self._id = CallbackId(id(self))
+        self._mask = Mask(WATCH_MASK)
+        self._root_mask = Mask(WATCH_MASK & ~IN_DONT_FOLLOW)
+        # Started at once: an InotifyFD whose thread never ran leaks its descriptor on stop.
+        self._fd.start()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def start(self) -> _Walked:
+        self._watch_root()
+        walked = self._walk(self._root, new=False)
+        self._rebuilder.start()  # an overflow during the walk above is handled now
+        return walked
+
+    def stop(self, timeout: float) -> None:
+        self._stopping.set()
+        self._overflowed.set()  # wakes the rebuild thread, which then returns
+        if self._rebuilder.is_alive():
+            self._rebuilder.join(timeout)
+        with self._lock:
+            self._closed = True
+        self._fd.stop()  # removes every watch and wakes the reader, which then ends
+        self._fd.join(timeout)
+        if self._fd.is_alive():
+            _log.warning("watcher_stop_timeout", timeout=timeout)
+
+    def is_alive(self) -> bool:
+        return (
+            self._fd.is_alive()
+            and self._rebuilder.is_alive()
+            and not self._stopping.is_set()
+            and not self._root_lost
+        )
+
+    def watch_count(self) -> int:
+        with self._lock:
+            return len(self._table)
+
+    def _watch_root(self) -> None:
+        """The root is the operator's: a symlink there is followed (below it, none is)."""
+        st = os.stat(self._root)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder", os.fsdecode(self._root))
+        wd = self._fd.add_callback(self._root, self._root_mask, self, self._id)
+        if wd < 0:  # watchdog (7.1) returns -1 on EACCES instead of raising
+            raise PermissionError(errno.EACCES, "cannot watch", os.fsdecode(self._root))
+        with self._lock:
+            self._root_wd = wd
+            self._table.record(wd, self._root, key_of(st.st_dev, st.st_ino))
+
+    # ------------------------------------------------- WatchCallback (reader thread)
+
+    def on_event(self, event: InotifyEvent) -> None:
+        try:
+            self._dispatch(event)
+        except BaseException:  # a SystemExit here would end the reader thread too
+            with contextlib.suppress(BaseException):
+                _log.exception("watch_event_failed", event=repr(event))
+
+    def on_watch_deleted(self, wd: WatchDescriptor) -> None:
+        """The kernel removed a watch (IN_IGNORED): its folder was deleted or unmounted."""
+        try:
+            if not self._stopping.is_set():
+                with self._lock:
+                    self._forget(wd)
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                _log.exception("watch_delete_failed", wd=wd)
+
+    def on_queue_overflow(self) -> None:
+        """IN_Q_OVERFLOW: count it and wake the rebuild thread; never work here, where the
+        reader should be draining the kernel queue."""
+        try:
+            with self._counts:
+                self.overflows += 1
+                self._unhandled += 1
+            self._overflowed.set()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                _log.exception("overflow_hook_failed")
+
+    def _dispatch(self, event: InotifyEvent) -> None:
+        if self._stopping.is_set() or not event.name:
+            return  # events on a watched folder itself (IN_UNMOUNT) carry no name
+        with self._lock:
+            parent = self._table.path_of(event.wd)
+        if parent is None:
+            return  # a watch removed since the kernel queued this event
+        path = os.path.join(parent, event.name)
+        if not event.is_directory:
+            kind = _file_kind(event)
+            if kind is not None:
+                self._emit(kind, path)
+        elif event.is_moved_from:
+            self._unwatch(path)
+        elif event.is_create or event.is_moved_to:
+            self._walk(path, new=True)
+
+    def _unwatch(self, path: bytes) -> None:
+        """A folder moved away: its watches would report the new place under the old name.
+        If it moved within the tree, its IN_MOVED_TO watches it again, under the new one."""
+        with self._lock:
+            gone = [f.wd for f in self._table.subtree(path) if f.wd != self._root_wd]
+            for wd in gone:
+                self._table.forget(wd)
+            self._remove_watches(gone)
+
+    def _emit(self, kind: EventKind, path: bytes) -> None:
+        """One event to the daemon; its failure costs that event, not the ones after it."""
+        try:
+            self._on_event(kind, Path(os.fsdecode(path)))
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                _log.exception("watch_event_failed", kind=str(kind), path=os.fsdecode(path))
+
+    # ---------------------------------------------------------------- walking
+
+    def _walk(self, top: bytes, *, new: bool) -> _Walked:
+        """Watch every folder from `top` down, each before it is listed, so that anything
+        created after the listing has an event.
+
+        `new` (a folder created or moved in, on the reader thread): stop at folders already
+        watched at that path and report what the others hold as FOUND (`mkdir -p a/b/c;
+        touch a/b/c/f` is over before the first event is read; whether a writer still holds
+        such a file open cannot be seen). Otherwise (start, rebuild): visit
+        every folder and report nothing; the caller's rescan reads what is there.
+        """
+        stack = [top]
+        folders = added = 0
+        while stack and not self._stopping.is_set():
+            folder = stack.pop()
+            state = self._ensure_watched(folder)
+            folders += 1
+            if new and (state in (_Added.NEW, _Added.RELOCATED) or folder == top):
+                self._emit(EventKind.DIR_CREATED, folder)  # once watched, if it can be
+            if state is _Added.FAILED or (new and state is _Added.KNOWN):
+                continue
+            added += state is _Added.NEW
+            subfolders, files = _list(folder, files=new)
+            stack.extend(subfolders)
+            if new:
+                for path in files:
+                    self._emit(EventKind.FOUND, path)  # its creation came before our watch
+        return _Walked(folders, added)
+
+    def _ensure_watched(self, folder: bytes) -> _Added:
+        try:
+            st = os.stat(folder, follow_symlinks=folder == self._root)
+        except OSError:
+            return _Added.FAILED
+        if not stat.S_ISDIR(st.st_mode):
+            return _Added.FAILED
+        key = key_of(st.st_dev, st.st_ino)
+        with self._lock:
+            if self._closed:
+                return _Added.FAILED
+            known = self._table.at_key(key)
+            if known is not None:  # watched: inotify_add_watch would return the same wd
+                moved = known.path != folder
+                self._remove_watches(self._table.record(known.wd, folder, key))
+                return _Added.RELOCATED if moved else _Added.KNOWN
+            wd = self._add_watch(folder)
+            if wd is None:
+                return _Added.FAILED
+            self._remove_watches(self._table.record(wd, folder, key))
+            return _Added.NEW
+
+    def _add_watch(self, folder: bytes) -> int | None:
+        """Called with `_lock` held."""
+        try:
+            wd = int(self._fd.add_callback(folder, self._mask, self, self._id))
+        except OSError as exc:
+            self._failures.record(folder, exc)
+            return None
+        if wd < 0:  # watchdog (7.1) returns -1 on EACCES and keeps a watch under -1: undo it
+            self._remove_watches([wd])
+            self._failures.record(folder, PermissionError(errno.EACCES, "permission denied"))
+            return None
+        return wd
+
+    def _remove_watches(self, wds: list[int]) -> None:
+        """Called with `_lock` held. A watch already gone (EINVAL) is fine."""
+        if not wds:
+            return
+        from watchdog.observers.inotify_c import WatchDescriptor
+
+        with contextlib.suppress(OSError):
+            self._fd.remove_callbacks([(WatchDescriptor(wd), self._id) for wd in wds])
+
+    def _forget(self, wd: int) -> None:
+        """Called with `_lock` held."""
+        if self._table.forget(wd) is not None and wd == self._root_wd:
+            self._root_lost = True
+            _log.error("watch_root_lost", root=os.fsdecode(self._root))
+
+    # --------------------------------------------------------------- overflow
+
+    def _rebuild_loop(self) -> None:
+        """One rebuild at a time; overflows during one just ask for one more, paced."""
+        while True:
+            self._overflowed.wait()
+            if self._stopping.is_set():
+                return
+            start_at = self._pacer.plan(time.monotonic())
+            if self._stopping.wait(max(0.0, start_at - time.monotonic())):
+                return
+            self._overflowed.clear()
+            try:
+                self._rebuild()
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    _log.exception("inotify_rebuild_failed")
+            self._pacer.finished(time.monotonic())
+            if self._stopping.is_set():
+                return
+            try:
+                self._on_overflow()
+            except BaseException:
+                with contextlib.suppress(BaseException):
+                    _log.exception("overflow_hook_failed")
+
+    def _rebuild(self) -> None:
+        """Add the watches of folders whose IN_CREATE was lost, drop those of folders whose
+        IN_IGNORED was lost. Adding a watch on a watched folder is skipped (the kernel
+        would return the same wd), and nothing is removed that still exists: so the
+        rebuild itself queues no event and cannot cause the next overflow."""
+        with self._counts:
+            lost, self._unhandled = self._unhandled, 0
+        _log.warning(
+            "inotify_events_lost",
+            overflows=lost,
+            action="adding the missing watches, then a rescan",
+        )
+        started = time.monotonic()
+        with self._lock:
+            generation = self._table.begin_walk()
+        walked = self._walk(self._root, new=False)
+        removed = self._prune(generation)
+        with self._counts:
+            self.rebuilds += 1
+        _log.info(
+            "inotify_watches_checked",
+            folders=walked.folders,
+            added=walked.added,
+            removed=removed,
+            watches=self.watch_count(),
+            seconds=round(time.monotonic() - started, 3),
+        )
+
+    def _prune(self, generation: int) -> int:
+        """Forget watches the walk did not see whose folder is gone or is another one now
+        (an unreadable parent hides folders that are still there: those stay)."""
+        with self._lock:
+            unseen = [(f.wd, f.path, f.key) for f in self._table.unseen(generation)]
+        stale = [wd for wd, path, key in unseen if _key_at(path) != key]
+        with self._lock:
+            still = [wd for wd in stale if (f := self._table.get(wd)) and f.seen < generation]
+            for wd in still:
+                self._forget(wd)
+            self._remove_watches(still)
+        return len(still)
+
+
+def _require_overflow_callback() -> None:
+    """Overflow detection rests on `WatchCallback.on_queue_overflow` (watchdog 7.1): an
+    older watchdog drops IN_Q_OVERFLOW silently, so refuse to run on it."""
+    from watchdog.observers.inotify_c import InotifyEvent, WatchCallback
+
+    if not hasattr(WatchCallback, "on_queue_overflow") or not hasattr(
+        InotifyEvent, "is_queue_overflow"
+    ):
+        raise RuntimeError("watchdog >= 7.1 is needed: this one cannot report inotify overflows")
+
+
+def _file_kind(event: InotifyEvent) -> EventKind | None:
+    """IN_MOVED_FROM of a file means it left; where it went, if watched, comes as MOVED."""
+    if event.is_close_write:
+        return EventKind.CLOSED
+    if event.is_moved_to:
+        return EventKind.MOVED
+    if event.is_create:
+        return EventKind.CREATED
+    if event.is_attrib:
+        return EventKind.ATTRIB
+    return None
+
+
+def _list(folder: bytes, *, files: bool) -> tuple[list[bytes], list[bytes]]:
+    """Subfolders (never through a symlink) and, if `files`, everything else in `folder`."""
+    folders: list[bytes] = []
+    others: list[bytes] = []
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                except OSError:
+                    is_dir = False
+                if is_dir:
+                    folders.append(entry.path)
+                elif files:
+                    others.append(entry.path)
+    except OSError:
+        pass
+    return folders, others
+
+
+def _key_at(path: bytes) -> Key | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return key_of(st.st_dev, st.st_ino) if stat.S_ISDIR(st.st_mode) else None
+
+
+class _FailureLog:
+    """Folders that cannot be watched: one error line at once, then at most one a minute
+    saying how many more failed, since an agent can make any number of unreadable folders."""
+
+    interval = 60.0
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._unlogged = 0
+        self._quiet_until = 0.0
+
+    def record(self, folder: bytes, exc: OSError) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now < self._quiet_until:
+            self._unlogged += 1
+            return
+        unlogged, self._unlogged = self._unlogged, 0
+        self._quiet_until = now + self.interval
+        hint = (
+            "raise fs.inotify.max_user_watches (see inotify_limit_low)"
+            if exc.errno == errno.ENOSPC
+            else "the daemon's user needs read and search permission on it"
+        )
+        _log.error(
+            "inotify_watch_failed",
+            folder=os.fsdecode(folder),
+            error=str(exc),
+            not_logged_since_last=unlogged,
+            hint=hint + "; until then only the periodic rescan sees it",
+        )
 
 
 # --------------------------------------------------------------------------- limits
@@ -480,7 +738,7 @@ class DepositWatcher:
 
 def count_folders(root: Path) -> int:
     """Folders under `root`, itself included: one inotify watch each (symlinks not followed,
-    as watchdog does not follow them either). Unreadable folders are skipped."""
+    as the watcher does not follow them either). Unreadable folders are skipped."""
     return sum(1 for _ in _walk_dirs(os.fspath(root)))
 
 
@@ -511,14 +769,15 @@ def check_inotify_limits(folder_count: int, *, proc_dir: Path = _INOTIFY_PROC) -
         found.append(
             f"fs.inotify.max_user_watches={watches} is too low for {folder_count} folders "
             f"(one watch each, shared with every inotify user of this uid, plus headroom); "
-            f"folders over the limit are silently unwatched: "
-            f"sysctl -w fs.inotify.max_user_watches={_round_up(2 * needed_watches)}"
+            f"folders over the limit are seen only by the periodic rescan: "
+            f"sysctl -w fs.inotify.max_user_watches={_round_up(2 * needed_watches)}{_PERSIST}"
         )
     if queued is not None and queued < folder_count:
         found.append(
             f"fs.inotify.max_queued_events={queued} is below the {folder_count} watched folders: "
-            f"a burst of reports can overflow the kernel queue and force a full rescan: "
-            f"sysctl -w fs.inotify.max_queued_events={_round_up(2 * folder_count)}"
+            f"a burst of reports can overflow the kernel queue, and each overflow costs a walk "
+            f"of the tree and a full rescan: "
+            f"sysctl -w fs.inotify.max_queued_events={_round_up(2 * folder_count)}{_PERSIST}"
         )
     return found
 

@@ -170,10 +170,11 @@ def test_status_answers_starting_while_the_start_sequence_runs(
         starting.start()
         socket_path = instance.settings.control_socket
         assert poll(lambda: socket_path.exists())
+        migrating = "starting: migrating the database"
+        assert poll(lambda: call(socket_path, "status")["phase"] == migrating)
         answer = call(socket_path, "status")
         assert answer["ok"] is True
         assert answer["state"] == "starting"
-        assert answer["phase"] == "starting: migrating the database"
         assert answer["healthy"] is False
         refused = call(socket_path, "reload")
         assert refused["ok"] is False
