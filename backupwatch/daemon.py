@@ -1,7 +1,8 @@
 """SPEC §7: `backupwatchd`, the long-running daemon.
 
-Threads: the watchdog observer (classifies a path and queues it, nothing more), N workers (run the
-pipeline on one report at a time), the MISSING timer, the control socket, and the main thread,
+Threads: the inotify reader and its rebuild thread (classify a path and queue it, nothing more),
+N workers (run the pipeline on one report at a time), the MISSING timer, the control socket, and
+the main thread,
 which owns every state change: signals and control requests only set flags or post requests that
 the main loop carries out, so a reload never races a rescan or a shutdown.
 """
@@ -484,6 +485,12 @@ class Daemon:
             "database": shown_setting("database_url", self.settings.database_url),
             "config_path": str(self.settings.config_path),
             "warnings": [*self.watcher.limit_warnings, *self.notices.texts()],
+            "inotify": {
+                "folders": self.watcher.folder_count,
+                "watches": self.watcher.watch_count(),
+                "overflows": self.watcher.overflows,
+                "rebuilds": self.watcher.rebuilds,
+            },
         }
 
     def status_line(self) -> str:
