@@ -14,6 +14,7 @@ clean run.
 from __future__ import annotations
 
 import enum
+import functools
 import gzip
 import hashlib
 import json
@@ -23,7 +24,7 @@ import random
 import stat
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -234,7 +235,7 @@ class BurstBuilder:
         kind: str,
         folder: str,
         name: str,
-        body: dict[str, object] | bytes,
+        body: Mapping[str, object] | bytes,
         fate: Fate = Fate.ARCHIVED,
         words: tuple[str, ...] = (),
     ) -> ExpectedReport:
@@ -244,7 +245,9 @@ class BurstBuilder:
         self.truth.folders.add(folder)
         return report
 
-    def _body(self, site: int, when: datetime, databases: dict[str, object]) -> dict[str, object]:
+    def _body(
+        self, site: int, when: datetime, databases: Mapping[str, object]
+    ) -> dict[str, object]:
         return {
             "agent_id": agent_id(site),
             "operation_start_time": iso(when - timedelta(minutes=5)),
@@ -476,7 +479,7 @@ def crash_run(
     for number in range(kills):
         done = progress(truth, tree.deposit)
         target = done + math.ceil(rng.random() * (total - done))
-        poll(lambda t=target: progress(truth, tree.deposit) >= t, timeout=idle_timeout)
+        poll(functools.partial(_reached, truth, tree.deposit, target), timeout=idle_timeout)
         delay = rng.uniform(0.0, 0.05)
         time.sleep(delay)
         daemon.kill()
@@ -485,6 +488,10 @@ def crash_run(
     _settle(truth, tree, daemon, run, idle_timeout)
     run.seconds = time.monotonic() - started
     return run
+
+
+def _reached(truth: Truth, deposit: Path, target: int) -> bool:
+    return progress(truth, deposit) >= target
 
 
 def _idle(truth: Truth, tree: Tree, daemon: DaemonControl) -> bool:

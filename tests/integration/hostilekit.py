@@ -28,6 +28,20 @@ REASON = ".reason.txt"
 
 # ----------------------------------------------------------------------------- sites
 
+_ENGINES: dict[str, sqlalchemy.Engine] = {}
+
+
+def engine_for(url: str) -> sqlalchemy.Engine:
+    """One pooled engine per database: the corpus polls the entries of 23 sites."""
+    if url not in _ENGINES:
+        _ENGINES[url] = sqlalchemy.create_engine(url)
+    return _ENGINES[url]
+
+
+def dispose_engines() -> None:
+    while _ENGINES:
+        _ENGINES.popitem()[1].dispose()
+
 
 @dataclass(frozen=True)
 class EntryRow:
@@ -61,18 +75,15 @@ class Site:
         return f"{COMPANY}/{CITY}/{self.name}/sales"
 
     def entries(self) -> list[EntryRow]:
-        engine = sqlalchemy.create_engine(self.database_url)
+        engine = engine_for(self.database_url)
         query = sqlalchemy.text(
             "SELECT e.status, e.message, e.final_path, e.report_name FROM backup_entries e "
             "JOIN expected_backup_jobs j ON j.id = e.job_id "
             "WHERE j.company_name = :c AND j.city = :city AND j.neighborhood = :n"
         )
-        try:
-            with engine.connect() as connection:
-                rows = connection.execute(query, {"c": COMPANY, "city": CITY, "n": self.name})
-                return [EntryRow(str(r[0]), r[1] or "", r[2], r[3]) for r in rows]
-        finally:
-            engine.dispose()
+        with engine.connect() as connection:
+            rows = connection.execute(query, {"c": COMPANY, "city": CITY, "n": self.name})
+            return [EntryRow(str(r[0]), r[1] or "", r[2], r[3]) for r in rows]
 
     def listing(self, sub: str) -> list[Path]:
         """What lies in D/sub when it is a real folder (never through a symlink)."""

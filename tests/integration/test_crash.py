@@ -237,7 +237,12 @@ def test_kill_9_at_a_named_point_loses_and_duplicates_nothing(
     daemon, tree = _daemon(make_daemon, url, POINT_SITES, case.final, request)
     truth = build_burst(POINT_SITES, 7, now_utc())
 
-    run = point_run(truth, tree, Controlled(daemon), case.point, seed=7)
+    controlled = Controlled(daemon)
+    try:
+        run = point_run(truth, tree, controlled, case.point, seed=7)
+    finally:
+        if controlled.alive():  # killing strace alone would leave its tracee running
+            controlled.kill()
 
     print(f"{case.id} ({case.issue}): {run.summary(limit=1000)}")
     assert run.clean, f"{case.issue}\n{run.summary(limit=40)}"

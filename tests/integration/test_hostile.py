@@ -50,6 +50,7 @@ from hostilekit import (
     Rejected,
     Site,
     digest_changes,
+    dispose_engines,
     jobs_toml,
     reason_problems,
     tracebacks,
@@ -493,8 +494,11 @@ def corpus(request: pytest.FixtureRequest) -> Iterator[Corpus]:
     daemon: Daemon | None = None
     try:
         with database_for(request.param, base) as url:
-            daemon, result = _run_corpus(base, url)
-            yield result
+            try:
+                daemon, result = _run_corpus(base, url)
+                yield result
+            finally:
+                dispose_engines()  # before the schema is dropped
     finally:
         if daemon is not None and daemon.process and daemon.process.poll() is None:
             daemon.process.kill()
@@ -586,15 +590,21 @@ def test_stops_cleanly_after_the_corpus(corpus: Corpus) -> None:
 # ----------------------------------------------------------------------------- own daemons
 
 
+@pytest.fixture(autouse=True)
+def _release_engines() -> Iterator[None]:
+    """Sites poll through pooled engines; a test's database goes away with its tmp folder."""
+    yield
+    dispose_engines()
+
+
 def test_future_mtime_garbage_waiting_at_start_does_not_block_ready(
     make_daemon: Callable[..., Daemon], tmp_path: Path
 ) -> None:
     """Issue 11 item 7: waiting in D at start, it kept the daemon from READY=1 (and the MISSING
     timer from starting) for good."""
-    daemon = make_daemon(
-        f"sqlite:///{tmp_path}/db.sqlite", jobs_toml(["future"]), **config_overrides()
-    )
-    site = Site("future", daemon.deposit, daemon.validated, "", daemon.log_path)
+    url = f"sqlite:///{tmp_path}/db.sqlite"
+    daemon = make_daemon(url, jobs_toml(["future"]), **config_overrides())
+    site = Site("future", daemon.deposit, daemon.validated, url, daemon.log_path)
     site.folder.mkdir(parents=True)
     expect = future_mtime_not_json(site, tmp_path)
 
@@ -602,7 +612,6 @@ def test_future_mtime_garbage_waiting_at_start_does_not_block_ready(
 
     assert daemon.notify is not None
     daemon.notify.expect("READY=1", timeout=30)
-    site.database_url = f"sqlite:///{tmp_path}/db.sqlite"
     wait_for(lambda: expect.settled(site), timeout=30, what="future.json judged")
     assert not expect.problems(site)
     assert daemon.stop() == 0
