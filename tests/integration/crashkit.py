@@ -1,8 +1,9 @@
 """The kill -9 harness: a burst whose outcome is known in advance, and a comparison with it.
 
 Shared by `tests/integration/test_crash.py` (a few seeds, ~60 sites) and `bench/crash.py` (many
-iterations, 300 sites), so it imports neither pytest nor the daemon's own modules: the truth is
-written here from SPEC §3-§5, not computed by the code under test.
+iterations, 300 sites), so it does not import pytest; and it never asks the daemon's code for a
+verdict: the truth is written here from SPEC §3-§5, not computed by the code under test (only
+`config_overrides` looks at which config keys this daemon knows).
 
 A run: start the daemon on a tree of HOURLY sites, drop the burst (reports renamed into place as
 agents do), SIGKILL the daemon one to three times at moments drawn from a seeded RNG, restart it,
