@@ -493,33 +493,28 @@ def clean_env() -> dict[str, str]:
 def corpus(request: pytest.FixtureRequest) -> Iterator[Corpus]:
     """Run the whole corpus through one daemon, once per database."""
     base = Path(tempfile.mkdtemp(prefix="bwh-", dir="/tmp"))  # short: sockets live under it
-    daemon: Daemon | None = None
+    names = [case.name for case in CASES] + [NORMAL]
     try:
         with database_for(request.param, base) as url:
+            overrides = {"report_max_bytes": MAX_BYTES, **config_overrides()}
+            config = write_config(
+                base, url, jobs_toml(names), control_socket=str(base / "ctl.sock"), **overrides
+            )
+            daemon = Daemon(base, config, base, clean_env())
             try:
-                daemon, result = _run_corpus(base, url)
-                yield result
+                yield _run_corpus(daemon, names, url)
             finally:
+                if daemon.process and daemon.process.poll() is None:
+                    daemon.process.kill()
+                    daemon.process.wait()
                 dispose_engines()  # before the schema is dropped
     finally:
-        if daemon is not None and daemon.process and daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _run_corpus(base: Path, url: str) -> tuple[Daemon, Corpus]:
-    names = [case.name for case in CASES] + [NORMAL]
+def _run_corpus(daemon: Daemon, names: list[str], url: str) -> Corpus:
+    base = daemon.base
     control = base / "ctl.sock"
-    config = write_config(
-        base,
-        url,
-        jobs_toml(names),
-        control_socket=str(control),
-        report_max_bytes=MAX_BYTES,
-        **config_overrides(),
-    )
-    daemon = Daemon(base, config, base, clean_env())
     sites = {
         name: Site(name, base / "deposit", base / "validated", url, daemon.log_path)
         for name in names
@@ -552,7 +547,7 @@ def _run_corpus(base: Path, url: str) -> tuple[Daemon, Corpus]:
     except subprocess.TimeoutExpired:
         result.stop.append("did not stop within 15 s of SIGTERM")
     result.tracebacks = tracebacks(daemon.log_path)
-    return daemon, result
+    return result
 
 
 def _digest(path: Path) -> dict[str, str]:
