@@ -224,14 +224,27 @@ class Recorded:
                 problems.append(f"the entry does not say {missing}: {entry.message!r}")
             if self.status == "SUCCESS" and entry.status == "SUCCESS":
                 problems += stored_problems(entry, self.staged, site)
+        problems += orphan_problems(site, entries)
         if _present(self.path(site)):
             problems.append(f"{self.report!r} is still in D, not archived")
         archived = [p for p in site.listing(ARCHIVE) if p.is_file()]
-        if not archived and not _present(self.path(site)):
+        rejected = [p.name for p in site.listing(REJECTED)]
+        if rejected:
+            reasons = [text.strip() for _path, text in reasons_in(site)]
+            problems.append(
+                f"rejected instead of archived: D/_rejected holds {rejected}, {reasons}"
+            )
+        elif not archived and not _present(self.path(site)):
             problems.append(f"{self.report!r} is neither in D nor in D/_archive (lost)")
-        if site.listing(REJECTED):
-            problems.append(f"D/_rejected holds {[p.name for p in site.listing(REJECTED)]}")
         return problems
+
+
+def orphan_problems(site: Site, entries: list[EntryRow]) -> list[str]:
+    """SPEC §5: an entry for every file promoted; nothing else under the job's final folder."""
+    folder = site.validated / COMPANY / CITY / site.name
+    recorded = {Path(e.final_path) for e in entries if e.final_path}
+    stored = [Path(d) / n for d, _, names in os.walk(folder) for n in names]
+    return [f"{p.name[:40]!r} in final storage has no entry" for p in stored if p not in recorded]
 
 
 def stored_problems(entry: EntryRow, data: bytes | None, site: Site) -> list[str]:
