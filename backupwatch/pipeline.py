@@ -271,9 +271,10 @@ def _unreadable(ctx: Context, site: Site, path: Path, st: os.stat_result) -> Res
 def unreadable_reason(what: str, st: os.stat_result) -> str:
     """What an operator must fix when the daemon's user may not read an agent's file."""
     return (
-        f"{what} cannot be read by the daemon's user (owner uid {st.st_uid}, group gid "
-        f"{st.st_gid}, mode {st.st_mode & 0o7777:04o}): agents must upload files the "
-        "backupwatch group can read (a set-gid site folder with a default ACL, or umask 027); "
+        f"{what} is not readable by the daemon's user (permission denied; owner uid "
+        f"{st.st_uid}, group gid {st.st_gid}, mode {st.st_mode & 0o7777:04o}): agents must "
+        "upload files the backupwatch group can read (a set-gid site folder with a default "
+        "ACL, or umask 027); "
         'see "Agents\' upload accounts" in the packaging guide'
     )
 
@@ -469,7 +470,7 @@ def _judge_staged(
         facts = StagedFacts(staged_name, problem=f"refused: {exc}")
     except PermissionError:
         st = _lstat_beneath(site.folder, staged_name)
-        problem = unreadable_reason("it", st) if st else "it cannot be read by the daemon's user"
+        problem = unreadable_reason("it", st) if st else "permission denied"
         facts = StagedFacts(staged_name, problem=problem)
     return decide(db, facts), facts, None
 

@@ -60,14 +60,21 @@ def reject_into(report: Path, folder: Path, display_name: str, reason: str) -> P
             try:
                 rename_noreplace(src_fd, report.name, dst_fd, name)
             except FileExistsError:
-                _unlink_quietly(dst_fd, name + REASON_SUFFIX)
+                _take_back_reason(dst_fd, name)
                 continue
             except BaseException:
-                _unlink_quietly(dst_fd, name + REASON_SUFFIX)
+                _take_back_reason(dst_fd, name)
                 raise
             os.fsync(dst_fd)
             return target_dir / name
     raise FileExistsError(f"no free name for {report.name} in {target_dir}")
+
+
+def _take_back_reason(dir_fd: int, name: str) -> None:
+    """The move failed: remove our reason, unless a report landed at NAME meanwhile (another
+    daemon rejecting the same report wrote the same reason, and its report is now there)."""
+    if not _exists(dir_fd, name):
+        _unlink_quietly(dir_fd, name + REASON_SUFFIX)
 
 
 def _write_reason(dir_fd: int, name: str, text: bytes) -> bool:
@@ -76,9 +83,15 @@ def _write_reason(dir_fd: int, name: str, text: bytes) -> bool:
         return False
     temp = _write_temp(dir_fd, text)
     try:
-        return _place_reason(dir_fd, temp, name + REASON_SUFFIX)
+        return _place_reason(dir_fd, temp, name + REASON_SUFFIX, _subject(text))
     finally:
         _unlink_quietly(dir_fd, temp)
+
+
+def _subject(text: bytes) -> bytes:
+    """`SITE/NAME was rejected:`, the part of a reason that names its report."""
+    head, sep, _rest = text.partition(b" was rejected:")
+    return head + sep
 
 
 def _write_temp(dir_fd: int, text: bytes) -> str:
@@ -93,26 +106,44 @@ def _write_temp(dir_fd: int, text: bytes) -> str:
     return temp
 
 
-def _place_reason(dir_fd: int, temp: str, reason_name: str) -> bool:
+def _place_reason(dir_fd: int, temp: str, reason_name: str, subject: bytes) -> bool:
     try:
         rename_noreplace(dir_fd, temp, dir_fd, reason_name)
         return True
     except FileExistsError:
-        if not _is_orphan(dir_fd, reason_name):
+        if not _is_orphan(dir_fd, reason_name, subject):
             return False
     os.rename(temp, reason_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the orphan
     return True
 
 
-def _is_orphan(dir_fd: int, reason_name: str) -> bool:
-    """An old reason file whose report is not beside it: left by a crash mid-rejection."""
+def _is_orphan(dir_fd: int, reason_name: str, subject: bytes = b"") -> bool:
+    """A reason file whose report is not beside it, left by a crash mid-rejection: our own
+    (it names the very report being rejected again), or anyone's once it is old. A young one
+    naming another report may be a rejection under way (another worker or daemon)."""
     report_name = reason_name.removesuffix(REASON_SUFFIX)
+    if _exists(dir_fd, report_name):
+        return False
     try:
         st = os.stat(reason_name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    old = time.time() - st.st_mtime > ORPHAN_AGE
-    return old and stat.S_ISREG(st.st_mode) and not _exists(dir_fd, report_name)
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if time.time() - st.st_mtime > ORPHAN_AGE:
+        return True
+    return bool(subject) and _starts_with(dir_fd, reason_name, subject)
+
+
+def _starts_with(dir_fd: int, name: str, prefix: bytes) -> bool:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        return os.read(fd, len(prefix)) == prefix
+    finally:
+        os.close(fd)
 
 
 def _exists(dir_fd: int, name: str) -> bool:

@@ -657,7 +657,8 @@ def test_a_report_the_daemon_may_not_read_waits_then_says_what_to_fix(
         jobs_toml(names),
         base=base,
         control_socket=str(base / "run" / "control.sock"),
-        **config_overrides(),
+        # longer than the 1.5 s the "transfer tool" below takes to make its report readable
+        **{**config_overrides(), "report_settle_seconds": 6},
     )
     for folder in ("state", "validated", "run"):
         (base / folder).mkdir(exist_ok=True)

@@ -734,7 +734,7 @@ def test_unreadable_staged_file_fails_only_its_database(
     sales, hr = w.history(SALES), w.history(HR)
     assert [e.status for e in sales] == [BackupEntryStatus.TRANSFER_INTEGRITY_FAILED]
     assert sales[0].message.startswith(
-        f"staged file {STAGED}: it cannot be read by the daemon's user (owner uid 0"
+        f"staged file {STAGED}: it is not readable by the daemon's user (permission denied"
     )
     assert "Agents' upload accounts" in sales[0].message  # what to fix, and where to read how
     assert [e.status for e in hr] == [BackupEntryStatus.SUCCESS]

@@ -107,7 +107,7 @@ def test_two_reports_of_one_name_rejected_at_once_each_keep_their_reason(site: P
     def run(path: Path, why: str) -> None:
         try:
             start.wait(5)
-            reject_into(path, site, path.name, why)
+            reject_into(path, site, str(path.relative_to(site.parent)), why)  # as the pipeline
         except BaseException as exc:
             errors.append(exc)
 
@@ -174,3 +174,15 @@ def test_repair_removes_old_orphans_and_restores_lost_reasons(site: Path) -> Non
         "young.json.reason.txt",
     ]
     assert LOST_REASON in (folder / "bare.json.reason.txt").read_text()
+
+
+def test_a_young_orphan_naming_the_same_report_is_taken_back(site: Path) -> None:
+    """A kill between the reason and the move, then an immediate restart: the same report is
+    rejected again and takes its own orphaned reason's name (issue 11 item 4)."""
+    (site / "_rejected").mkdir()
+    orphan = site / "_rejected" / ("STATUS.json" + REASON_SUFFIX)
+    orphan.write_text("site/STATUS.json was rejected: not valid JSON\n")
+
+    reject_into(report(site), site, "site/STATUS.json", "not valid JSON")
+
+    assert listing(site) == ["STATUS.json", "STATUS.json.reason.txt"]
