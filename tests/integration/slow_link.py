@@ -11,6 +11,7 @@ A standalone script (only the standard library): ssh runs it, not pytest.
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 import threading
@@ -30,8 +31,7 @@ def downstream(sock: socket.socket) -> None:
 def upstream(sock: socket.socket, rate: float) -> None:
     """Client to server through the token bucket, until the client closes its end."""
     tokens, last = BURST, time.monotonic()
-    source = sys.stdin.buffer.raw  # type: ignore[attr-defined]
-    while data := source.read(4096):
+    while data := os.read(0, 4096):
         view = memoryview(data)
         while view:
             now = time.monotonic()

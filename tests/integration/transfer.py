@@ -505,11 +505,13 @@ def await_verdicts(
 ) -> dict[str, Seen]:
     """Poll until every site shows a verdict or `timeout` passes; never fails by itself, so
     that one report per site can say what it expected and what it got."""
+    process = daemon.process
+    assert process is not None
     deadline = time.monotonic() + timeout
     while True:
         files = [observe(daemon, e.site, entries=False) for e in expectations]
         done = all(e.finished(seen) for e, seen in zip(expectations, files, strict=True))
-        if done or time.monotonic() > deadline or daemon.process.poll() is not None:  # type: ignore[union-attr]
+        if done or time.monotonic() > deadline or process.poll() is not None:
             return {e.site.neighborhood: observe(daemon, e.site) for e in expectations}
         time.sleep(0.1)
 
