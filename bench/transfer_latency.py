@@ -151,21 +151,32 @@ class Events(FileSystemEventHandler):
             self.seen.append((now, kind, src, dest))
             self.cond.notify_all()
 
-    def reset(self) -> None:
+    def wait_left(self, path: str, timeout: float) -> tuple[float, str, str, str] | None:
+        """The first event of `path` leaving its folder; call with `cond` held."""
+        deadline = time.monotonic() + timeout
+        while not (left := [e for e in self.seen if e[1] in LEAVING and e[2] == path]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return None
+            self.cond.wait(remaining)
+        return left[0]
+
+    def set_aside(self, report: Path, where: Path) -> None:
+        """Move a report that was never judged out of D, and forget its events."""
         with self.cond:
+            if report.exists():
+                os.rename(report, where)
+                self.wait_left(str(report), 5.0)
             self.seen.clear()
 
     def latency(self, report: Path, timeout: float) -> tuple[float, str] | None:
         """(verdict - complete, the completing event) for `report`, once it has left D."""
         path = str(report)
-        deadline = time.monotonic() + timeout
         with self.cond:
-            while not (left := [e for e in self.seen if e[1] in LEAVING and e[2] == path]):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return None
-                self.cond.wait(remaining)
-            verdict, _kind, _src, dest = left[0]
+            left = self.wait_left(path, timeout)
+            if left is None:
+                return None
+            verdict, _kind, _src, dest = left
             if "/_archive/" not in dest:
                 raise SystemExit(f"{path} was not archived (rejected?): {dest or 'deleted'}")
             arrivals = [
@@ -279,6 +290,8 @@ def measure(
             (base / "agent").mkdir()
             daemon = BenchDaemon(config, run_dir, base / "daemon.log")
             daemon.start()
+            assert daemon.notify is not None
+            threading.Thread(target=drain, args=(daemon.notify.sock,), daemon=True).start()
             events = Events()
             observer = InotifyObserver()
             observer.schedule(events, str(deposit), recursive=True)
@@ -297,6 +310,20 @@ def measure(
                 observer.stop()
                 observer.join()
                 daemon.stop()
+
+
+def drain(sock: socket.socket) -> None:
+    """Keep reading the daemon's notify socket, as systemd does: once 10 datagrams wait
+    unread (net.unix.max_dgram_qlen), systemd-python's sd_notify blocks holding the GIL and
+    the whole daemon freezes (about a minute of STATUS= updates in)."""
+    while sock.fileno() != -1:
+        try:
+            sock.settimeout(0.2)
+            sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
 
 
 def sample(
@@ -319,22 +346,16 @@ def sample(
         write_file(local, data)
         send(Send(data, local, folder / "STATUS.json", base / "outside"))
         result = events.latency(folder / "STATUS.json", args.timeout)
-        if result is None:  # counted, and the report left for the next run to sweep up
+        if result is None:  # counted as never judged (the periodic rescan would find it)
             print(f"{name}: report {index} not archived within {args.timeout} s", file=sys.stderr)
-            kinds["timed out"] += 1
-            wait_gone(folder / "STATUS.json", args.timeout)
-            events.reset()
+            kinds["never judged"] += 1
+            aside = base / "agent" / f"{name}-{index}-never-judged.json"
+            events.set_aside(folder / "STATUS.json", aside)  # so that the next run can land
             continue
         if index >= args.warmup:
             latencies.append(result[0] * 1000)
             kinds[result[1]] += 1
     return latencies, kinds
-
-
-def wait_gone(path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def main() -> None:

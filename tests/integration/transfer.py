@@ -23,6 +23,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -559,17 +560,37 @@ def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 
 def start_daemon(daemon: Daemon, as_user: list[str] | None = None, timeout: float = 60.0) -> None:
     """Start it and wait for READY=1, failing at once with its log if it exits instead (a
-    config key it does not know yet, say), rather than after the notify timeout."""
+    config key it does not know yet, say), rather than after the notify timeout. Then keep
+    reading its notify socket, as systemd does (see `drain_notify`)."""
     daemon.start(wait_ready=False, as_user=as_user)
-    assert daemon.notify is not None
-    assert daemon.process is not None
+    notify, process = daemon.notify, daemon.process
+    assert notify is not None
+    assert process is not None
     deadline = time.monotonic() + timeout
     while True:
         with contextlib.suppress(pytest.fail.Exception):
-            daemon.notify.expect("READY=1", timeout=0.2)
-            return
-        if daemon.process.poll() is not None:
+            notify.expect("READY=1", timeout=0.2)
+            break
+        if process.poll() is not None:
             log = daemon.log_path.read_text(errors="replace").strip()[-1500:]
-            pytest.fail(f"backupwatchd exited {daemon.process.returncode} before READY=1:\n{log}")
+            pytest.fail(f"backupwatchd exited {process.returncode} before READY=1:\n{log}")
         if time.monotonic() > deadline:
             pytest.fail(f"no READY=1 from backupwatchd within {timeout} s")
+    threading.Thread(target=drain_notify, args=(notify.sock,), daemon=True).start()
+
+
+def drain_notify(sock: socket.socket) -> None:
+    """Read and drop the daemon's notifications until the test closes the socket.
+
+    The kernel queues at most net.unix.max_dgram_qlen (10) datagrams; once they are not read,
+    sd_notify blocks, and systemd-python's notify() blocks holding the GIL: the whole daemon
+    freezes (about a minute of STATUS= updates in). systemd always reads; so does this.
+    """
+    while sock.fileno() != -1:
+        try:
+            sock.settimeout(0.2)
+            sock.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
