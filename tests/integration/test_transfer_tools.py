@@ -3,9 +3,12 @@
 Each test runs several sites at once against one daemon, one scenario per site, and then says
 for every site what was expected and what an operator sees (entries, `_archive/`, `_rejected/`
 and its reason files, tracebacks in the log). What each tool does on the server, as observed
-with strace on OpenSSH 9.2, rsync 3.2 and lftp 4.9:
+here (strace, polling stat) with OpenSSH 9.2, rsync 3.5 and lftp 4.9:
 
 - a shell redirection or `sftp put` to STATUS.json: create, writes, one close (IN_CLOSE_WRITE);
+  over a slow link sftp-server writes each request only once all of it has arrived, so a 24 KB
+  report stays open and empty for the whole transfer (`sftp -l` alone cannot show this over
+  loopback: it sleeps after sending; see slow_link.py);
 - `rsync` (default): a 0600 temp `.NAME.XXXXXX`, written through a 256 KiB buffer (so a small
   file stays 0 bytes until its last block), chmod, then rename into place; `rsync -r` sends
   `STATUS.json` before `database/` (upper case sorts first);
