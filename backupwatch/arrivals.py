@@ -22,6 +22,9 @@ from backupwatch.readiness import Writer
 from backupwatch.sites import NEVER_SCANNED
 from backupwatch.watcher import EventKind
 
+WRITER_HORIZON = 3600.0
+"""Seconds a file seen opened for writing, and not closed since, keeps its site folder busy."""
+
 
 @dataclass(frozen=True)
 class Signature:
@@ -57,6 +60,7 @@ class Arrivals:
         self._wall = wall
         self._lock = threading.Lock()
         self._paths: dict[Path, _Path] = {}
+        self._writers: dict[Path, float] = {}  # staged data files open for writing: since when
 
     def saw(self, kind: EventKind, path: Path, linked: bool = False) -> None:
         """An event on a report path (watcher thread). `linked`: a new name for a file that
@@ -70,11 +74,23 @@ class Arrivals:
             elif placed:
                 state.writer_open, state.closed_at = False, self._monotonic()
 
+    def saw_data(self, kind: EventKind, path: Path, linked: bool = False) -> None:
+        """An event on a file of a site's tree that is not a report (staged data, a transfer's
+        temp file): while one is open for writing, the site's transfer is still in flight.
+        rsync writes a small file through a 256 KiB buffer, so its temp file can stay empty
+        (its ctime unchanged) for the whole transfer: only its open shows it is coming."""
+        with self._lock:
+            if kind is EventKind.CREATED and not linked:
+                self._writers[path] = self._monotonic()
+            elif kind in (EventKind.CLOSED, EventKind.MOVED):
+                self._writers.pop(path, None)
+
     def events_lost(self) -> None:
         """After an inotify overflow nothing observed can be trusted: a close may be lost."""
         with self._lock:
             for state in self._paths.values():
                 state.writer_open, state.closed_at = False, None
+            self._writers.clear()
 
     def writer(self, path: Path) -> Writer:
         with self._lock:
@@ -101,10 +117,23 @@ class Arrivals:
         return max(watched, since_ctime if since_ctime >= 0 else 0.0)
 
     def quiet_for(self, folder: Path) -> float:
-        """Seconds since any file under `folder` last changed (its newest ctime): a transfer
-        still writing there, even under a temp name, keeps it from being quiet."""
+        """Seconds since any file under `folder` last changed (its newest ctime), or 0 while
+        a file there is open for writing: a transfer writing there, even under a temp name,
+        keeps it from being quiet. A writer open longer than WRITER_HORIZON no longer counts
+        on its own (a process that keeps a file open for good must not hold verdicts forever);
+        its writes still do, through the ctime."""
+        if self._writing_under(folder):
+            return 0.0
         newest = newest_change(folder, NEVER_SCANNED)
         return float("inf") if newest is None else max(0.0, self._wall() - newest)
+
+    def _writing_under(self, folder: Path) -> bool:
+        horizon = self._monotonic() - WRITER_HORIZON
+        with self._lock:
+            stale = [path for path, since in self._writers.items() if since < horizon]
+            for path in stale:
+                del self._writers[path]
+            return any(path.is_relative_to(folder) for path in self._writers)
 
     def done(self, path: Path) -> None:
         """Judged, gone or moved away: the next file at this path is a new arrival."""

@@ -228,9 +228,12 @@ class Daemon:
         if classified.kind is PathKind.MISPLACED:
             self._note_misplaced(path, classified.why or "")
             return
+        linked = kind is EventKind.CREATED and _has_links(path)
         if classified.kind is PathKind.IGNORED:
+            if self.ctx.registry.site_containing(path) is not None:
+                self.arrivals.saw_data(kind, path, linked)  # a transfer in flight, or done
             return
-        self.arrivals.saw(kind, path, linked=kind is EventKind.CREATED and _has_links(path))
+        self.arrivals.saw(kind, path, linked)
         self.waiting.remove(path)
         self.queue.put(path)
 

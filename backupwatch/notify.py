@@ -1,7 +1,10 @@
 """sd_notify for backupwatchd (SPEC §7): READY/RELOADING/STOPPING, STATUS and watchdog pings.
 
-systemd-python (libsystemd's sd_notify) is used when it is installed; otherwise the datagram
-protocol of sd_notify(3) is spoken directly, which is a few lines. Either way a broken
+The datagram protocol of sd_notify(3) is spoken directly (a few lines), without blocking: when
+nobody reads the socket and its queue is full, libsystemd's sd_notify (systemd-python) blocks,
+and it does so holding the GIL, which froze every thread of the daemon (seen with 10 unread
+datagrams, net.unix.max_dgram_qlen). A notification that cannot be sent at once is dropped and
+logged once. systemd-python's sender is kept for tests that compare the two. A broken
 NOTIFY_SOCKET must never take the daemon down: failures are logged once per kind and swallowed.
 
 NOTIFY_SOCKET is deliberately left in the environment: the daemon sends notifications for its
@@ -22,9 +25,6 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
-# A busy or wedged PID 1 must not hang our shutdown or stall the watchdog thread forever.
-_SEND_TIMEOUT_S = 1.0
-
 Sender = Callable[[str, str], None]  # (NOTIFY_SOCKET address, message)
 
 
@@ -43,8 +43,9 @@ class Notifier:
     def __init__(self, environ: Mapping[str, str], *, use_libsystemd: bool | None = None) -> None:
         """Read the notify environment once.
 
-        `use_libsystemd`: None picks systemd-python when importable; False forces the built-in
-        protocol; True asks for systemd-python but still falls back if it is not installed.
+        `use_libsystemd`: None and False use the built-in, non-blocking protocol; True asks for
+        systemd-python (it may block, see the module docstring) but falls back if it is not
+        installed.
         libsystemd reads NOTIFY_SOCKET from the real process environment, so it is only used
         when `environ` agrees with os.environ about the socket.
         """
@@ -100,7 +101,7 @@ class Notifier:
         log.warning("notify.failed", socket=self.socket_address, kind=exc.kind, error=exc.detail)
 
     def _choose_sender(self, use_libsystemd: bool | None) -> Sender:
-        if use_libsystemd is False or not _libsystemd_available():
+        if not use_libsystemd or not _libsystemd_available():
             return _send_datagram
         if os.environ.get("NOTIFY_SOCKET", "") != self.socket_address:
             return _send_datagram
@@ -135,7 +136,7 @@ def _send_datagram(address: str, message: str) -> None:
     target = _socket_address(address)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-            sock.settimeout(_SEND_TIMEOUT_S)
+            sock.setblocking(False)  # a full queue: drop this one, never wait for systemd
             sock.sendto(message.encode(), target)
     except OSError as exc:
         raise NotifyError(_errno_kind(exc), str(exc)) from exc

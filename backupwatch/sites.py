@@ -111,6 +111,14 @@ class Registry:
     def site_of_folder(self, folder: Path) -> Site | None:
         return self.sites.get(normalize(folder))
 
+    def site_containing(self, path: Path) -> Site | None:
+        """The site whose deposit folder holds `path` at any depth (the innermost one)."""
+        for parent in normalize(path).parents:
+            site = self.sites.get(parent)
+            if site is not None:
+                return site
+        return None
+
     def _misplaced(self, path: Path, relative: Path) -> Classified:
         """A file an agent clearly meant as a report but that is never read where it lies."""
         name = path.name

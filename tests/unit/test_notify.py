@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from backupwatch import notify
@@ -194,13 +196,12 @@ def test_libsystemd_used_only_when_process_environment_agrees(
     assert recv(sock) == "WATCHDOG=1"
 
 
-def test_auto_prefers_libsystemd_when_installed(
+def test_the_default_is_the_non_blocking_datagram_sender(
     listener: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     address, _ = listener
     monkeypatch.setenv("NOTIFY_SOCKET", address)
-    expected = "libsystemd" if HAS_LIBSYSTEMD else "datagram"
-    assert Notifier({"NOTIFY_SOCKET": address}).backend == expected
+    assert Notifier({"NOTIFY_SOCKET": address}).backend == "datagram"
 
 
 def test_fallback_when_systemd_python_missing(
@@ -246,3 +247,24 @@ def test_watchdog_interval(watchdog_env: dict[str, str], expected: float | None)
     environ = {key: value.format(**pids) for key, value in watchdog_env.items()}
     notifier = Notifier({"NOTIFY_SOCKET": "@unused", **environ}, use_libsystemd=False)
     assert notifier.watchdog_interval == expected
+
+
+def test_a_socket_nobody_reads_never_blocks_the_daemon(
+    listener: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libsystemd's sd_notify blocks, holding the GIL, once the unread queue is full: every
+    thread of the daemon froze. The default sender drops and says so once."""
+    address, _sock = listener  # bound, never read
+    notifier = Notifier({"NOTIFY_SOCKET": address})
+    assert notifier.backend == "datagram"
+    done = threading.Event()
+
+    def flood() -> None:
+        for index in range(200):
+            notifier.status(f"status {index}")
+        done.set()
+
+    with structlog.testing.capture_logs() as logs:
+        threading.Thread(target=flood, daemon=True).start()
+        assert done.wait(10), "the sender blocked on a full notify queue"
+    assert [entry["kind"] for entry in logs if entry["event"] == "notify.failed"] == ["EAGAIN"]
