@@ -11,11 +11,12 @@ left without one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,11 +28,13 @@ from backupwatch.fsutil import (
     rename_noreplace,
     unique_name,
 )
+from backupwatch.names import display_name
 from backupwatch.sites import REJECTED_DIR
 
 log = structlog.get_logger(__name__)
 
 REASON_SUFFIX = ".reason.txt"
+TEMP_SUFFIX = ".reason.tmp"
 ORPHAN_AGE = 60.0
 """A reason file without its report, younger than this, may belong to a rejection under way
 (another worker, or another daemon sharing the folder): it is left alone."""
@@ -81,11 +84,20 @@ def _write_reason(dir_fd: int, name: str, text: bytes) -> bool:
     """Put NAME.reason.txt in place, whole; False when NAME or a live reason already holds it."""
     if _exists(dir_fd, name):
         return False
-    temp = _write_temp(dir_fd, text)
-    try:
-        return _place_reason(dir_fd, temp, name + REASON_SUFFIX, _subject(text))
-    finally:
-        _unlink_quietly(dir_fd, temp)
+    reason_name = name + REASON_SUFFIX
+    with _whole_file(dir_fd, text) as place:
+        try:
+            place(reason_name)
+            return True
+        except FileExistsError:
+            if not _is_orphan(dir_fd, reason_name, _subject(text)):
+                return False
+        _unlink_quietly(dir_fd, reason_name)  # our own, or an old, orphan: its name is free
+        try:
+            place(reason_name)
+        except FileExistsError:
+            return False
+        return True
 
 
 def _subject(text: bytes) -> bytes:
@@ -94,27 +106,51 @@ def _subject(text: bytes) -> bytes:
     return head + sep
 
 
-def _write_temp(dir_fd: int, text: bytes) -> str:
-    """A dot-file (never read as a report) holding `text`, fsynced: renamed into place next."""
-    temp = f".{uuid.uuid4().hex}.reason.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(temp, flags, 0o644, dir_fd=dir_fd)
-    with os.fdopen(fd, "wb") as out:
-        out.write(text)
-        out.flush()
-        os.fsync(out.fileno())
-    return temp
+@contextlib.contextmanager
+def _whole_file(dir_fd: int, text: bytes) -> Iterator[Callable[[str], None]]:
+    """`text`, fsynced, and a function that links it under a name (FileExistsError if taken).
 
-
-def _place_reason(dir_fd: int, temp: str, reason_name: str, subject: bytes) -> bool:
+    An O_TMPFILE has no name until it is linked, so a crash while writing leaves nothing at
+    all; where the filesystem has no O_TMPFILE (NFS), a dot-named temp is used instead and
+    renamed without replacing (a crash may then leave the temp, which `repair` removes).
+    """
     try:
-        rename_noreplace(dir_fd, temp, dir_fd, reason_name)
-        return True
-    except FileExistsError:
-        if not _is_orphan(dir_fd, reason_name, subject):
-            return False
-    os.rename(temp, reason_name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)  # replaces the orphan
-    return True
+        fd = os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        yield from _named_temp(dir_fd, text)
+        return
+    try:
+        _write_all(fd, text)
+        yield lambda name: os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=dir_fd)
+    finally:
+        os.close(fd)
+
+
+def _named_temp(dir_fd: int, text: bytes) -> Iterator[Callable[[str], None]]:
+    temp = f".{uuid.uuid4().hex}{TEMP_SUFFIX}"
+    fd = os.open(
+        temp,
+        os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+        0o644,
+        dir_fd=dir_fd,
+    )
+    try:
+        _write_all(fd, text)
+    finally:
+        os.close(fd)
+    try:
+        yield lambda name: rename_noreplace(dir_fd, temp, dir_fd, name)
+    finally:
+        _unlink_quietly(dir_fd, temp)
+
+
+def _write_all(fd: int, text: bytes) -> None:
+    view = memoryview(text)
+    while view:
+        view = view[os.write(fd, view) :]
+    os.fsync(fd)
 
 
 def _is_orphan(dir_fd: int, reason_name: str, subject: bytes = b"") -> bool:
@@ -130,7 +166,7 @@ def _is_orphan(dir_fd: int, reason_name: str, subject: bytes = b"") -> bool:
         return False
     if not stat.S_ISREG(st.st_mode):
         return False
-    if time.time() - st.st_mtime > ORPHAN_AGE:
+    if _older(dir_fd, reason_name):
         return True
     return bool(subject) and _starts_with(dir_fd, reason_name, subject)
 
@@ -172,7 +208,8 @@ def repair(folder: Path) -> Repair:
         with open_dir(target_dir) as dir_fd:
             names = set(_listing(target_dir))
             orphans = [n for n in names if n.endswith(REASON_SUFFIX) and _is_orphan(dir_fd, n)]
-            for name in orphans:
+            temps = [n for n in names if n.endswith(TEMP_SUFFIX) and _older(dir_fd, n)]
+            for name in orphans + temps:
                 _unlink_quietly(dir_fd, name)
                 log.info("rejected.orphan_reason_removed", folder=str(target_dir), reason=name)
             bare = [
@@ -186,18 +223,23 @@ def repair(folder: Path) -> Repair:
                 _restore_reason(dir_fd, name)
     except (FileNotFoundError, NotADirectoryError, OSError):
         return Repair()
-    return Repair(len(orphans), len(bare))
+    return Repair(len(orphans) + len(temps), len(bare))
+
+
+def _older(dir_fd: int, name: str) -> bool:
+    """Older than ORPHAN_AGE: not a rejection under way (another worker or daemon)."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return time.time() - st.st_mtime > ORPHAN_AGE
 
 
 def _restore_reason(dir_fd: int, name: str) -> None:
-    temp = _write_temp(dir_fd, reason_text(name, LOST_REASON).encode("utf-8", "backslashreplace"))
-    try:
-        rename_noreplace(dir_fd, temp, dir_fd, name + REASON_SUFFIX)
-        log.warning("rejected.reason_restored", report=name)
-    except FileExistsError:
-        pass
-    finally:
-        _unlink_quietly(dir_fd, temp)
+    text = reason_text(display_name(name), LOST_REASON).encode("utf-8", "backslashreplace")
+    with _whole_file(dir_fd, text) as place, contextlib.suppress(FileExistsError):
+        place(name + REASON_SUFFIX)
+        log.warning("rejected.reason_restored", report=display_name(name))
 
 
 def _listing(folder: Path) -> Iterator[str]:

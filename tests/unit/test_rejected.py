@@ -186,3 +186,21 @@ def test_a_young_orphan_naming_the_same_report_is_taken_back(site: Path) -> None
     reject_into(report(site), site, "site/STATUS.json", "not valid JSON")
 
     assert listing(site) == ["STATUS.json", "STATUS.json.reason.txt"]
+
+
+def test_a_crash_while_the_reason_is_written_leaves_no_file(
+    site: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reason is an unnamed file (O_TMPFILE) until it is whole: a kill mid-write left
+    `.XXXX.reason.tmp` files behind (found by the crash test)."""
+
+    seen_while_writing: list[list[str]] = []
+
+    def killed(_fd: int, _text: bytes) -> None:
+        seen_while_writing.append(listing(site))  # what a kill at this instant would leave
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rejected, "_write_all", killed)
+    with pytest.raises(KeyboardInterrupt):
+        reject_into(report(site), site, "STATUS.json", "why")
+    assert seen_while_writing == [[]]
