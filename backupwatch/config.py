@@ -12,6 +12,7 @@ import math
 import os
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,9 +20,26 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-DEFAULT_CONFIG_PATH = Path("/etc/backupwatch/backupwatch.toml")
-ENV_PREFIX = "BACKUPWATCH_"
-CONFIG_ENV_VAR = "BACKUPWATCH_CONFIG"
+from backupwatch.locate import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_CONTROL_SOCKET,
+    ENV_PREFIX,
+    ConfigError,
+    default_config_path,
+)
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "ConfigError",
+    "Lenient",
+    "Settings",
+    "default_config_path",
+    "load_settings",
+    "load_settings_lenient",
+]
 
 # Upper bounds keep later `timedelta` arithmetic from overflowing; no sane value comes near.
 _MAX_MINUTES = 100 * 366 * 24 * 60
@@ -32,14 +50,6 @@ PositiveMinutes = Annotated[int, Field(gt=0, le=_MAX_MINUTES)]
 PositiveFloatMinutes = Annotated[float, Field(gt=0, le=_MAX_MINUTES, allow_inf_nan=False)]
 PositiveDays = Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_DAYS * 86400, allow_inf_nan=False)]
-
-
-class ConfigError(Exception):
-    """Every problem of a configuration, reported together so one edit can fix them all."""
-
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
 
 
 class Settings(BaseModel):
@@ -54,7 +64,7 @@ class Settings(BaseModel):
     max_status_file_age_days: PositiveDays = 1.0
     database_url: str = "sqlite:////var/lib/backupwatch/backupwatch.db"
     jobs_path: Path = Path("/etc/backupwatch/jobs.d")
-    control_socket: Path = Path("/run/backupwatch/control.sock")
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
     rescan_interval_minutes: PositiveFloatMinutes = 10.0
     report_max_bytes: Annotated[int, Field(gt=0)] = 1048576
     # SPEC §3, §5: how long a file must stay unchanged (or a site folder quiet) before a verdict
@@ -157,42 +167,79 @@ def env_var_name(key: str) -> str:
     return ENV_PREFIX + key.upper()
 
 
-def default_config_path(cli: Path | None, environ: Mapping[str, str]) -> Path:
-    """SPEC §1: `--config`, else `$BACKUPWATCH_CONFIG`, else the packaged default."""
-    if cli is not None:
-        return cli
-    from_env = environ.get(CONFIG_ENV_VAR, "")
-    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
-
-
 def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
     """Read the file, apply environment overrides, and report every problem in one ConfigError."""
     path = Path(os.path.abspath(path))
-    document = _read_toml(path)
+    attempt = _attempt(path, _read_toml(path), environ, frozenset())
+    if attempt.errors or attempt.settings is None:
+        raise ConfigError(attempt.errors)
+    return attempt.settings
+
+
+@dataclass(frozen=True)
+class Lenient:
+    """Settings for a tool that must go on despite errors: each bad key at its default."""
+
+    settings: Settings
+    errors: list[str]  # what `load_settings` would have raised (empty: the file is valid)
+    defaulted: frozenset[str]  # the keys whose value was bad and replaced by the default
+
+
+def load_settings_lenient(path: Path, environ: Mapping[str, str]) -> Lenient:
+    """SPEC §11: a config error that does not stop `backupwatchctl` from reaching the database
+    is a warning, not a dead tool. Raises ConfigError only when no settings can be made."""
+    path = Path(os.path.abspath(path))
+    try:
+        document = _read_toml(path)
+        unreadable: list[str] = []
+    except ConfigError as exc:
+        document, unreadable = {}, exc.errors
+    first = _attempt(path, document, environ, frozenset())
+    if not first.errors and first.settings is not None:
+        return Lenient(first.settings, unreadable, frozenset())
+    second = _attempt(path, document, environ, first.bad_keys)
+    if second.settings is None:
+        raise ConfigError([*unreadable, *first.errors, *second.errors])
+    return Lenient(second.settings, [*unreadable, *first.errors], first.bad_keys)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    settings: Settings | None
+    errors: list[str]
+    bad_keys: frozenset[str]
+
+
+def _attempt(
+    path: Path, document: Mapping[str, Any], environ: Mapping[str, str], skip: frozenset[str]
+) -> _Attempt:
+    """One validation of `document` and the environment, leaving out the keys in `skip`."""
     errors: list[str] = []
+    bad: set[str] = set()
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for key in CONFIG_KEYS:
         name = env_var_name(key)
-        if name in environ:
+        if name in environ and key not in skip:
             values[key] = environ[name]
             origins[key] = f"environment {name}"
     for key, value in document.items():
-        if key in origins:
+        if key in origins or key in skip:
             continue  # overridden: only the value in effect is checked (an unknown key never is)
         problem = _file_value_problem(key, value)
         if problem is not None:
             errors.append(f"{path}: {key}: {problem}")
+            bad.add(key)
             continue
         values[key] = value
         origins[key] = f"{path}: {key}"
+    settings = None
     try:
         settings = Settings.model_validate({"config_path": path, **values})
     except ValidationError as exc:
         errors.extend(_describe(exc, origins, path))
-    if errors:
-        raise ConfigError(errors)
-    return settings
+        bad.update(str(e["loc"][0]) for e in exc.errors() if e["loc"])
+    return _Attempt(settings, errors, frozenset(bad))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:

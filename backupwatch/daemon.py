@@ -31,7 +31,13 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch import __version__
 from backupwatch.arrivals import Arrivals, Waiting
-from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
+from backupwatch.config import (
+    ConfigError,
+    Settings,
+    default_config_path,
+    load_settings,
+    load_settings_lenient,
+)
 from backupwatch.control import ControlError, ControlServer, Handler
 from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
@@ -59,6 +65,7 @@ STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
 RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Daemon:
@@ -460,8 +467,39 @@ class Daemon:
                 changes.append(change)
         return changes
 
-    def _handle_status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        """Answered on the control thread from what exists at any moment of the start."""
+    def _handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answered on the control thread from what exists at any moment of the start.
+
+        `jobs: true` adds the job rows (read here, once the daemon is ready), so that
+        `backupwatchctl status` needs neither pydantic nor SQLAlchemy of its own; `config_path`
+        naming this daemon's own file adds `file_check`: that file's errors and the database
+        it names now (with the control tool's `BACKUPWATCH_*` variables in `environ`).
+        """
+        answer = self._status()
+        if request.get("jobs") and self.ready:
+            try:
+                answer["jobs"] = [view.as_json() for view in self.store.job_views(self.clock())]
+            except SQLAlchemyError as exc:
+                answer["jobs_error"] = str(exc).splitlines()[0]
+        if request.get("config_path") == str(self.settings.config_path):
+            environ = request.get("environ")
+            answer["file_check"] = self._check_file(environ if isinstance(environ, dict) else {})
+        return answer
+
+    def _check_file(self, environ: dict[str, Any]) -> dict[str, Any]:
+        """The configuration file as it is now (not as it was loaded): its errors, and the
+        database it names unless that key itself is wrong."""
+        env = {str(k): str(v) for k, v in environ.items() if str(k).startswith("BACKUPWATCH_")}
+        try:
+            lenient = load_settings_lenient(self.settings.config_path, env)
+        except ConfigError as exc:
+            return {"errors": exc.errors, "database": None}
+        database = None
+        if "database_url" not in lenient.defaulted:
+            database = shown_setting("database_url", lenient.settings.database_url)
+        return {"errors": lenient.errors, "database": database}
+
+    def _status(self) -> dict[str, Any]:
         return {
             "ok": True,
             "state": "running" if self.ready else ("stopping" if self.stopping else "starting"),
@@ -578,7 +616,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-target", type=LogTarget, choices=list(LogTarget), default=LogTarget.AUTO
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="messages below this level are not logged (default: INFO)",
+    )
     parser.add_argument("--version", action="version", version=f"backupwatchd {__version__}")
     return parser.parse_args(argv)
 

@@ -379,16 +379,27 @@ JOB_KEYS: frozenset[str] = frozenset(JobSpec.model_fields) - {"source"}
 
 def load_jobs(settings: Settings) -> list[JobSpec]:
     """Every job of every file under `jobs_path`, or one ConfigError listing every problem."""
+    specs, errors = read_jobs(settings)
+    if errors:
+        raise ConfigError(errors)
+    return specs
+
+
+def read_jobs(settings: Settings) -> tuple[list[JobSpec], list[str]]:
+    """The valid jobs and every problem found: `backupwatchctl jobs` shows the first and warns
+    about the second (SPEC §11: a typo in one file does not blind the tool)."""
     errors: list[str] = []
     specs: list[JobSpec] = []
-    for path in _job_files(settings.jobs_path):
+    try:
+        files = _job_files(settings.jobs_path)
+    except ConfigError as exc:
+        return [], exc.errors
+    for path in files:
         file_specs, file_errors = _load_file(path)
         specs.extend(file_specs)
         errors.extend(file_errors)
     errors.extend(_duplicates(specs))
-    if errors:
-        raise ConfigError(errors)
-    return specs
+    return specs, errors
 
 
 def _job_files(jobs_path: Path) -> list[Path]:

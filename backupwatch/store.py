@@ -686,6 +686,23 @@ class JobView:
     last_success_at: datetime | None
     next_deadline: datetime | None
 
+    def as_json(self) -> dict[str, Any]:
+        """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
+        from backupwatch.timeutil import format_z
+
+        return {
+            "id": self.id,
+            "company_name": self.company_name,
+            "city": self.city,
+            "neighborhood": self.neighborhood,
+            "database_name": self.database_name,
+            "frequency": self.frequency.value,
+            "active": self.active,
+            "current_status": self.current_status.value,
+            "last_success_at": format_z(self.last_success_at),
+            "next_deadline": format_z(self.next_deadline),
+        }
+
 
 # -------------------------------------------------------------------- helpers
 
