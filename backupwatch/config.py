@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from backupwatch.alerting import Routing, routing
 from backupwatch.locate import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
@@ -52,6 +54,107 @@ PositiveDays = Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_DAYS * 86400, allow_inf_nan=False)]
 
 
+EVENT_KIND_NAMES = (
+    "MISSING",
+    "FAILED",
+    "HASH_MISMATCH",
+    "TRANSFER_INTEGRITY_FAILED",
+    "RECOVERED",
+    "UNCHANGED",
+    "SUSPICIOUS",
+    "REJECTED",
+)
+DEFAULT_CHANNEL = "default"
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_URL_SECRET = re.compile(r"(://[^/:@?#]*:)[^@/?#]*@")
+
+
+def masked(url: str) -> str:
+    """An Apprise URL as it may be shown or logged: its password replaced by `***`."""
+    return _URL_SECRET.sub(r"\1***@", url)
+
+
+def _check_apprise_urls(urls: list[str]) -> list[str]:
+    """SPEC §10: an invalid URL is a config error (naming the file and the key)."""
+    import apprise
+
+    bad = [
+        f"urls[{n}]: {masked(url)!r}"
+        for n, url in enumerate(urls)
+        if apprise.Apprise.instantiate(url, suppress_exceptions=True) is None
+    ]
+    if bad:
+        raise ValueError(
+            "not a valid Apprise URL (see https://github.com/caronc/apprise/wiki): "
+            + "; ".join(bad)
+        )
+    return urls
+
+
+class ChannelSettings(BaseModel):
+    """One named channel, `[alerts.channels.NAME]`: its Apprise URLs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    urls: list[str] = Field(min_length=1)
+
+    @field_validator("urls", mode="after")
+    @classmethod
+    def _valid_urls(cls, value: list[str]) -> list[str]:
+        return _check_apprise_urls(value)
+
+
+class AlertSettings(BaseModel):
+    """`[alerts]` (SPEC §10): the unnamed channel's URLs, what is sent, reminders, digest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    urls: list[str] = []
+    on: list[str] = list(EVENT_KIND_NAMES)
+    repeat_hours: Annotated[float, Field(ge=0, le=_MAX_DAYS * 24, allow_inf_nan=False)] = 24.0
+    digest_hour_utc: Annotated[int, Field(ge=0, le=23)] | None = None
+    channels: dict[str, ChannelSettings] = {}
+
+    @field_validator("urls", mode="after")
+    @classmethod
+    def _valid_urls(cls, value: list[str]) -> list[str]:
+        return _check_apprise_urls(value)
+
+    @field_validator("on", mode="after")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = [kind for kind in value if kind.upper() not in EVENT_KIND_NAMES]
+        if unknown:
+            raise ValueError(f"unknown event {unknown}; expected among {list(EVENT_KIND_NAMES)}")
+        return [kind.upper() for kind in value]
+
+    @field_validator("channels", mode="after")
+    @classmethod
+    def _channel_names(cls, value: dict[str, ChannelSettings]) -> dict[str, ChannelSettings]:
+        for name in value:
+            if name == DEFAULT_CHANNEL:
+                raise ValueError(
+                    f"{name!r} is the unnamed channel of [alerts]: choose another name"
+                )
+            if not _CHANNEL_NAME.fullmatch(name):
+                raise ValueError(f"channel name {name!r}: letters, digits, '.', '_', '-' only")
+        return value
+
+    def channel_urls(self) -> dict[str, list[str]]:
+        """Every channel that has URLs, the unnamed one as `default`."""
+        found = {name: list(channel.urls) for name, channel in self.channels.items()}
+        if self.urls:
+            found[DEFAULT_CHANNEL] = list(self.urls)
+        return found
+
+    @property
+    def channel_names(self) -> frozenset[str]:
+        return frozenset({DEFAULT_CHANNEL, *self.channels})
+
+    def routing(self) -> Routing:
+        return routing(self.channel_urls(), self.on, self.repeat_hours, self.digest_hour_utc)
+
+
 class Settings(BaseModel):
     """The validated `backupwatch.toml`; every path is absolute once loaded."""
 
@@ -70,6 +173,7 @@ class Settings(BaseModel):
     # SPEC §3, §5: how long a file must stay unchanged (or a site folder quiet) before a verdict
     # that would otherwise wait for a writer we cannot observe.
     report_settle_seconds: PositiveSeconds = 120.0
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("config_path", mode="after")
     @classmethod
@@ -263,7 +367,10 @@ def _file_value_problem(key: str, value: object) -> str | None:
     if key not in CONFIG_KEYS:
         return "unknown key"
     annotation = Settings.model_fields[key].annotation
-    if annotation is int:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        ok = isinstance(value, dict)
+        expected = "a table"
+    elif annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "an integer"
     elif annotation is float:
@@ -293,10 +400,16 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _loc_part(part: int | str) -> str:
+    return f"[{part}]" if isinstance(part, int) else f".{part}"
+
+
 def _describe(exc: ValidationError, origins: Mapping[str, str], path: Path) -> Iterator[str]:
     for error in exc.errors(include_url=False):
         key = str(error["loc"][0]) if error["loc"] else "?"
         where = origins.get(key, f"{path}: {key}")
+        if len(error["loc"]) > 1:  # inside a table: `alerts.channels.ops.urls`
+            where += "".join(_loc_part(part) for part in error["loc"][1:])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":
             message += f" (got {_show(error['input'])})"

@@ -82,6 +82,7 @@ class Daemon:
         self.clock = clock
         self.notifier = Notifier(environ)
         self.store = Store(settings.database_url)
+        self.store.routing = settings.alerts.routing()
         self.queue = WorkQueue()
         self.arrivals = Arrivals()
         self.outage = OutageLog()
@@ -435,6 +436,7 @@ class Daemon:
                 "the daemon keeps its previous configuration",
             }
         self.settings = settings
+        self.store.routing = settings.alerts.routing()
         self.ctx = Context(self.store, settings, registry, self.beat, self.arrivals)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
