@@ -217,3 +217,73 @@ def _shown_kind(event: EventText) -> str:
     if event.kind is Kind.REMINDER:
         return f"still {event.status}"
     return event.kind.value
+
+
+# --------------------------------------------------------------------------- retries
+
+GIVE_UP_AFTER = timedelta(hours=24)  # SPEC §10: retried with backoff for up to 24 h
+FIRST_RETRY = timedelta(seconds=10)
+LONGEST_WAIT = timedelta(hours=1)
+
+
+def retry_at(attempts: int, created_at: datetime, now: datetime) -> datetime | None:
+    """When to try again after `attempts` failed sends, or None: give up (the event is then
+    `failed`: logged, and shown by `backupwatchctl alerts`)."""
+    if now - created_at >= GIVE_UP_AFTER:
+        return None
+    wait: timedelta = min(FIRST_RETRY * 2 ** max(attempts - 1, 0), LONGEST_WAIT)
+    last: datetime = created_at + GIVE_UP_AFTER
+    return min(now + wait, last)
+
+
+def should_group(batch: int, sent_in_window: int) -> bool:
+    """SPEC §10: more than FLOOD_THRESHOLD messages for one channel within a minute go out as
+    one: the events due now, counted with those already sent one by one in the last minute."""
+    return batch > 1 and batch + sent_in_window > FLOOD_THRESHOLD
+
+
+# --------------------------------------------------------------------------- the digest
+
+
+@dataclass(frozen=True)
+class DigestJob:
+    """One job as the daily digest sees it (SPEC §10, §12's compliance)."""
+
+    label: str
+    company: str
+    channels: Sequence[str] | None
+    status: JobStatus
+    paused: bool
+    expected: int  # cycles whose deadline passed in the period (paused ones left out)
+    ok: int  # of those, the cycles with a successful backup
+
+
+def routed_to(job: DigestJob, channel: str) -> bool:
+    return channel in (job.channels or [DEFAULT_CHANNEL])
+
+
+def digest(jobs: Sequence[DigestJob], day: datetime, days: int = 14) -> Message:
+    """Per company: the jobs not OK, and compliance = cycles OK ÷ cycles expected."""
+    by_company: dict[str, list[DigestJob]] = {}
+    for job in jobs:
+        by_company.setdefault(job.company, []).append(job)
+    problems = sum(1 for job in jobs if _not_ok(job))
+    title = f"backupwatch: daily summary {day:%Y-%m-%d}: {problems} of {len(jobs)} jobs not OK"
+    lines = []
+    for company, members in sorted(by_company.items()):
+        expected = sum(job.expected for job in members)
+        ok = sum(job.ok for job in members)
+        rate = f"{100 * ok / expected:.1f}%" if expected else "n/a"
+        lines.append(f"{company}: compliance over {days} days {rate} ({ok}/{expected} cycles OK)")
+        for job in members:
+            if _not_ok(job):
+                lines.append(f"  {visible(job.label)}: {job.status.value}")
+        paused = [job for job in members if job.paused]
+        if paused:
+            lines.append(f"  paused: {', '.join(visible(job.label) for job in paused)}")
+    lines.append("See more: backupwatchctl status")
+    return Message(title, "\n".join(lines))
+
+
+def _not_ok(job: DigestJob) -> bool:
+    return job.status not in (JobStatus.OK, JobStatus.UNKNOWN)

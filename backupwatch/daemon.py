@@ -39,6 +39,7 @@ from backupwatch.config import (
     load_settings_lenient,
 )
 from backupwatch.control import ControlError, ControlServer, Handler
+from backupwatch.delivery import DeliveryLoop
 from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
 from backupwatch.names import display_name
@@ -118,6 +119,7 @@ class Daemon:
         self.watcher = DepositWatcher(
             settings.backup_storage_root, self._on_event, self._on_overflow
         )
+        self.delivery = DeliveryLoop(self.store, clock, settings.alerts, outage=self.outage)
         self.control = ControlServer(settings.control_socket, self._handlers())
 
     @property
@@ -160,6 +162,8 @@ class Daemon:
         flagged = self.timer.run_once(self.clock())
         log.info("timer.caught_up", flagged=len(flagged))
         self.timer.start()
+        # After the catch-up: what it flagged is in the outbox together, one grouped message.
+        self.delivery.start()
         self.phase, self.ready = "running", True
         self.notifier.ready(self.status_line())
         log.info(
@@ -385,6 +389,7 @@ class Daemon:
         return (
             self.pool.healthy(stale)
             and timer_ok
+            and self.delivery.healthy(stale)
             and self.watcher.is_alive()
             and self.control.is_alive()
         )
@@ -437,6 +442,7 @@ class Daemon:
             }
         self.settings = settings
         self.store.routing = settings.alerts.routing()
+        self.delivery.configure(settings.alerts)
         self.ctx = Context(self.store, settings, registry, self.beat, self.arrivals)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
@@ -481,6 +487,7 @@ class Daemon:
         if request.get("jobs") and self.ready:
             try:
                 answer["jobs"] = [view.as_json() for view in self.store.job_views(self.clock())]
+                answer["alerts"] = self.delivery.outbox.counts()
             except SQLAlchemyError as exc:
                 answer["jobs_error"] = str(exc).splitlines()[0]
         if request.get("config_path") == str(self.settings.config_path):
@@ -551,6 +558,8 @@ class Daemon:
         self.queue.close()
         self.pool.join(deadline)
         self.timer.stop(max(0.0, deadline - time.monotonic()))
+        # A send in flight is abandoned at the deadline; its claim is freed at the next start.
+        self.delivery.stop(max(0.0, deadline - time.monotonic()))
         self.store.dispose()
         log.info("daemon.stopped")
         return 0
