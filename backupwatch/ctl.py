@@ -176,6 +176,7 @@ _DAEMON_KEYS = (  # SPEC §8's four first, then what the daemon adds
     "warnings",
     "database",
     "config_path",
+    "alerts",
 )
 
 
@@ -214,6 +215,12 @@ def _daemon_details(daemon: dict[str, Any]) -> list[str]:
     ]
     lines += [f"worker replaced: {why}" for why in daemon.get("replaced_workers") or []]
     lines += [f"warning: {text}" for text in daemon.get("warnings") or []]
+    alerts = daemon.get("alerts") or {}
+    if alerts.get("pending") or alerts.get("failed"):
+        lines.append(
+            f"alerts: {alerts.get('pending', 0)} pending, {alerts.get('failed', 0)} failed "
+            "(backupwatchctl alerts)"
+        )
     return lines
 
 
@@ -295,7 +302,7 @@ def _daemon_line(daemon: dict[str, Any]) -> str:
 
 def _view_row(row: dict[str, Any]) -> list[str]:
     site = f"{row['company_name']}/{row['city']}/{row['neighborhood']}"
-    status = row["current_status"] if row["active"] else f"{row['current_status']} (inactive)"
+    status = _status_cell(row)
     return [
         str(row["id"]),
         site,
@@ -305,6 +312,19 @@ def _view_row(row: dict[str, Any]) -> list[str]:
         row["last_success_at"] or "-",
         row["next_deadline"] or "-",
     ]
+
+
+def _status_cell(row: dict[str, Any]) -> str:
+    """SPEC §11: `status` shows PAUSED and acknowledgements."""
+    status = row["current_status"]
+    if not row["active"]:
+        return f"{status} (inactive)"
+    if row.get("paused"):
+        until = row.get("paused_until")
+        return f"PAUSED {'until ' + until if until else 'until resumed'} ({status})"
+    if row.get("acked_at") and status not in ("OK", "UNKNOWN"):
+        return f"{status} (acknowledged)"
+    return str(status)
 
 
 def cmd_reload(ctl: Ctl) -> int:
@@ -552,6 +572,18 @@ def _table(ctl: Ctl, header: list[str], rows: list[list[str]]) -> None:
         )
 
 
+def _later(name: str) -> Callable[[Ctl], int]:
+    """A command of `ctl_ops`, imported only when it runs (see the module docstring)."""
+
+    def run(ctl: Ctl) -> int:
+        from backupwatch import ctl_ops
+
+        command: Callable[[Ctl], int] = getattr(ctl_ops, name)
+        return command(ctl)
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[Ctl], int]] = {
     "status": cmd_status,
     "reload": cmd_reload,
@@ -560,6 +592,14 @@ COMMANDS: dict[str, Callable[[Ctl], int]] = {
     "history": cmd_history,
     "validate": cmd_validate,
     "check-config": cmd_check_config,
+    "check": _later("cmd_check"),
+    "alerts": _later("cmd_alerts"),
+    "alert-test": _later("cmd_alert_test"),
+    "pause": _later("cmd_pause"),
+    "resume": _later("cmd_resume"),
+    "ack": _later("cmd_ack"),
+    "rejected": _later("cmd_rejected"),
+    "retry": _later("cmd_retry"),
 }
 
 
@@ -603,7 +643,64 @@ def build_parser() -> argparse.ArgumentParser:
     validate = command("validate", "check STATUS.json files offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
     command("check-config", "check the configuration and job files")
+    _lever_commands(command)
     return parser
+
+
+def _lever_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """SPEC §11's commands (run by `ctl_ops`)."""
+    check = command("check", "a Nagios/Icinga plugin: one status line, exit 0/1/2/3")
+    check.add_argument("--job", help="only this job (id or company/city/neighborhood/database)")
+    check.add_argument("--site", help="only this site (company/city/neighborhood)")
+    check.add_argument("--company", help="only this company's jobs")
+    check.add_argument(
+        "--warning",
+        metavar="S,...",
+        help="conditions that are WARNING (default: UNCHANGED,SUSPICIOUS,REJECTED)",
+    )
+    check.add_argument(
+        "--critical",
+        metavar="S,...",
+        help="conditions that are CRITICAL (default: "
+        "MISSING,FAILED,HASH_MISMATCH,TRANSFER_INTEGRITY_FAILED,DOWN)",
+    )
+    alerts = command("alerts", "recent alert events and their delivery per channel")
+    alerts.add_argument("--limit", type=_limit, default=DEFAULT_HISTORY_LIMIT, metavar="N")
+    alerts.add_argument("--json", action="store_true")
+    test = command("alert-test", "send a test message now; say whether each URL took it")
+    test.add_argument("channel", nargs="?", help="one channel (default: all of them)")
+    for name, text in (
+        ("pause", "stop expecting a job or a whole site (entries are still recorded)"),
+        ("resume", "expect a paused job or site again"),
+    ):
+        lever = command(name, text)
+        lever.add_argument("target", metavar="JOB|SITE", help="id, c/city/n/database or c/city/n")
+        if name == "pause":
+            lever.add_argument(
+                "--for",
+                dest="duration",
+                type=_duration,
+                metavar="DURATION",
+                help="resume by itself after this long: 2h, 3d, 90m, 1d12h (default: never)",
+            )
+            lever.add_argument("--reason", help="why, shown by status")
+    ack = command("ack", "acknowledge a job that is not OK: no reminders until it changes")
+    ack.add_argument("job", help="job id or company/city/neighborhood/database")
+    ack.add_argument("--reason", help="why, shown by status")
+    rejected = command("rejected", "rejected reports still in _rejected/, with their reasons")
+    rejected.add_argument("--site", help="only this site (company/city/neighborhood)")
+    rejected.add_argument("--json", action="store_true")
+    retry = command("retry", "put rejected reports back where they came from")
+    retry.add_argument("files", nargs="+", metavar="FILE", help="a report in a _rejected/ folder")
+
+
+def _duration(text: str) -> timedelta:
+    from backupwatch.ctl_ops import duration
+
+    try:
+        return duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _limit(value: str) -> int:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -66,6 +66,7 @@ STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
 RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
+REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
@@ -488,6 +489,8 @@ class Daemon:
             try:
                 answer["jobs"] = [view.as_json() for view in self.store.job_views(self.clock())]
                 answer["alerts"] = self.delivery.outbox.counts()
+                since = self.clock() - REJECTED_WINDOW
+                answer["rejected_sites"] = self.store.rejected_sites(since)
             except SQLAlchemyError as exc:
                 answer["jobs_error"] = str(exc).splitlines()[0]
         if request.get("config_path") == str(self.settings.config_path):

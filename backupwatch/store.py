@@ -707,7 +707,9 @@ class Store:
             changes = _Changes(self, session.connection(), [job.id])
             pause = changes.jobs[job.id].pause
             for due in plan.due:
-                if pause.covers(due.deadline):
+                # Paused now: nothing is flagged; resumed: the cycles the pause covered stay
+                # unexpected (the cursor moves past them either way).
+                if pause.covers(now) or pause.covers(due.deadline):
                     log.info("timer.paused", job=job.label, cycle=due.cycle.isoformat())
                     continue
                 if self._flag_missing(session, job, due.cycle, now, due.message(job.agent_id)):
@@ -783,12 +785,26 @@ class Store:
 
     def job_views(self, now: datetime) -> list[JobView]:
         """One row per job for `status`: current status, last success and next deadline."""
-        query = select(ExpectedBackupJob, _current_status(), _last_success()).order_by(
-            *_job_order()
-        )
+        query = select(
+            ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged()
+        ).order_by(*_job_order())
         with self.reading() as session:
             rows = session.execute(query).all()
-        return [_job_view(job, status, success, now) for job, status, success in rows]
+        return [
+            _job_view(job, status, success, now, bool(unchanged))
+            for job, status, success, unchanged in rows
+        ]
+
+    def rejected_sites(self, since: datetime) -> list[tuple[str | None, str]]:
+        """(company, site) of the REJECTED events since then (`check`: SPEC §11's WARNING)."""
+        e = AlertEvent
+        query = (
+            select(e.company, e.site)
+            .where(e.kind == Kind.REJECTED.value, e.created_at >= since)
+            .distinct()
+        )
+        with self.reader.begin() as connection:
+            return [(row.company, row.site) for row in connection.execute(query)]
 
     def history(self, job_id: int, limit: int | None) -> list[BackupEntry]:
         with self.reading() as session:
@@ -890,6 +906,7 @@ class JobView:
     pause_reason: str | None = None
     acked_at: datetime | None = None
     ack_reason: str | None = None
+    unchanged: bool = False  # the newest entry is a success with the previous one's SHA-256
 
     def as_json(self) -> dict[str, Any]:
         """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
@@ -911,6 +928,7 @@ class JobView:
             "pause_reason": self.pause_reason,
             "acked_at": format_z(self.acked_at),
             "ack_reason": self.ack_reason,
+            "unchanged": self.unchanged,
         }
 
 
@@ -1256,6 +1274,20 @@ def _current_status() -> Any:
     )
 
 
+def _latest_unchanged() -> Any:
+    """Whether the newest entry (by `_current_status`'s order) is an unchanged success."""
+    e, j = BackupEntry, ExpectedBackupJob
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    return (
+        select(e.unchanged_since_last_success)
+        .where(e.job_id == j.id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+        .correlate(j)
+        .scalar_subquery()
+    )
+
+
 def _last_success() -> Any:
     """The agent's time of the newest successful backup, also one index seek per job."""
     e, j = BackupEntry, ExpectedBackupJob
@@ -1274,6 +1306,7 @@ def _job_view(
     latest: BackupEntryStatus | None,
     last_success: datetime | None,
     now: datetime,
+    unchanged: bool = False,
 ) -> JobView:
     from backupwatch.schedule import next_deadline
 
@@ -1297,6 +1330,7 @@ def _job_view(
         pause_reason=job.pause_reason if paused else None,
         acked_at=job.acked_at,
         ack_reason=job.ack_reason,
+        unchanged=unchanged,
     )
 
 
