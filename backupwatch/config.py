@@ -85,8 +85,7 @@ def _check_apprise_urls(urls: list[str]) -> list[str]:
     ]
     if bad:
         raise ValueError(
-            "not a valid Apprise URL (see https://github.com/caronc/apprise/wiki): "
-            + "; ".join(bad)
+            "not a valid Apprise URL (https://github.com/caronc/apprise/wiki): " + "; ".join(bad)
         )
     return urls
 
