@@ -155,6 +155,8 @@ def _line(code: int, problems: list[tuple[int, str]], kept: list[Any], counts: C
         text = f"{len(problems)} problem(s): {named}{more}"
     else:
         text = f"{counts['ok']} of {active} jobs OK"
+        if counts["unknown"]:
+            text += f", {counts['unknown']} not reported yet"
         if counts["paused"]:
             text += f", {counts['paused']} paused"
     perf = " ".join(f"{key}={counts[key]}" for key in PERF_KEYS)

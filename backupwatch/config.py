@@ -74,8 +74,14 @@ def masked(url: str) -> str:
     return _URL_SECRET.sub(r"\1***@", url)
 
 
-def _check_apprise_urls(urls: list[str]) -> list[str]:
-    """SPEC §10: an invalid URL is a config error (naming the file and the key)."""
+def _check_apprise_urls(urls: list[str], info: ValidationInfo) -> list[str]:
+    """SPEC §10: an invalid URL is a config error (naming the file and the key).
+
+    Apprise takes a third of a second to import: `backupwatchctl` commands that never send
+    skip this check (`check_urls=False`); the daemon, `check-config` and `alert-test` do not.
+    """
+    if isinstance(info.context, dict) and info.context.get("check_urls") is False:
+        return urls
     import apprise
 
     bad = [
@@ -99,8 +105,8 @@ class ChannelSettings(BaseModel):
 
     @field_validator("urls", mode="after")
     @classmethod
-    def _valid_urls(cls, value: list[str]) -> list[str]:
-        return _check_apprise_urls(value)
+    def _valid_urls(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_apprise_urls(value, info)
 
 
 class AlertSettings(BaseModel):
@@ -116,8 +122,8 @@ class AlertSettings(BaseModel):
 
     @field_validator("urls", mode="after")
     @classmethod
-    def _valid_urls(cls, value: list[str]) -> list[str]:
-        return _check_apprise_urls(value)
+    def _valid_urls(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_apprise_urls(value, info)
 
     @field_validator("on", mode="after")
     @classmethod
@@ -288,7 +294,9 @@ class Lenient:
     defaulted: frozenset[str]  # the keys whose value was bad and replaced by the default
 
 
-def load_settings_lenient(path: Path, environ: Mapping[str, str]) -> Lenient:
+def load_settings_lenient(
+    path: Path, environ: Mapping[str, str], check_urls: bool = True
+) -> Lenient:
     """SPEC §11: a config error that does not stop `backupwatchctl` from reaching the database
     is a warning, not a dead tool. Raises ConfigError only when no settings can be made."""
     path = Path(os.path.abspath(path))
@@ -297,10 +305,10 @@ def load_settings_lenient(path: Path, environ: Mapping[str, str]) -> Lenient:
         unreadable: list[str] = []
     except ConfigError as exc:
         document, unreadable = {}, exc.errors
-    first = _attempt(path, document, environ, frozenset())
+    first = _attempt(path, document, environ, frozenset(), check_urls)
     if not first.errors and first.settings is not None:
         return Lenient(first.settings, unreadable, frozenset())
-    second = _attempt(path, document, environ, first.bad_keys)
+    second = _attempt(path, document, environ, first.bad_keys, check_urls)
     if second.settings is None:
         raise ConfigError([*unreadable, *first.errors, *second.errors])
     return Lenient(second.settings, [*unreadable, *first.errors], first.bad_keys)
@@ -314,7 +322,11 @@ class _Attempt:
 
 
 def _attempt(
-    path: Path, document: Mapping[str, Any], environ: Mapping[str, str], skip: frozenset[str]
+    path: Path,
+    document: Mapping[str, Any],
+    environ: Mapping[str, str],
+    skip: frozenset[str],
+    check_urls: bool = True,
 ) -> _Attempt:
     """One validation of `document` and the environment, leaving out the keys in `skip`."""
     errors: list[str] = []
@@ -338,7 +350,9 @@ def _attempt(
         origins[key] = f"{path}: {key}"
     settings = None
     try:
-        settings = Settings.model_validate({"config_path": path, **values})
+        settings = Settings.model_validate(
+            {"config_path": path, **values}, context={"check_urls": check_urls}
+        )
     except ValidationError as exc:
         errors.extend(_describe(exc, origins, path))
         bad.update(str(e["loc"][0]) for e in exc.errors() if e["loc"])

@@ -54,6 +54,8 @@ class Ctl:
         self._settings: Settings | None = None
         self._defaulted: frozenset[str] = frozenset()
         self._config_errors: list[str] = []
+        # Only the commands that send check the Apprise URLs (importing Apprise is slow).
+        self.check_urls = getattr(args, "command", None) == "alert-test"
 
     @property
     def config_path(self) -> Path:
@@ -65,7 +67,7 @@ class Ctl:
         if self._settings is None:
             from backupwatch.config import load_settings_lenient
 
-            lenient = load_settings_lenient(self.config_path, self.environ)
+            lenient = load_settings_lenient(self.config_path, self.environ, self.check_urls)
             self._settings, self._defaulted = lenient.settings, lenient.defaulted
             self._config_errors = lenient.errors
             if lenient.errors:

@@ -42,7 +42,9 @@ def probe(daemon: Daemon, *args: str) -> tuple[dict[str, object], str, str]:
 def test_status_with_the_daemon_up_imports_neither_sqlalchemy_nor_pydantic(
     make_daemon: MakeDaemon, database_url: str
 ) -> None:
-    daemon = make_daemon(database_url, JOBS)
+    daemon = make_daemon(
+        database_url, JOBS, extra_toml='[alerts]\nurls = ["json://127.0.0.1:9/hook"]\n'
+    )
     daemon.start()
 
     outcome, out, _ = probe(daemon, "status", "--json")
@@ -55,11 +57,15 @@ def test_status_with_the_daemon_up_imports_neither_sqlalchemy_nor_pydantic(
     outcome, out, _ = probe(daemon, "status")
     assert outcome == {"code": 0, "heavy": []}
     assert "ACME/Lyon/Vaise" in out
+    outcome, out, _ = probe(daemon, "check")
+    assert outcome == {"code": 0, "heavy": []}
+    assert out.startswith("BACKUPWATCH OK - 0 of 2 jobs OK, 2 not reported yet |")
     assert daemon.stop() == 0
 
     outcome, out, _ = probe(daemon, "status", "--json")  # down: the database, read directly
     assert outcome["code"] == 3
     assert "sqlalchemy" in outcome["heavy"]  # type: ignore[operator]
+    assert "apprise" not in outcome["heavy"]  # type: ignore[operator]  # nothing is sent
     assert len(json.loads(out)["jobs"]) == 2
 
 

@@ -46,7 +46,7 @@ def perfdata(line: str) -> dict[str, int]:
 def test_check_ok_with_performance_data() -> None:
     verdict = judge([row(), row("hr", "UNKNOWN")], True, [], Filters())
     assert verdict.code == OK
-    assert verdict.line.startswith("BACKUPWATCH OK - 1 of 2 jobs OK | ")
+    assert verdict.line.startswith("BACKUPWATCH OK - 1 of 2 jobs OK, 1 not reported yet | ")
     assert perfdata(verdict.line)["ok"] == 1
     assert perfdata(verdict.line)["unknown"] == 1
     assert "\n" not in verdict.line
