@@ -49,6 +49,22 @@ CLAIM_LIMIT = 500
 DIGEST_DAYS = 14  # SPEC §12: compliance over the last 14 days
 
 
+def _reminder_due(row: Any, now: datetime, routing: Routing) -> bool:
+    """Still not OK, not paused, and `repeat_hours` (or a multiple) since it became so."""
+    if row.status is None or JobStatus.from_entry(row.status) is JobStatus.OK:
+        return False
+    if Pause(row.paused_at, row.paused_until).covers(now):
+        return False
+    assert routing.repeat is not None
+    return bool(now - row.created_at >= routing.repeat)
+
+
+def _reminder_key(row: Any, now: datetime, routing: Routing) -> str:
+    """Reminders are numbered from the event that made the job not OK."""
+    assert routing.repeat is not None
+    return reminder_key(row.job_id, row.created_at, int((now - row.created_at) / routing.repeat))
+
+
 def identity() -> str:
     """Who claims: host, pid, and a token that tells this process from one with a reused pid."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -223,13 +239,14 @@ class Outbox:
     def release_dead_claims(self, host: str, alive: Any) -> int:
         """At start: claims of this host's processes that are gone are not in flight any more."""
         d = AlertDelivery
-        with self.store.engine.begin() as connection:
+        with self.store.reader.begin() as connection:  # SQLite: no write lock unless needed
             owners = connection.execute(
                 select(d.claimed_by).where(d.state == "sending").distinct()
             ).scalars()
             dead = [o for o in owners if o and o.split(":")[0] == host and not alive(o)]
-            if not dead:
-                return 0
+        if not dead:
+            return 0
+        with self.store.engine.begin() as connection:
             result = connection.execute(
                 update(d)
                 .where(d.state == "sending", d.claimed_by.in_(dead))
@@ -273,25 +290,27 @@ class Outbox:
             .join(e, e.id == anchors.c.event_id)
             .where(j.active.is_(True), j.acked_at.is_(None))
         )
+        # Read first: on SQLite a write transaction takes the lock, and this runs every minute.
+        with self.store.reader.begin() as connection:
+            due = [row for row in connection.execute(query) if _reminder_due(row, now, routing)]
+            keys = [_reminder_key(row, now, routing) for row in due]
+            done = set(
+                connection.execute(select(e.dedupe_key).where(e.dedupe_key.in_(keys))).scalars()
+            )
+        due = [row for row, key in zip(due, keys, strict=True) if key not in done]
+        if not due:
+            return 0
         planned = 0
         with self.store.engine.begin() as connection:
-            for row in connection.execute(query).all():
+            for row in due:
                 planned += self._remind(connection, row, now, routing)
         return planned
 
     def _remind(self, connection: Any, row: Any, now: datetime, routing: Routing) -> int:
-        status = JobStatus.from_entry(row.status) if row.status is not None else JobStatus.UNKNOWN
-        if status in (JobStatus.OK, JobStatus.UNKNOWN):
-            return 0
-        if Pause(row.paused_at, row.paused_until).covers(now):
-            return 0
-        assert routing.repeat is not None
-        number = int((now - row.created_at) / routing.repeat)
-        if number < 1:
-            return 0
+        status = JobStatus.from_entry(row.status)
         label = f"{row.company_name}/{row.city}/{row.neighborhood}/{row.database_name}"
         event = {
-            "dedupe_key": reminder_key(row.job_id, row.created_at, number),
+            "dedupe_key": _reminder_key(row, now, routing),
             "kind": Kind.REMINDER.value,
             "job_id": row.job_id,
             "company": row.company_name,
