@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import tomllib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,9 +21,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
-DEFAULT_CONFIG_PATH = Path("/etc/backupwatch/backupwatch.toml")
-ENV_PREFIX = "BACKUPWATCH_"
-CONFIG_ENV_VAR = "BACKUPWATCH_CONFIG"
+from backupwatch.alerting import Routing, routing
+from backupwatch.locate import (
+    CONFIG_ENV_VAR,
+    DEFAULT_CONFIG_PATH,
+    DEFAULT_CONTROL_SOCKET,
+    ENV_PREFIX,
+    ConfigError,
+    default_config_path,
+)
+
+__all__ = [
+    "CONFIG_ENV_VAR",
+    "DEFAULT_CONFIG_PATH",
+    "ENV_PREFIX",
+    "ConfigError",
+    "Lenient",
+    "Settings",
+    "default_config_path",
+    "load_settings",
+    "load_settings_lenient",
+]
 
 # Upper bounds keep later `timedelta` arithmetic from overflowing; no sane value comes near.
 _MAX_MINUTES = 100 * 366 * 24 * 60
@@ -34,12 +54,110 @@ PositiveDays = Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=_MAX_DAYS * 86400, allow_inf_nan=False)]
 
 
-class ConfigError(Exception):
-    """Every problem of a configuration, reported together so one edit can fix them all."""
+EVENT_KIND_NAMES = (
+    "MISSING",
+    "FAILED",
+    "HASH_MISMATCH",
+    "TRANSFER_INTEGRITY_FAILED",
+    "RECOVERED",
+    "UNCHANGED",
+    "SUSPICIOUS",
+    "REJECTED",
+)
+DEFAULT_CHANNEL = "default"
+_CHANNEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_URL_SECRET = re.compile(r"(://[^/:@?#]*:)[^@/?#]*@")
 
-    def __init__(self, errors: list[str]) -> None:
-        self.errors = list(errors)
-        super().__init__("\n".join(self.errors))
+
+def masked(url: str) -> str:
+    """An Apprise URL as it may be shown or logged: its password replaced by `***`."""
+    return _URL_SECRET.sub(r"\1***@", url)
+
+
+def _check_apprise_urls(urls: list[str], info: ValidationInfo) -> list[str]:
+    """SPEC §10: an invalid URL is a config error (naming the file and the key).
+
+    Apprise takes a third of a second to import: `backupwatchctl` commands that never send
+    skip this check (`check_urls=False`); the daemon, `check-config` and `alert-test` do not.
+    """
+    if isinstance(info.context, dict) and info.context.get("check_urls") is False:
+        return urls
+    import apprise
+
+    bad = [
+        f"urls[{n}]: {masked(url)!r}"
+        for n, url in enumerate(urls)
+        if apprise.Apprise.instantiate(url, suppress_exceptions=True) is None
+    ]
+    if bad:
+        raise ValueError(
+            "not a valid Apprise URL (https://github.com/caronc/apprise/wiki): " + "; ".join(bad)
+        )
+    return urls
+
+
+class ChannelSettings(BaseModel):
+    """One named channel, `[alerts.channels.NAME]`: its Apprise URLs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    urls: list[str] = Field(min_length=1)
+
+    @field_validator("urls", mode="after")
+    @classmethod
+    def _valid_urls(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_apprise_urls(value, info)
+
+
+class AlertSettings(BaseModel):
+    """`[alerts]` (SPEC §10): the unnamed channel's URLs, what is sent, reminders, digest."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    urls: list[str] = []
+    on: list[str] = list(EVENT_KIND_NAMES)
+    repeat_hours: Annotated[float, Field(ge=0, le=_MAX_DAYS * 24, allow_inf_nan=False)] = 24.0
+    digest_hour_utc: Annotated[int, Field(ge=0, le=23)] | None = None
+    channels: dict[str, ChannelSettings] = {}
+
+    @field_validator("urls", mode="after")
+    @classmethod
+    def _valid_urls(cls, value: list[str], info: ValidationInfo) -> list[str]:
+        return _check_apprise_urls(value, info)
+
+    @field_validator("on", mode="after")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = [kind for kind in value if kind.upper() not in EVENT_KIND_NAMES]
+        if unknown:
+            raise ValueError(f"unknown event {unknown}; expected among {list(EVENT_KIND_NAMES)}")
+        return [kind.upper() for kind in value]
+
+    @field_validator("channels", mode="after")
+    @classmethod
+    def _channel_names(cls, value: dict[str, ChannelSettings]) -> dict[str, ChannelSettings]:
+        for name in value:
+            if name == DEFAULT_CHANNEL:
+                raise ValueError(
+                    f"{name!r} is the unnamed channel of [alerts]: choose another name"
+                )
+            if not _CHANNEL_NAME.fullmatch(name):
+                raise ValueError(f"channel name {name!r}: letters, digits, '.', '_', '-' only")
+        return value
+
+    def channel_urls(self) -> dict[str, list[str]]:
+        """Every channel that has URLs, the unnamed one as `default`."""
+        found = {name: list(channel.urls) for name, channel in self.channels.items()}
+        if self.urls:
+            found[DEFAULT_CHANNEL] = list(self.urls)
+        return found
+
+    @property
+    def channel_names(self) -> frozenset[str]:
+        return frozenset({DEFAULT_CHANNEL, *self.channels})
+
+    def routing(self) -> Routing:
+        return routing(self.channel_urls(), self.on, self.repeat_hours, self.digest_hour_utc)
 
 
 class Settings(BaseModel):
@@ -54,12 +172,13 @@ class Settings(BaseModel):
     max_status_file_age_days: PositiveDays = 1.0
     database_url: str = "sqlite:////var/lib/backupwatch/backupwatch.db"
     jobs_path: Path = Path("/etc/backupwatch/jobs.d")
-    control_socket: Path = Path("/run/backupwatch/control.sock")
+    control_socket: Path = DEFAULT_CONTROL_SOCKET
     rescan_interval_minutes: PositiveFloatMinutes = 10.0
     report_max_bytes: Annotated[int, Field(gt=0)] = 1048576
     # SPEC §3, §5: how long a file must stay unchanged (or a site folder quiet) before a verdict
     # that would otherwise wait for a writer we cannot observe.
     report_settle_seconds: PositiveSeconds = 120.0
+    alerts: AlertSettings = AlertSettings()
 
     @field_validator("config_path", mode="after")
     @classmethod
@@ -157,42 +276,87 @@ def env_var_name(key: str) -> str:
     return ENV_PREFIX + key.upper()
 
 
-def default_config_path(cli: Path | None, environ: Mapping[str, str]) -> Path:
-    """SPEC §1: `--config`, else `$BACKUPWATCH_CONFIG`, else the packaged default."""
-    if cli is not None:
-        return cli
-    from_env = environ.get(CONFIG_ENV_VAR, "")
-    return Path(from_env) if from_env else DEFAULT_CONFIG_PATH
-
-
 def load_settings(path: Path, environ: Mapping[str, str]) -> Settings:
     """Read the file, apply environment overrides, and report every problem in one ConfigError."""
     path = Path(os.path.abspath(path))
-    document = _read_toml(path)
+    attempt = _attempt(path, _read_toml(path), environ, frozenset())
+    if attempt.errors or attempt.settings is None:
+        raise ConfigError(attempt.errors)
+    return attempt.settings
+
+
+@dataclass(frozen=True)
+class Lenient:
+    """Settings for a tool that must go on despite errors: each bad key at its default."""
+
+    settings: Settings
+    errors: list[str]  # what `load_settings` would have raised (empty: the file is valid)
+    defaulted: frozenset[str]  # the keys whose value was bad and replaced by the default
+
+
+def load_settings_lenient(
+    path: Path, environ: Mapping[str, str], check_urls: bool = True
+) -> Lenient:
+    """SPEC §11: a config error that does not stop `backupwatchctl` from reaching the database
+    is a warning, not a dead tool. Raises ConfigError only when no settings can be made."""
+    path = Path(os.path.abspath(path))
+    try:
+        document = _read_toml(path)
+        unreadable: list[str] = []
+    except ConfigError as exc:
+        document, unreadable = {}, exc.errors
+    first = _attempt(path, document, environ, frozenset(), check_urls)
+    if not first.errors and first.settings is not None:
+        return Lenient(first.settings, unreadable, frozenset())
+    second = _attempt(path, document, environ, first.bad_keys, check_urls)
+    if second.settings is None:
+        raise ConfigError([*unreadable, *first.errors, *second.errors])
+    return Lenient(second.settings, [*unreadable, *first.errors], first.bad_keys)
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    settings: Settings | None
+    errors: list[str]
+    bad_keys: frozenset[str]
+
+
+def _attempt(
+    path: Path,
+    document: Mapping[str, Any],
+    environ: Mapping[str, str],
+    skip: frozenset[str],
+    check_urls: bool = True,
+) -> _Attempt:
+    """One validation of `document` and the environment, leaving out the keys in `skip`."""
     errors: list[str] = []
+    bad: set[str] = set()
     values: dict[str, Any] = {}
     origins: dict[str, str] = {}
     for key in CONFIG_KEYS:
         name = env_var_name(key)
-        if name in environ:
+        if name in environ and key not in skip:
             values[key] = environ[name]
             origins[key] = f"environment {name}"
     for key, value in document.items():
-        if key in origins:
+        if key in origins or key in skip:
             continue  # overridden: only the value in effect is checked (an unknown key never is)
         problem = _file_value_problem(key, value)
         if problem is not None:
             errors.append(f"{path}: {key}: {problem}")
+            bad.add(key)
             continue
         values[key] = value
         origins[key] = f"{path}: {key}"
+    settings = None
     try:
-        settings = Settings.model_validate({"config_path": path, **values})
+        settings = Settings.model_validate(
+            {"config_path": path, **values}, context={"check_urls": check_urls}
+        )
     except ValidationError as exc:
         errors.extend(_describe(exc, origins, path))
-    if errors:
-        raise ConfigError(errors)
-    return settings
+        bad.update(str(e["loc"][0]) for e in exc.errors() if e["loc"])
+    return _Attempt(settings, errors, frozenset(bad))
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -216,7 +380,10 @@ def _file_value_problem(key: str, value: object) -> str | None:
     if key not in CONFIG_KEYS:
         return "unknown key"
     annotation = Settings.model_fields[key].annotation
-    if annotation is int:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        ok = isinstance(value, dict)
+        expected = "a table"
+    elif annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "an integer"
     elif annotation is float:
@@ -246,10 +413,16 @@ def _show(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _loc_part(part: int | str) -> str:
+    return f"[{part}]" if isinstance(part, int) else f".{part}"
+
+
 def _describe(exc: ValidationError, origins: Mapping[str, str], path: Path) -> Iterator[str]:
     for error in exc.errors(include_url=False):
         key = str(error["loc"][0]) if error["loc"] else "?"
         where = origins.get(key, f"{path}: {key}")
+        if len(error["loc"]) > 1:  # inside a table: `alerts.channels.ops.urls`
+            where += "".join(_loc_part(part) for part in error["loc"][1:])
         message = error["msg"].removeprefix("Value error, ")
         if error["type"] != "value_error":
             message += f" (got {_show(error['input'])})"

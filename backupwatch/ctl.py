@@ -1,7 +1,13 @@
-"""SPEC §8: `backupwatchctl`, the operator's tool.
+"""SPEC §8, §11: `backupwatchctl`, the operator's tool.
 
 Job states are read from the database, so `status` and `history` work while the daemon is down;
-only `reload` and `rescan` need the daemon, reached through its control socket.
+daemon actions go through its control socket. When the daemon is up, `status` asks it for the
+job rows too: the tool then imports neither pydantic nor SQLAlchemy (most of a second here), so
+it answers in a fraction of one. Heavy modules are imported inside the commands that need them.
+
+It never prints a traceback: a closed pipe (`status | head`) ends it quietly, a configuration
+with errors that still names a readable database is a warning on stderr, and any other
+unexpected error becomes one line.
 """
 
 from __future__ import annotations
@@ -13,28 +19,29 @@ import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
-from sqlalchemy import func, select
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import SQLAlchemyError
-
-from backupwatch import __version__
-from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
+from backupwatch import __version__, locate
 from backupwatch.control import ControlError, DaemonUnreachable, call
-from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
+from backupwatch.locate import ConfigError
 from backupwatch.names import visible
-from backupwatch.report import ReportRejected, accept_report, size_problem
-from backupwatch.store import BackupEntry, JobView, Store
 from backupwatch.timeutil import format_z, utc_now
 
+if TYPE_CHECKING:
+    from backupwatch.config import Settings
+    from backupwatch.jobs import JobSpec
+    from backupwatch.store import BackupEntry, Store
+
 EXIT_OK, EXIT_ERROR, EXIT_DAEMON_DOWN = 0, 1, 3
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader left
+EXIT_INTERRUPTED = 130
 DEFAULT_MAX_BYTES = 1_048_576
 DEFAULT_HISTORY_LIMIT = 20
+STATUS_TIMEOUT = 10.0
 
 
 class Ctl:
-    """One invocation: the parsed arguments and a lazily loaded configuration."""
+    """One invocation: the parsed arguments and a lazily, leniently loaded configuration."""
 
     def __init__(
         self, args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None = None
@@ -44,9 +51,44 @@ class Ctl:
         self.err = err or sys.stderr
         self.environ = dict(os.environ)
         self.last_answer: dict[str, Any] = {}  # the daemon's answer to the last action
+        self._settings: Settings | None = None
+        self._defaulted: frozenset[str] = frozenset()
+        self._config_errors: list[str] = []
+        # Only the commands that send check the Apprise URLs (importing Apprise is slow).
+        self.check_urls = getattr(args, "command", None) == "alert-test"
+
+    @property
+    def config_path(self) -> Path:
+        path = locate.default_config_path(getattr(self.args, "config", None), self.environ)
+        return Path(os.path.abspath(path))
 
     def settings(self) -> Settings:
-        return load_settings(default_config_path(self.args.config, self.environ), self.environ)
+        """The configuration; its errors are a warning on stderr, each bad key its default."""
+        if self._settings is None:
+            from backupwatch.config import load_settings_lenient
+
+            lenient = load_settings_lenient(self.config_path, self.environ, self.check_urls)
+            self._settings, self._defaulted = lenient.settings, lenient.defaulted
+            self._config_errors = lenient.errors
+            if lenient.errors:
+                self.config_warning(lenient.errors)
+        return self._settings
+
+    def needs(self, key: str) -> Settings:
+        """The settings, when `key` itself is valid: a default database or socket would only
+        show another installation's state (or none), so a bad one stops the command."""
+        settings = self.settings()
+        if key in self._defaulted:
+            raise ConfigError([f"{key} is invalid (see above): cannot go on without it"])
+        return settings
+
+    def config_warning(self, errors: Sequence[str]) -> None:
+        self.fail(
+            "warning: the configuration has errors (the daemon would refuse it; "
+            "each bad key is read as its default here):"
+        )
+        for error in errors:
+            self.fail(f"  {visible(error)}")
 
     def print(self, text: str = "") -> None:
         print(text, file=self.out)
@@ -66,11 +108,10 @@ class Ctl:
 
 
 def cmd_status(ctl: Ctl) -> int:
-    settings = ctl.settings()
-    daemon, problem = _daemon_status(settings)
-    views, db_error = _job_views(settings)
+    daemon, problem, answer = _daemon_status(ctl)
+    rows, db_error, warnings = _status_rows(ctl, daemon, answer)
     if ctl.args.json:
-        ctl.dump({"daemon": daemon, "jobs": [_view_json(v) for v in views]})
+        ctl.dump({"daemon": daemon, "jobs": rows})
     else:
         ctl.print(_daemon_line(daemon))
         for line in _daemon_details(daemon):
@@ -78,9 +119,9 @@ def cmd_status(ctl: Ctl) -> int:
         _table(
             ctl,
             ["ID", "SITE", "DATABASE", "FREQUENCY", "STATUS", "LAST SUCCESS", "NEXT DEADLINE"],
-            [_view_row(v) for v in views],
+            [_view_row(row) for row in rows],
         )
-    for warning in _mismatches(settings, daemon):
+    for warning in warnings:
         ctl.fail(warning)
     if db_error:
         ctl.fail(f"cannot read the database: {db_error}")
@@ -90,6 +131,38 @@ def cmd_status(ctl: Ctl) -> int:
     if not daemon["running"]:
         return EXIT_DAEMON_DOWN
     return EXIT_ERROR if db_error else EXIT_OK
+
+
+def _status_rows(
+    ctl: Ctl, daemon: dict[str, Any], answer: dict[str, Any]
+) -> tuple[list[dict[str, Any]], str | None, list[str]]:
+    """The job rows, a database error, and warnings: from the daemon when it read its own
+    configuration file for us, else from the database (importing what that takes)."""
+    if "jobs" in answer or "jobs_error" in answer:
+        return answer.get("jobs") or [], answer.get("jobs_error"), _file_warnings(ctl, answer)
+    settings = ctl.needs("database_url")
+    rows, db_error = _job_rows(settings)
+    return rows, db_error, _mismatches(settings, daemon)
+
+
+def _file_warnings(ctl: Ctl, answer: dict[str, Any]) -> list[str]:
+    """What the daemon found in the file this tool reads: errors, and a database it names
+    other than the one the daemon runs on (issue 6 item 9)."""
+    check = answer.get("file_check") or {}
+    if check.get("errors"):
+        ctl.config_warning(check["errors"])
+    named, running = check.get("database"), answer.get("database")
+    if named and running and named != running:
+        return [_database_mismatch(running, ctl.config_path, named)]
+    return []
+
+
+def _database_mismatch(running: str, config_path: Path, named: str) -> str:
+    return (
+        f"the running daemon uses the database {running}, but {config_path} "
+        f"now names {named}: restart it to apply (systemctl restart backupwatch); "
+        "the job states above come from the daemon's database"
+    )
 
 
 _DAEMON_KEYS = (  # SPEC §8's four first, then what the daemon adds
@@ -105,21 +178,31 @@ _DAEMON_KEYS = (  # SPEC §8's four first, then what the daemon adds
     "warnings",
     "database",
     "config_path",
+    "alerts",
 )
 
 
-def _daemon_status(settings: Settings) -> tuple[dict[str, Any], str | None]:
-    """The daemon's own view, and a problem other than 'not running' (e.g. permission denied)."""
+def _daemon_status(ctl: Ctl) -> tuple[dict[str, Any], str | None, dict[str, Any]]:
+    """The daemon's own view, a problem other than 'not running' (e.g. permission denied), and
+    its whole answer (job rows included when it could read them)."""
     down: dict[str, Any] = {"running": False, **dict.fromkeys(_DAEMON_KEYS[:4])}
+    socket = locate.control_socket(ctl.config_path, ctl.environ)
     try:
-        answer = call(settings.control_socket, "status", timeout=5.0)
+        answer = call(
+            socket,
+            "status",
+            timeout=STATUS_TIMEOUT,
+            jobs=True,
+            config_path=str(ctl.config_path),
+            environ=locate.overrides(ctl.environ),
+        )
     except DaemonUnreachable:
-        return down, None
+        return down, None, {}
     except ControlError as exc:
-        return down, f"cannot ask the daemon: {exc}"
+        return down, f"cannot ask the daemon: {exc}", {}
     if not answer.get("ok"):
-        return down, f"the daemon answered with an error: {answer.get('error')}"
-    return {"running": True, **{key: answer.get(key) for key in _DAEMON_KEYS}}, None
+        return down, f"the daemon answered with an error: {answer.get('error')}", {}
+    return {"running": True, **{key: answer.get(key) for key in _DAEMON_KEYS}}, None, answer
 
 
 def _daemon_details(daemon: dict[str, Any]) -> list[str]:
@@ -134,6 +217,12 @@ def _daemon_details(daemon: dict[str, Any]) -> list[str]:
     ]
     lines += [f"worker replaced: {why}" for why in daemon.get("replaced_workers") or []]
     lines += [f"warning: {text}" for text in daemon.get("warnings") or []]
+    alerts = daemon.get("alerts") or {}
+    if alerts.get("pending") or alerts.get("failed"):
+        lines.append(
+            f"alerts: {alerts.get('pending', 0)} pending, {alerts.get('failed', 0)} failed "
+            "(backupwatchctl alerts)"
+        )
     return lines
 
 
@@ -158,6 +247,8 @@ def _mismatches(settings: Settings, daemon: dict[str, Any]) -> list[str]:
 
 def shown_url(url: str) -> str:
     """A database URL as the daemon shows it: without its password."""
+    from sqlalchemy.engine import make_url
+
     return make_url(url).render_as_string(hide_password=True)
 
 
@@ -176,18 +267,22 @@ def running_daemons(proc: Path = Path("/proc")) -> list[int]:
 
 def _open_store(settings: Settings) -> Store | None:
     """None when the daemon has never created its SQLite file: nothing to show yet."""
+    from backupwatch.store import Store
+
     url = settings.database_url
     if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).exists():
         return None
     return Store(url, create=False)
 
 
-def _job_views(settings: Settings) -> tuple[list[JobView], str | None]:
+def _job_rows(settings: Settings) -> tuple[list[dict[str, Any]], str | None]:
+    from sqlalchemy.exc import SQLAlchemyError
+
     store = _open_store(settings)
     if store is None:
         return [], None
     try:
-        return store.job_views(utc_now()), None
+        return [view.as_json() for view in store.job_views(utc_now())], None
     except SQLAlchemyError as exc:
         return [], str(exc).splitlines()[0]
     finally:
@@ -207,33 +302,31 @@ def _daemon_line(daemon: dict[str, Any]) -> str:
     )
 
 
-def _view_json(view: JobView) -> dict[str, Any]:
-    return {
-        "id": view.id,
-        "company_name": view.company_name,
-        "city": view.city,
-        "neighborhood": view.neighborhood,
-        "database_name": view.database_name,
-        "frequency": view.frequency.value,
-        "active": view.active,
-        "current_status": view.current_status.value,
-        "last_success_at": format_z(view.last_success_at),
-        "next_deadline": format_z(view.next_deadline),
-    }
-
-
-def _view_row(view: JobView) -> list[str]:
-    site = f"{view.company_name}/{view.city}/{view.neighborhood}"
-    status = view.current_status.value if view.active else f"{view.current_status.value} (inactive)"
+def _view_row(row: dict[str, Any]) -> list[str]:
+    site = f"{row['company_name']}/{row['city']}/{row['neighborhood']}"
+    status = _status_cell(row)
     return [
-        str(view.id),
+        str(row["id"]),
         site,
-        view.database_name,
-        view.frequency.value,
+        row["database_name"],
+        row["frequency"],
         status,
-        format_z(view.last_success_at) or "-",
-        format_z(view.next_deadline) or "-",
+        row["last_success_at"] or "-",
+        row["next_deadline"] or "-",
     ]
+
+
+def _status_cell(row: dict[str, Any]) -> str:
+    """SPEC §11: `status` shows PAUSED and acknowledgements."""
+    status = row["current_status"]
+    if not row["active"]:
+        return f"{status} (inactive)"
+    if row.get("paused"):
+        until = row.get("paused_until")
+        return f"PAUSED {'until ' + until if until else 'until resumed'} ({status})"
+    if row.get("acked_at") and status not in ("OK", "UNKNOWN"):
+        return f"{status} (acknowledged)"
+    return str(status)
 
 
 def cmd_reload(ctl: Ctl) -> int:
@@ -261,9 +354,9 @@ def _reload_text(answer: dict[str, Any]) -> str:
 
 
 def _daemon_action(ctl: Ctl, command: str, describe: Callable[[dict[str, Any]], str]) -> int:
-    settings = ctl.settings()
+    socket = locate.control_socket(ctl.config_path, ctl.environ)
     try:
-        answer = call(settings.control_socket, command, timeout=120.0)
+        answer = call(socket, command, timeout=120.0)
     except DaemonUnreachable as exc:
         ctl.fail(f"the daemon is not running ({exc})")
         return EXIT_DAEMON_DOWN
@@ -281,8 +374,14 @@ def _daemon_action(ctl: Ctl, command: str, describe: Callable[[dict[str, Any]], 
 
 
 def cmd_jobs(ctl: Ctl) -> int:
+    from backupwatch.jobs import read_jobs
+
     settings = ctl.settings()
-    specs = load_jobs(settings)
+    specs, errors = read_jobs(settings)
+    if errors:
+        ctl.fail("warning: jobs with errors are left out (the daemon would refuse them all):")
+        for error in errors:
+            ctl.fail(f"  {visible(error)}")
     window = settings.scanner_report_collection_window_minutes
     if ctl.args.json:
         ctl.dump([_spec_json(spec, settings, window) for spec in specs])
@@ -328,7 +427,7 @@ def _spec_json(spec: JobSpec, settings: Settings, window: int) -> dict[str, Any]
 
 
 def cmd_history(ctl: Ctl) -> int:
-    store = _open_store(ctl.settings())
+    store = _open_store(ctl.needs("database_url"))
     job = store.find_job(ctl.args.job) if store else None
     if store is None or job is None:
         ctl.fail(f"unknown job: {ctl.args.job} (give an id or company/city/neighborhood/database)")
@@ -366,6 +465,10 @@ def cmd_history(ctl: Ctl) -> int:
 
 
 def _entry_count(store: Store, job_id: int) -> int:
+    from sqlalchemy import func, select
+
+    from backupwatch.store import BackupEntry
+
     with store.reading() as session:
         query = select(func.count()).select_from(BackupEntry).where(BackupEntry.job_id == job_id)
         return session.scalar(query) or 0
@@ -388,15 +491,17 @@ def _entry_json(entry: BackupEntry) -> dict[str, Any]:
 
 def cmd_validate(ctl: Ctl) -> int:
     """Offline checks of SPEC §3 for agent authors; works without a configuration too."""
+    from backupwatch.config import load_settings_lenient
+
     max_bytes, max_age = DEFAULT_MAX_BYTES, timedelta(days=1)
     try:
-        settings = ctl.settings()
+        settings = load_settings_lenient(ctl.config_path, ctl.environ).settings
         max_bytes, max_age = (
             settings.report_max_bytes,
             timedelta(days=settings.max_status_file_age_days),
         )
     except ConfigError:
-        pass
+        pass  # agent authors run it where no backupwatch.toml exists: the defaults then
     failures = 0
     for name in ctl.args.files:
         reason = _validate_file(Path(name), max_bytes, max_age)
@@ -410,6 +515,8 @@ def cmd_validate(ctl: Ctl) -> int:
 
 def _validate_file(path: Path, max_bytes: int, max_age: timedelta) -> str | None:
     """The daemon's own acceptance (`report.accept_report`), minus the site's agent_id."""
+    from backupwatch.report import ReportRejected, accept_report, size_problem
+
     try:
         if path.is_symlink() or not path.is_file():
             return "not a regular file"
@@ -425,7 +532,10 @@ def _validate_file(path: Path, max_bytes: int, max_age: timedelta) -> str | None
 
 
 def cmd_check_config(ctl: Ctl) -> int:
-    settings = ctl.settings()
+    from backupwatch.config import load_settings
+    from backupwatch.jobs import load_jobs
+
+    settings = load_settings(ctl.config_path, ctl.environ)
     specs = load_jobs(settings)
     sites = {spec.deposit_relpath for spec in specs if spec.active}
     ctl.print(f"{settings.config_path}: OK: {len(specs)} jobs, {len(sites)} active deposit folders")
@@ -436,6 +546,8 @@ def cmd_check_config(ctl: Ctl) -> int:
 
 def config_warnings(settings: Settings) -> list[str]:
     """Mistakes that are not errors but would make the daemon watch the wrong thing."""
+    from backupwatch.jobs import unread_job_files
+
     warnings = unread_job_files(settings)
     for key in ("backup_storage_root", "validated_backups_base_path"):
         root = getattr(settings, key)
@@ -462,6 +574,18 @@ def _table(ctl: Ctl, header: list[str], rows: list[list[str]]) -> None:
         )
 
 
+def _later(name: str) -> Callable[[Ctl], int]:
+    """A command of `ctl_ops`, imported only when it runs (see the module docstring)."""
+
+    def run(ctl: Ctl) -> int:
+        from backupwatch import ctl_ops
+
+        command: Callable[[Ctl], int] = getattr(ctl_ops, name)
+        return command(ctl)
+
+    return run
+
+
 COMMANDS: dict[str, Callable[[Ctl], int]] = {
     "status": cmd_status,
     "reload": cmd_reload,
@@ -470,29 +594,44 @@ COMMANDS: dict[str, Callable[[Ctl], int]] = {
     "history": cmd_history,
     "validate": cmd_validate,
     "check-config": cmd_check_config,
+    "check": _later("cmd_check"),
+    "alerts": _later("cmd_alerts"),
+    "alert-test": _later("cmd_alert_test"),
+    "pause": _later("cmd_pause"),
+    "resume": _later("cmd_resume"),
+    "ack": _later("cmd_ack"),
+    "rejected": _later("cmd_rejected"),
+    "retry": _later("cmd_retry"),
 }
+
+
+CONFIG_HELP = "backupwatch.toml (default: $BACKUPWATCH_CONFIG or /etc/backupwatch/backupwatch.toml)"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backupwatchctl", description="Drive and inspect backupwatchd."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help="backupwatch.toml (default: $BACKUPWATCH_CONFIG or /etc/backupwatch/backupwatch.toml)",
-    )
+    parser.add_argument("--config", type=Path, help=CONFIG_HELP)
     parser.add_argument("--version", action="version", version=f"backupwatchctl {__version__}")
+    # `--config` is accepted after the command too (`backupwatchctl status --config F`); the
+    # sub-command's copy only sets it when given, so it never hides the one given before.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=CONFIG_HELP)
     commands = parser.add_subparsers(dest="command", required=True)
-    status = commands.add_parser("status", help="the daemon's state and every job's status")
+
+    def command(name: str, text: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=text, description=text, parents=[common])
+
+    status = command("status", "the daemon's state and every job's status")
     status.add_argument("--json", action="store_true")
-    commands.add_parser("reload", help="make the daemon reload its configuration and jobs")
-    commands.add_parser("rescan", help="make the daemon scan the deposit folders now")
-    jobs = commands.add_parser("jobs", help="the configured jobs")
+    command("reload", "make the daemon reload its configuration and jobs")
+    command("rescan", "make the daemon scan the deposit folders now")
+    jobs = command("jobs", "the configured jobs")
     jobs.add_argument("--json", action="store_true")
-    history = commands.add_parser(
+    history = command(
         "history",
-        help=f"a job's entries, newest first (the {DEFAULT_HISTORY_LIMIT} newest unless --limit)",
+        f"a job's entries, newest first (the {DEFAULT_HISTORY_LIMIT} newest unless --limit)",
     )
     history.add_argument("job", help="job id or company/city/neighborhood/database")
     history.add_argument(
@@ -503,10 +642,67 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"show the N newest entries (default: the {DEFAULT_HISTORY_LIMIT} newest; 0 for all)",
     )
     history.add_argument("--json", action="store_true")
-    validate = commands.add_parser("validate", help="check STATUS.json files offline")
+    validate = command("validate", "check STATUS.json files offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
-    commands.add_parser("check-config", help="check the configuration and job files")
+    command("check-config", "check the configuration and job files")
+    _lever_commands(command)
     return parser
+
+
+def _lever_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> None:
+    """SPEC §11's commands (run by `ctl_ops`)."""
+    check = command("check", "a Nagios/Icinga plugin: one status line, exit 0/1/2/3")
+    check.add_argument("--job", help="only this job (id or company/city/neighborhood/database)")
+    check.add_argument("--site", help="only this site (company/city/neighborhood)")
+    check.add_argument("--company", help="only this company's jobs")
+    check.add_argument(
+        "--warning",
+        metavar="S,...",
+        help="conditions that are WARNING (default: UNCHANGED,SUSPICIOUS,REJECTED)",
+    )
+    check.add_argument(
+        "--critical",
+        metavar="S,...",
+        help="conditions that are CRITICAL (default: "
+        "MISSING,FAILED,HASH_MISMATCH,TRANSFER_INTEGRITY_FAILED,DOWN)",
+    )
+    alerts = command("alerts", "recent alert events and their delivery per channel")
+    alerts.add_argument("--limit", type=_limit, default=DEFAULT_HISTORY_LIMIT, metavar="N")
+    alerts.add_argument("--json", action="store_true")
+    test = command("alert-test", "send a test message now; say whether each URL took it")
+    test.add_argument("channel", nargs="?", help="one channel (default: all of them)")
+    for name, text in (
+        ("pause", "stop expecting a job or a whole site (entries are still recorded)"),
+        ("resume", "expect a paused job or site again"),
+    ):
+        lever = command(name, text)
+        lever.add_argument("target", metavar="JOB|SITE", help="id, c/city/n/database or c/city/n")
+        if name == "pause":
+            lever.add_argument(
+                "--for",
+                dest="duration",
+                type=_duration,
+                metavar="DURATION",
+                help="resume by itself after this long: 2h, 3d, 90m, 1d12h (default: never)",
+            )
+            lever.add_argument("--reason", help="why, shown by status")
+    ack = command("ack", "acknowledge a job that is not OK: no reminders until it changes")
+    ack.add_argument("job", help="job id or company/city/neighborhood/database")
+    ack.add_argument("--reason", help="why, shown by status")
+    rejected = command("rejected", "rejected reports still in _rejected/, with their reasons")
+    rejected.add_argument("--site", help="only this site (company/city/neighborhood)")
+    rejected.add_argument("--json", action="store_true")
+    retry = command("retry", "put rejected reports back where they came from")
+    retry.add_argument("files", nargs="+", metavar="FILE", help="a report in a _rejected/ folder")
+
+
+def _duration(text: str) -> timedelta:
+    from backupwatch.ctl_ops import duration
+
+    try:
+        return duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
 
 
 def _limit(value: str) -> int:
@@ -524,9 +720,49 @@ def main(argv: Sequence[str] | None = None) -> int:
     ctl = Ctl(args)
     try:
         return COMMANDS[args.command](ctl)
+    except BrokenPipeError:
+        return _reader_gone()
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
     except ConfigError as exc:
-        ctl.fail(f"invalid configuration:\n{exc}")
-        return EXIT_ERROR
+        return _last_words(ctl, f"invalid configuration:\n{exc}")
+    except ControlError as exc:
+        return _last_words(ctl, f"cannot talk to the daemon: {exc}")
+    except Exception as exc:  # SPEC §11: never a traceback; one line that says what failed
+        return _last_words(ctl, unexpected(exc))
+
+
+def unexpected(exc: BaseException) -> str:
+    """One line for an error nothing else caught: a database's own first line, or the type."""
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    if type(exc).__module__.startswith(("sqlalchemy", "psycopg2", "sqlite3")):
+        return f"cannot read the database: {first or type(exc).__name__}"
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return f"unexpected error: {type(exc).__name__}: {first}".rstrip(": ")
+
+
+def _last_words(ctl: Ctl, text: str) -> int:
+    try:
+        ctl.fail(text)
+    except BrokenPipeError:
+        return _reader_gone()
+    return EXIT_ERROR
+
+
+def _reader_gone() -> int:
+    """stdout's reader left (`status | head`): end quietly, like any Unix tool.
+
+    Python would still flush stdout at exit and print a BrokenPipeError about it; pointing
+    the descriptor at /dev/null first keeps that flush silent.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass  # not a real descriptor (a test's capture): nothing will be flushed to a pipe
+    return EXIT_CLOSED_PIPE
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -32,8 +32,15 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch import __version__
 from backupwatch.arrivals import Arrivals, Waiting
-from backupwatch.config import ConfigError, Settings, default_config_path, load_settings
+from backupwatch.config import (
+    ConfigError,
+    Settings,
+    default_config_path,
+    load_settings,
+    load_settings_lenient,
+)
 from backupwatch.control import ControlError, ControlServer, Handler
+from backupwatch.delivery import DeliveryLoop
 from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
 from backupwatch.names import display_name
@@ -60,6 +67,8 @@ STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
 RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
+REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 class Daemon:
@@ -76,6 +85,7 @@ class Daemon:
         self.clock = clock
         self.notifier = Notifier(environ)
         self.store = Store(settings.database_url)
+        self.store.routing = settings.alerts.routing()
         self.queue = WorkQueue()
         self.arrivals = Arrivals()
         self.outage = OutageLog()
@@ -111,6 +121,7 @@ class Daemon:
         self.watcher = DepositWatcher(
             settings.backup_storage_root, self._on_event, self._on_overflow
         )
+        self.delivery = DeliveryLoop(self.store, clock, settings.alerts, outage=self.outage)
         self.control = ControlServer(settings.control_socket, self._handlers())
 
     @property
@@ -153,6 +164,8 @@ class Daemon:
         flagged = self.timer.run_once(self.clock())
         log.info("timer.caught_up", flagged=len(flagged))
         self.timer.start()
+        # After the catch-up: what it flagged is in the outbox together, one grouped message.
+        self.delivery.start()
         self.phase, self.ready = "running", True
         self.notifier.ready(self.status_line())
         log.info(
@@ -386,6 +399,7 @@ class Daemon:
         return (
             self.pool.healthy(stale)
             and timer_ok
+            and self.delivery.healthy(stale)
             and self.watcher.is_alive()
             and self.control.is_alive()
         )
@@ -437,6 +451,8 @@ class Daemon:
                 "the daemon keeps its previous configuration",
             }
         self.settings = settings
+        self.store.routing = settings.alerts.routing()
+        self.delivery.configure(settings.alerts)
         self.ctx = Context(self.store, settings, registry, self.beat, self.arrivals)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
@@ -469,8 +485,42 @@ class Daemon:
                 changes.append(change)
         return changes
 
-    def _handle_status(self, _request: dict[str, Any]) -> dict[str, Any]:
-        """Answered on the control thread from what exists at any moment of the start."""
+    def _handle_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answered on the control thread from what exists at any moment of the start.
+
+        `jobs: true` adds the job rows (read here, once the daemon is ready), so that
+        `backupwatchctl status` needs neither pydantic nor SQLAlchemy of its own; `config_path`
+        naming this daemon's own file adds `file_check`: that file's errors and the database
+        it names now (with the control tool's `BACKUPWATCH_*` variables in `environ`).
+        """
+        answer = self._status()
+        if request.get("jobs") and self.ready:
+            try:
+                answer["jobs"] = [view.as_json() for view in self.store.job_views(self.clock())]
+                answer["alerts"] = self.delivery.outbox.counts()
+                since = self.clock() - REJECTED_WINDOW
+                answer["rejected_sites"] = self.store.rejected_sites(since)
+            except SQLAlchemyError as exc:
+                answer["jobs_error"] = str(exc).splitlines()[0]
+        if request.get("config_path") == str(self.settings.config_path):
+            environ = request.get("environ")
+            answer["file_check"] = self._check_file(environ if isinstance(environ, dict) else {})
+        return answer
+
+    def _check_file(self, environ: dict[str, Any]) -> dict[str, Any]:
+        """The configuration file as it is now (not as it was loaded): its errors, and the
+        database it names unless that key itself is wrong."""
+        env = {str(k): str(v) for k, v in environ.items() if str(k).startswith("BACKUPWATCH_")}
+        try:
+            lenient = load_settings_lenient(self.settings.config_path, env)
+        except ConfigError as exc:
+            return {"errors": exc.errors, "database": None}
+        database = None
+        if "database_url" not in lenient.defaulted:
+            database = shown_setting("database_url", lenient.settings.database_url)
+        return {"errors": lenient.errors, "database": database}
+
+    def _status(self) -> dict[str, Any]:
         return {
             "ok": True,
             "state": "running" if self.ready else ("stopping" if self.stopping else "starting"),
@@ -526,6 +576,8 @@ class Daemon:
         self.queue.close()
         self.pool.join(deadline)
         self.timer.stop(max(0.0, deadline - time.monotonic()))
+        # A send in flight is abandoned at the deadline; its claim is freed at the next start.
+        self.delivery.stop(max(0.0, deadline - time.monotonic()))
         self.store.dispose()
         log.info("daemon.stopped")
         return 0
@@ -593,7 +645,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-target", type=LogTarget, choices=list(LogTarget), default=LogTarget.AUTO
     )
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="messages below this level are not logged (default: INFO)",
+    )
     parser.add_argument("--version", action="version", version=f"backupwatchd {__version__}")
     return parser.parse_args(argv)
 

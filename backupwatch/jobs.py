@@ -262,7 +262,18 @@ class JobSpec(BaseModel):
     )
     final_storage_path_template: str = Field(default=DEFAULT_FINAL_TEMPLATE, validate_default=True)
     active: bool = True
+    # SPEC §10: the named channels this job's alerts go to (None: the unnamed [alerts] one).
+    alert_channels: tuple[str, ...] | None = None
     source: str = Field(default="", exclude=True)
+
+    @field_validator("alert_channels", mode="before")
+    @classmethod
+    def _coerce_channels(cls, value: object) -> object:
+        if isinstance(value, list):
+            if not value or not all(isinstance(item, str) and item for item in value):
+                raise ValueError("expected a non-empty list of channel names")
+            return tuple(value)
+        return value
 
     @field_validator(*IDENTITY_FIELDS, mode="after")
     @classmethod
@@ -379,16 +390,41 @@ JOB_KEYS: frozenset[str] = frozenset(JobSpec.model_fields) - {"source"}
 
 def load_jobs(settings: Settings) -> list[JobSpec]:
     """Every job of every file under `jobs_path`, or one ConfigError listing every problem."""
+    specs, errors = read_jobs(settings)
+    if errors:
+        raise ConfigError(errors)
+    return specs
+
+
+def read_jobs(settings: Settings) -> tuple[list[JobSpec], list[str]]:
+    """The valid jobs and every problem found: `backupwatchctl jobs` shows the first and warns
+    about the second (SPEC §11: a typo in one file does not blind the tool)."""
     errors: list[str] = []
     specs: list[JobSpec] = []
-    for path in _job_files(settings.jobs_path):
+    try:
+        files = _job_files(settings.jobs_path)
+    except ConfigError as exc:
+        return [], exc.errors
+    for path in files:
         file_specs, file_errors = _load_file(path)
         specs.extend(file_specs)
         errors.extend(file_errors)
     errors.extend(_duplicates(specs))
-    if errors:
-        raise ConfigError(errors)
-    return specs
+    errors.extend(_unknown_channels(specs, settings))
+    return specs, errors
+
+
+def _unknown_channels(specs: list[JobSpec], settings: Settings) -> Iterator[str]:
+    """SPEC §10: a job routed to a channel `[alerts.channels]` does not define is an error."""
+    known = settings.alerts.channel_names
+    for spec in specs:
+        unknown = [name for name in spec.alert_channels or () if name not in known]
+        if unknown:
+            offered = ", ".join(sorted(known))
+            yield (
+                f"{spec.source} ({'/'.join(spec.key)}): alert_channels: unknown channel "
+                f"{', '.join(repr(n) for n in unknown)}; defined: {offered}"
+            )
 
 
 def _job_files(jobs_path: Path) -> list[Path]:

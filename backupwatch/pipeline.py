@@ -62,6 +62,7 @@ from backupwatch.report import (
 )
 from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
 from backupwatch.store import ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
+from backupwatch.timeutil import utc_now
 from backupwatch.verdict import (
     UNCHANGED_WARNING,
     StagedFacts,
@@ -212,7 +213,7 @@ def process_path(ctx: Context, path: Path, now: datetime) -> Result:
         # A folder is never a report (SPEC §3), and a symlinked log/ is never followed (§9).
         return Result(Outcome.IGNORED, path)
     if classified.kind is PathKind.STRAY or classified.site is None:
-        return reject(ctx, path, path.parent, "it lies in a folder that no active job uses")
+        return reject(ctx, path, path.parent, "it lies in a folder that no active job uses", now)
     return _process_report(ctx, classified.site, path, now)
 
 
@@ -224,7 +225,7 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Resu
     except Unreadable as exc:
         return _unreadable(ctx, site, path, exc.st)
     except Rejection as exc:
-        return reject(ctx, path, site.folder, exc.reason)
+        return reject(ctx, path, site.folder, exc.reason, now)
     sha = hashlib.sha256(read.data).hexdigest()
     if ctx.store.report_processed(sha):
         return _seen_before(ctx, site, path, sha)
@@ -237,7 +238,7 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Resu
             wait = report_wait(Content.INCOMPLETE, writer, unchanged, ctx.settle)
             if wait is not None:
                 return Result(Outcome.WAIT, path, exc.reason, wait=wait)
-        return reject(ctx, path, site.folder, exc.reason)
+        return reject(ctx, path, site.folder, exc.reason, now)
     return _record(ctx, site, path, report, sha, now)
 
 
@@ -616,9 +617,17 @@ def archive(path: Path, site: Site) -> str | None:
     return None
 
 
-def reject(ctx: Context, path: Path, folder: Path, reason: str) -> Result:
-    """Move a report to FOLDER/_rejected/ with NAME.reason.txt beside it (SPEC §3)."""
+def reject(
+    ctx: Context, path: Path, folder: Path, reason: str, now: datetime | None = None
+) -> Result:
+    """Move a report to FOLDER/_rejected/ with NAME.reason.txt beside it (SPEC §3).
+
+    The REJECTED alert event (SPEC §10) is committed first: a crash before the move leaves the
+    report in place, to be rejected again, and the event's key makes that a no-op.
+    """
     name = _name(ctx, path)
+    if path.exists() or path.is_symlink():
+        ctx.store.record_rejection(_site_of(ctx, folder), name, reason, now or utc_now())
     try:
         reject_into(path, folder, name, reason)
     except FileNotFoundError:
@@ -634,6 +643,14 @@ def reject(ctx: Context, path: Path, folder: Path, reason: str) -> Result:
         return Result(Outcome.PARKED, path, reason, left_in_place=f"cannot be rejected: {exc}")
     log.warning("report.rejected", report=name, reason=reason)
     return Result(Outcome.REJECTED, path, reason)
+
+
+def _site_of(ctx: Context, folder: Path) -> str:
+    """A site folder as the jobs' `deposit_path` names it (relative to the deposit root)."""
+    try:
+        return display_name(str(PurePosixPath(folder.relative_to(ctx.registry.root))))
+    except ValueError:
+        return display_name(str(folder))
 
 
 def _name(ctx: Context, path: Path) -> str:

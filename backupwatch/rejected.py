@@ -29,7 +29,7 @@ from backupwatch.fsutil import (
     unique_name,
 )
 from backupwatch.names import display_name
-from backupwatch.sites import REJECTED_DIR
+from backupwatch.sites import LOG_DIR, REJECTED_DIR
 
 log = structlog.get_logger(__name__)
 
@@ -247,3 +247,119 @@ def _listing(folder: Path) -> Iterator[str]:
         for entry in entries:
             if entry.is_file(follow_symlinks=False):
                 yield entry.name
+
+
+# ---------------------------------------------------------------- backupwatchctl (SPEC §11)
+
+REASON_READ_LIMIT = 64 * 1024
+_REJECTED_MARK = " was rejected: "
+
+
+@dataclass(frozen=True)
+class RejectedReport:
+    """One report still in a site's `_rejected/`, with what its reason file says."""
+
+    folder: Path  # the site folder D (or the stray folder the report lay in)
+    name: str  # its name in `_rejected/` (agent-chosen: escape it before showing it)
+    reason: str | None  # the reason file's text, or None when it has none
+    rejected_at: float | None  # the reason file's mtime: when it was rejected
+
+    @property
+    def path(self) -> Path:
+        return self.folder / REJECTED_DIR / self.name
+
+
+def rejected_reports(folder: Path) -> list[RejectedReport]:
+    """The reports in `folder/_rejected/`, never following a symlink (an agent's trap)."""
+    try:
+        with open_dir(folder / REJECTED_DIR) as dir_fd:
+            names = sorted(_listing_at(dir_fd))
+            found = []
+            for name in names:
+                if name.endswith(REASON_SUFFIX) or name.startswith("."):
+                    continue
+                reason, when = _read_reason(dir_fd, name + REASON_SUFFIX)
+                found.append(RejectedReport(folder, name, reason, when))
+            return found
+    except OSError:  # absent, a symlink (ELOOP), not a folder, not readable: nothing listed
+        return []
+
+
+def _listing_at(dir_fd: int) -> Iterator[str]:
+    with os.scandir(dir_fd) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                yield entry.name
+
+
+def _read_reason(dir_fd: int, name: str) -> tuple[str | None, float | None]:
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None, None
+    with os.fdopen(fd, "rb") as reason:
+        when = os.fstat(reason.fileno()).st_mtime
+        if not stat.S_ISREG(os.fstat(reason.fileno()).st_mode):
+            return None, None
+        return reason.read(REASON_READ_LIMIT).decode("utf-8", "replace").strip(), when
+
+
+class NotRejected(Exception):
+    """`backupwatchctl retry` was given something that is not a rejected report."""
+
+
+def retry(root: Path, path: Path) -> Path:
+    """Put a rejected report back where it came from (its reason file names it), to be
+    judged again; its reason file goes. Returns where it went.
+
+    Refuses (NotRejected) anything but a regular file in a real `_rejected/` folder under the
+    deposit root with its reason beside it; never follows a symlink; never replaces a file.
+    """
+    path = Path(os.path.abspath(path))
+    rejected_dir, name = path.parent, path.name
+    if rejected_dir.name != REJECTED_DIR or name.endswith(REASON_SUFFIX) or name.startswith("."):
+        raise NotRejected("not a report in a _rejected/ folder")
+    folder = rejected_dir.parent
+    if not folder.is_relative_to(root):
+        raise NotRejected(f"not under backup_storage_root ({root})")
+    try:
+        with open_dir(rejected_dir) as src_fd:
+            st = os.stat(name, dir_fd=src_fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotRejected("not a regular file")
+            reason, _when = _read_reason(src_fd, name + REASON_SUFFIX)
+            if reason is None:
+                raise NotRejected("it has no reason file beside it")
+            target_dir, target = _origin(root, folder, name, reason)
+            with open_dir(target_dir) as dst_fd:
+                rename_noreplace(src_fd, name, dst_fd, target)
+            _unlink_quietly(src_fd, name + REASON_SUFFIX)
+    except FileNotFoundError as exc:
+        raise NotRejected("no such file") from exc
+    except NotADirectoryError as exc:  # O_NOFOLLOW | O_DIRECTORY on a symlink
+        raise NotRejected(f"{exc.filename}: a symlink or not a folder: not followed") from exc
+    except FileExistsError as exc:
+        raise NotRejected(f"{target_dir / target} exists: it is not replaced") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise NotRejected("a symlink in the way: not followed") from exc
+        raise
+    log.info("rejected.retried", report=str(path), to=str(target_dir / target))
+    return target_dir / target
+
+
+def _origin(root: Path, folder: Path, name: str, reason: str) -> tuple[Path, str]:
+    """Where the report lay: the name its reason file gives, when that is D or D/log/ and
+    a plain name; else D under its current name."""
+    first = reason.splitlines()[0] if reason else ""
+    original = first.split(_REJECTED_MARK, 1)[0] if _REJECTED_MARK in first else ""
+    candidate = root / original if original else None
+    if (
+        candidate is not None
+        and candidate.parent in (folder, folder / LOG_DIR)
+        and candidate.name not in ("", ".", "..")
+        and not candidate.name.startswith(".")
+        and os.fsdecode(os.fsencode(candidate.name)) == candidate.name
+    ):
+        return candidate.parent, candidate.name
+    return folder, name

@@ -49,6 +49,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
+from backupwatch.alerting import (
+    Kind,
+    Routing,
+    job_event_key,
+    rejected_key,
+    site_channels,
+    transition,
+)
 from backupwatch.enums import WEEKDAYS, BackupEntryStatus, BackupFrequency, JobStatus
 from backupwatch.jobs import JobSpec
 from backupwatch.missing import (
@@ -142,10 +150,26 @@ class ExpectedBackupJob(Base):
     # schedule took effect; both cleared by the timer step that settles those cycles.
     previous_schedules: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     schedule_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # SPEC §10, §11 (migration 0005): where the job's alerts go (None: the unnamed channel),
+    # its pause (from `paused_at` until `paused_until`; None: until resumed) and its
+    # acknowledgement, cleared by the transaction that changes its state.
+    alert_channels: Mapped[list[str] | None] = mapped_column(JSON)
+    paused_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    paused_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    pause_reason: Mapped[str | None] = mapped_column(Text)
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    ack_reason: Mapped[str | None] = mapped_column(Text)
 
     @property
     def label(self) -> str:
         return f"{self.company_name}/{self.city}/{self.neighborhood}/{self.database_name}"
+
+    @property
+    def site_label(self) -> str:
+        return f"{self.company_name}/{self.city}/{self.neighborhood}"
+
+    def paused_at_instant(self, instant: datetime) -> bool:
+        return Pause(self.paused_at, self.paused_until).covers(instant)
 
     @property
     def schedule(self) -> Schedule:
@@ -237,6 +261,50 @@ class ProcessedReport(Base):
     processed_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
+class AlertEvent(Base):
+    """SPEC §10's outbox: one row per alert event, written in the transaction that changes the
+    state; `dedupe_key` (see `alerting`) makes every path that could write it write it once."""
+
+    __tablename__ = "alert_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    dedupe_key: Mapped[str] = mapped_column(String(255), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("expected_backup_jobs.id"), index=True)
+    company: Mapped[str | None] = mapped_column(String(255))
+    site: Mapped[str] = mapped_column(String(4096))
+    job_label: Mapped[str | None] = mapped_column(String(1024))
+    agent_id: Mapped[str | None] = mapped_column(String(255))
+    status: Mapped[str | None] = mapped_column(String(32))
+    cycle: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    since: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    message: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class AlertDelivery(Base):
+    """One event to one channel: claimed, sent outside any transaction, then recorded."""
+
+    __tablename__ = "alert_deliveries"
+    __table_args__ = (
+        UniqueConstraint("event_id", "channel"),
+        Index("ix_alert_deliveries_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("alert_events.id"))
+    channel: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16))  # pending, sending, sent, failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    claimed_by: Mapped[str | None] = mapped_column(String(255))
+    claimed_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    done_urls: Mapped[list[str] | None] = mapped_column(JSON)  # URLs (by digest) that took it
+    batch: Mapped[str | None] = mapped_column(String(64))  # the grouped message it went in
+
+
 # --------------------------------------------------------------------------- engine
 
 
@@ -314,6 +382,9 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self.reader = self.engine.execution_options(**{READ_ONLY: True})
         self._readers = sessionmaker(self.reader, expire_on_commit=False)
+        # Where alert events fan out to (SPEC §10); the daemon sets it from `[alerts]`, and
+        # without it events are written with no delivery (nothing is configured to send).
+        self.routing = Routing()
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -405,6 +476,80 @@ class Store:
                 )
             ).first()
 
+    def site_jobs(self, site: str) -> list[ExpectedBackupJob]:
+        """The jobs of a site named `company/city/neighborhood` (SPEC §11: pause SITE)."""
+        parts = site.split("/")
+        if len(parts) != 3:
+            return []
+        j = ExpectedBackupJob
+        with self.reading() as session:
+            query = (
+                select(j)
+                .where(j.company_name == parts[0], j.city == parts[1], j.neighborhood == parts[2])
+                .order_by(*_job_order())
+            )
+            return list(session.scalars(query))
+
+    # ------------------------------------------------------------ pause, ack
+
+    def pause(
+        self, job_ids: Sequence[int], now: datetime, until: datetime | None, reason: str | None
+    ) -> None:
+        """SPEC §11: stop expecting the jobs from `now` until `until` (None: until resumed).
+
+        The rows are locked as the timer's compare-and-swap locks them: the timer's step
+        either committed before (its flags were due before the pause) or sees the pause.
+        A job already paused keeps the start of its pause; only the end and reason change.
+        """
+        with self.engine.begin() as connection:
+            for job_id, pause in self._locked_pauses(connection, job_ids):
+                since = pause.since if pause.covers(now) else now
+                connection.execute(
+                    update(ExpectedBackupJob)
+                    .where(ExpectedBackupJob.id == job_id)
+                    .values(paused_at=since, paused_until=until, pause_reason=reason)
+                )
+
+    def resume(self, job_ids: Sequence[int], now: datetime) -> int:
+        """End the pause of the jobs now; the cycles it covered stay unexpected. Returns how
+        many were paused."""
+        resumed = 0
+        with self.engine.begin() as connection:
+            for job_id, pause in self._locked_pauses(connection, job_ids):
+                if pause.covers(now):
+                    connection.execute(
+                        update(ExpectedBackupJob)
+                        .where(ExpectedBackupJob.id == job_id)
+                        .values(paused_until=now)
+                    )
+                    resumed += 1
+        return resumed
+
+    def _locked_pauses(self, connection: Any, job_ids: Sequence[int]) -> list[tuple[int, Pause]]:
+        j = ExpectedBackupJob
+        rows = connection.execute(
+            select(j.id, j.paused_at, j.paused_until)
+            .where(j.id.in_(list(job_ids)))
+            .order_by(j.id)
+            .with_for_update(key_share=True)
+        ).all()
+        return [(r.id, Pause(r.paused_at, r.paused_until)) for r in rows]
+
+    def acknowledge(self, job_id: int, now: datetime, reason: str | None) -> JobStatus:
+        """SPEC §11: no reminders for this job until its state changes. Returns its status;
+        an OK (or UNKNOWN) job has nothing to acknowledge and is left as it is."""
+        with self.engine.begin() as connection:
+            self._locked_pauses(connection, [job_id])  # after any state change under way
+            latest = _latest(connection, job_id)
+            status = latest.job_status if latest else JobStatus.UNKNOWN
+            if status not in (JobStatus.OK, JobStatus.UNKNOWN):
+                connection.execute(
+                    update(ExpectedBackupJob)
+                    .where(ExpectedBackupJob.id == job_id)
+                    .values(acked_at=now, ack_reason=reason)
+                )
+            return status
+
     # ---------------------------------------------------------------- reports
 
     def report_processed(self, sha256: str) -> bool:
@@ -463,9 +608,53 @@ class Store:
             if connection.execute(statement).rowcount != 1:
                 return False
             if entries:
+                changes = _Changes(self, connection, sorted({e.job_id for e in entries}))
                 rows = [{**dataclasses.asdict(e), "recorded_at": now} for e in entries]
                 connection.execute(insert(BackupEntry), rows)
+                changes.report_events(entries, now)
         return True
+
+    def record_rejection(self, site: str, report_name: str, reason: str, now: datetime) -> bool:
+        """SPEC §10's REJECTED event (one per site per hour), in a transaction of its own.
+
+        Called BEFORE the report moves to `_rejected/`: a crash in between leaves the report in
+        place, to be rejected again, and the dedupe key makes that second write do nothing.
+        `site` is the folder relative to the deposit root. False: nothing was written (a
+        duplicate within the hour, or every job of the site is paused).
+        """
+        j = ExpectedBackupJob
+        with self.engine.begin() as connection:
+            jobs = connection.execute(
+                select(
+                    j.company_name,
+                    j.city,
+                    j.neighborhood,
+                    j.alert_channels,
+                    j.paused_at,
+                    j.paused_until,
+                ).where(j.deposit_path == site, j.active.is_(True))
+            ).all()
+            if jobs and all(Pause(r.paused_at, r.paused_until).covers(now) for r in jobs):
+                return False
+            companies = {r.company_name for r in jobs}
+            labels = {f"{r.company_name}/{r.city}/{r.neighborhood}" for r in jobs}
+            event = {
+                "dedupe_key": rejected_key(site, now),
+                "kind": Kind.REJECTED.value,
+                "job_id": None,
+                "company": companies.pop() if len(companies) == 1 else None,
+                "site": labels.pop() if len(labels) == 1 else site,
+                "job_label": None,
+                "agent_id": None,
+                "status": None,
+                "cycle": None,
+                "since": None,
+                "message": f"{report_name} was rejected: {reason}",
+                "created_at": now,
+            }
+            channels = site_channels(r.alert_channels for r in jobs)
+            targets = self.routing.targets(Kind.REJECTED, channels)
+            return _emit(self, connection, event, targets, now)
 
     # ---------------------------------------------------------------- MISSING
 
@@ -512,9 +701,22 @@ class Store:
         with self.session() as session:
             if not self._move_cursor(session, job, start, plan.cursor):
                 return []
+            # The compare-and-swap holds the job's row now: a pause committed before it is
+            # seen here, and a pause that comes after waits for this transaction (SPEC §11:
+            # never a paused job flagged, never a flag lost).
+            changes = _Changes(self, session.connection(), [job.id])
+            pause = changes.jobs[job.id].pause
             for due in plan.due:
+                # Paused now: nothing is flagged; resumed: the cycles the pause covered stay
+                # unexpected (the cursor moves past them either way).
+                if pause.covers(now) or pause.covers(due.deadline):
+                    log.info("timer.paused", job=job.label, cycle=due.cycle.isoformat())
+                    continue
                 if self._flag_missing(session, job, due.cycle, now, due.message(job.agent_id)):
                     flagged.append(due.cycle)
+            if flagged:
+                session.flush()
+                changes.missing_events(job.id, now)
         return flagged
 
     def _move_cursor(
@@ -583,12 +785,26 @@ class Store:
 
     def job_views(self, now: datetime) -> list[JobView]:
         """One row per job for `status`: current status, last success and next deadline."""
-        query = select(ExpectedBackupJob, _current_status(), _last_success()).order_by(
-            *_job_order()
-        )
+        query = select(
+            ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged()
+        ).order_by(*_job_order())
         with self.reading() as session:
             rows = session.execute(query).all()
-        return [_job_view(job, status, success, now) for job, status, success in rows]
+        return [
+            _job_view(job, status, success, now, bool(unchanged))
+            for job, status, success, unchanged in rows
+        ]
+
+    def rejected_sites(self, since: datetime) -> list[tuple[str | None, str]]:
+        """(company, site) of the REJECTED events since then (`check`: SPEC §11's WARNING)."""
+        e = AlertEvent
+        query = (
+            select(e.company, e.site)
+            .where(e.kind == Kind.REJECTED.value, e.created_at >= since)
+            .distinct()
+        )
+        with self.reader.begin() as connection:
+            return [(row.company, row.site) for row in connection.execute(query)]
 
     def history(self, job_id: int, limit: int | None) -> list[BackupEntry]:
         with self.reading() as session:
@@ -685,6 +901,249 @@ class JobView:
     current_status: JobStatus
     last_success_at: datetime | None
     next_deadline: datetime | None
+    paused_until: datetime | None = None  # set while paused (None with `paused`: until resumed)
+    paused: bool = False
+    pause_reason: str | None = None
+    acked_at: datetime | None = None
+    ack_reason: str | None = None
+    unchanged: bool = False  # the newest entry is a success with the previous one's SHA-256
+
+    def as_json(self) -> dict[str, Any]:
+        """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
+        from backupwatch.timeutil import format_z
+
+        return {
+            "id": self.id,
+            "company_name": self.company_name,
+            "city": self.city,
+            "neighborhood": self.neighborhood,
+            "database_name": self.database_name,
+            "frequency": self.frequency.value,
+            "active": self.active,
+            "current_status": self.current_status.value,
+            "last_success_at": format_z(self.last_success_at),
+            "next_deadline": format_z(self.next_deadline),
+            "paused": self.paused,
+            "paused_until": format_z(self.paused_until),
+            "pause_reason": self.pause_reason,
+            "acked_at": format_z(self.acked_at),
+            "ack_reason": self.ack_reason,
+            "unchanged": self.unchanged,
+        }
+
+
+# ------------------------------------------------------------------- alerts
+
+
+@dataclasses.dataclass(frozen=True)
+class Pause:
+    """SPEC §11: a job paused from `since` until `until` (None: until resumed)."""
+
+    since: datetime | None
+    until: datetime | None
+
+    def covers(self, instant: datetime) -> bool:
+        if self.since is None or instant < self.since:
+            return False
+        return self.until is None or instant < self.until
+
+
+@dataclasses.dataclass(frozen=True)
+class _Latest:
+    """A job's newest entry by `current_status`'s order: what its status is."""
+
+    cycle: datetime
+    status: BackupEntryStatus
+    message: str
+
+    @property
+    def job_status(self) -> JobStatus:
+        return JobStatus.from_entry(self.status)
+
+
+@dataclasses.dataclass(frozen=True)
+class _JobRow:
+    id: int
+    company: str
+    site: str
+    label: str
+    agent_id: str
+    channels: list[str] | None
+    pause: Pause
+    acked: bool
+
+
+def _latest(connection: Any, job_id: int) -> _Latest | None:
+    e = BackupEntry
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    row = connection.execute(
+        select(e.cycle, e.status, e.message)
+        .where(e.job_id == job_id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+    ).first()
+    return None if row is None else _Latest(row.cycle, row.status, row.message)
+
+
+def _streak_start(connection: Any, job_id: int, upto: datetime) -> datetime | None:
+    """The first cycle of the not-OK streak that reaches `upto` (since when it is not OK)."""
+    e = BackupEntry
+    last_ok = connection.execute(
+        select(func.max(e.cycle)).where(
+            e.job_id == job_id, e.status == BackupEntryStatus.SUCCESS, e.cycle < upto
+        )
+    ).scalar()
+    query = select(func.min(e.cycle)).where(
+        e.job_id == job_id, e.status != BackupEntryStatus.SUCCESS, e.cycle <= upto
+    )
+    if last_ok is not None:
+        query = query.where(e.cycle > last_ok)
+    found: datetime | None = connection.execute(query).scalar()
+    return found
+
+
+def _emit(
+    store: Store, connection: Any, event: dict[str, Any], targets: Sequence[str], now: datetime
+) -> bool:
+    """Insert the event unless its key exists, and one delivery per target channel."""
+    statement = (
+        store._insert(AlertEvent.__table__)
+        .values(**event)
+        .on_conflict_do_nothing()
+        .returning(AlertEvent.__table__.c.id)
+    )
+    event_id = connection.execute(statement).scalar()
+    if event_id is None:
+        return False
+    if targets:
+        rows = [
+            {
+                "event_id": event_id,
+                "channel": channel,
+                "state": "pending",
+                "attempts": 0,
+                "next_attempt_at": now,
+            }
+            for channel in targets
+        ]
+        connection.execute(insert(AlertDelivery), rows)
+    return True
+
+
+class _Changes:
+    """The jobs a transaction is about to change: their rows locked first (PostgreSQL; SQLite's
+    BEGIN IMMEDIATE locks everything), then their state read, so that two transactions on one
+    job (two workers, the timer, a pause or an ack from backupwatchctl) see each other whole.
+    """
+
+    def __init__(self, store: Store, connection: Any, job_ids: Sequence[int]) -> None:
+        self.store = store
+        self.connection = connection
+        j = ExpectedBackupJob
+        rows = connection.execute(
+            select(
+                j.id,
+                j.company_name,
+                j.city,
+                j.neighborhood,
+                j.database_name,
+                j.agent_id,
+                j.alert_channels,
+                j.paused_at,
+                j.paused_until,
+                j.acked_at,
+            )
+            .where(j.id.in_(list(job_ids)))
+            .order_by(j.id)
+            # FOR NO KEY UPDATE: what the cursor's UPDATE takes too; it does not block the
+            # foreign-key checks (FOR KEY SHARE) of entries inserted for the job meanwhile.
+            .with_for_update(key_share=True)
+        ).all()
+        self.jobs = {
+            r.id: _JobRow(
+                id=r.id,
+                company=r.company_name,
+                site=f"{r.company_name}/{r.city}/{r.neighborhood}",
+                label=f"{r.company_name}/{r.city}/{r.neighborhood}/{r.database_name}",
+                agent_id=r.agent_id,
+                channels=r.alert_channels,
+                pause=Pause(r.paused_at, r.paused_until),
+                acked=r.acked_at is not None,
+            )
+            for r in rows
+        }
+        self.before = {job_id: _latest(connection, job_id) for job_id in self.jobs}
+
+    def report_events(self, entries: Sequence[NewEntry], now: datetime) -> None:
+        for job_id in self.jobs:
+            self._transition(job_id, now)
+        for entry in entries:
+            if entry.unchanged_since_last_success and entry.job_id in self.jobs:
+                self._event(
+                    self.jobs[entry.job_id],
+                    Kind.UNCHANGED,
+                    entry.cycle,
+                    None,
+                    now,
+                    entry.message,
+                    JobStatus.OK,
+                )
+
+    def missing_events(self, job_id: int, now: datetime) -> None:
+        self._transition(job_id, now)
+
+    def _transition(self, job_id: int, now: datetime) -> None:
+        before, after = self.before[job_id], _latest(self.connection, job_id)
+        if after is None:
+            return
+        old = before.job_status if before else JobStatus.UNKNOWN
+        kind = transition(old, after.job_status)
+        if old is not after.job_status:
+            self._clear_ack(job_id)
+        if kind is None:
+            return
+        since = _streak_start(self.connection, job_id, after.cycle)
+        self._event(
+            self.jobs[job_id], kind, after.cycle, since, now, after.message, after.job_status
+        )
+
+    def _clear_ack(self, job_id: int) -> None:
+        """SPEC §10: an acknowledgement holds until the job's state changes."""
+        if self.jobs[job_id].acked:
+            j = ExpectedBackupJob
+            self.connection.execute(
+                update(j).where(j.id == job_id).values(acked_at=None, ack_reason=None)
+            )
+
+    def _event(
+        self,
+        job: _JobRow,
+        kind: Kind,
+        cycle: datetime,
+        since: datetime | None,
+        now: datetime,
+        message: str,
+        status: JobStatus,
+    ) -> None:
+        if job.pause.covers(now):
+            return  # SPEC §10: a paused job sends nothing (its entries are still recorded)
+        event = {
+            "dedupe_key": job_event_key(job.id, kind, cycle),
+            "kind": kind.value,
+            "job_id": job.id,
+            "company": job.company,
+            "site": job.site,
+            "job_label": job.label,
+            "agent_id": job.agent_id,
+            "status": status.value,
+            "cycle": cycle,
+            "since": since,
+            "message": message,
+            "created_at": now,
+        }
+        _emit(
+            self.store, self.connection, event, self.store.routing.targets(kind, job.channels), now
+        )
 
 
 # -------------------------------------------------------------------- helpers
@@ -727,6 +1186,7 @@ def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
         "deposit_path": str(spec.deposit_relpath),
         "agent_deposit_path_template": spec.agent_deposit_path_template,
         "final_storage_path_template": spec.final_storage_path_template,
+        "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
         "config_source": spec.source,
     }
 
@@ -814,6 +1274,20 @@ def _current_status() -> Any:
     )
 
 
+def _latest_unchanged() -> Any:
+    """Whether the newest entry (by `_current_status`'s order) is an unchanged success."""
+    e, j = BackupEntry, ExpectedBackupJob
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    return (
+        select(e.unchanged_since_last_success)
+        .where(e.job_id == j.id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+        .correlate(j)
+        .scalar_subquery()
+    )
+
+
 def _last_success() -> Any:
     """The agent's time of the newest successful backup, also one index seek per job."""
     e, j = BackupEntry, ExpectedBackupJob
@@ -832,10 +1306,12 @@ def _job_view(
     latest: BackupEntryStatus | None,
     last_success: datetime | None,
     now: datetime,
+    unchanged: bool = False,
 ) -> JobView:
     from backupwatch.schedule import next_deadline
 
     upcoming = next_deadline(job.schedule, now, job.activated_at) if job.active else None
+    paused = job.paused_at_instant(now)
     return JobView(
         id=job.id,
         company_name=job.company_name,
@@ -849,6 +1325,12 @@ def _job_view(
         current_status=JobStatus.from_entry(latest),
         last_success_at=last_success,
         next_deadline=upcoming,
+        paused=paused,
+        paused_until=job.paused_until if paused else None,
+        pause_reason=job.pause_reason if paused else None,
+        acked_at=job.acked_at,
+        ack_reason=job.ack_reason,
+        unchanged=unchanged,
     )
 
 

@@ -63,7 +63,9 @@ def job_block(company: str, city: str, neighborhood: str, database: str, **keys:
 
 
 def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> Path:
-    """A config under `base` with deposit/, validated/, jobs.d/ and a short control socket."""
+    """A config under `base` with deposit/, validated/, jobs.d/ and a short control socket;
+    `extra_toml` is appended as it is (tables such as `[alerts]`)."""
+    extra = str(overrides.pop("extra_toml", ""))
     (base / "deposit").mkdir(parents=True, exist_ok=True)
     (base / "validated").mkdir(parents=True, exist_ok=True)
     (base / "jobs.d").mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,8 @@ def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> 
         **overrides,
     }
     path = base / "backupwatch.toml"
-    path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))
+    lines = "".join(f"{key} = {toml_value(value)}\n" for key, value in values.items())
+    path.write_text(lines + extra)
     return path
 
 

@@ -196,3 +196,15 @@ def test_scripts_are_executable_and_parse(script: str) -> None:
         return
     shell = "bash" if path.read_text().startswith("#!/bin/bash") else "sh"
     subprocess.run([shell, "-n", str(path)], check=True)
+
+
+def test_packaged_alerts_example_uncommented_is_valid(tmp_path: Path) -> None:
+    """The commented [alerts] block of the packaged config, uncommented, loads."""
+    text = (PACKAGING / "etc/backupwatch.toml").read_text()
+    block = text[text.index("#[alerts]") :].splitlines()
+    code = [line[1:] for line in block if re.match(r'^#(\[|[a-z_]+ = |\s+")', line)]
+    config = tmp_path / "backupwatch.toml"
+    config.write_text("\n".join(code) + "\n")
+    alerts = load_settings(config, {}).alerts
+    assert sorted(alerts.channel_urls()) == ["acme-team", "default"]
+    assert alerts.digest_hour_utc == 7
