@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from backupwatch import __version__, locate
 from backupwatch.control import ControlError, DaemonUnreachable, call
-from backupwatch.locate import ConfigError
+from backupwatch.locate import DEFAULT_CONFIG_PATH, ConfigError
 from backupwatch.names import visible
 from backupwatch.timeutil import format_z, utc_now
 
@@ -241,7 +241,7 @@ def _mismatches(settings: Settings, daemon: dict[str, Any]) -> list[str]:
     return [
         f"backupwatchd (pid {pid}) is running but does not answer on {settings.control_socket}: "
         f"if control_socket was changed in {settings.config_path}, restart it to apply"
-        for pid in running_daemons()
+        for pid in running_daemons(settings.config_path)
     ]
 
 
@@ -252,17 +252,36 @@ def shown_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def running_daemons(proc: Path = Path("/proc")) -> list[int]:
-    """Pids of backupwatchd processes this user can see (any command line naming it)."""
+def running_daemons(config: Path, proc: Path = Path("/proc")) -> list[int]:
+    """Pids of the backupwatchd processes this user can see that run on `config`: named by
+    their `--config` (resolved against their working folder), or, without one, when `config`
+    is the packaged default (their environment cannot be read to know better)."""
     found = []
     for entry in proc.glob("[0-9]*"):
         try:
-            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            argv = [os.fsdecode(a) for a in (entry / "cmdline").read_bytes().split(b"\0")]
         except OSError:
             continue
-        if any(os.path.basename(arg) == b"backupwatchd" for arg in argv[:2]):
+        if not any(os.path.basename(arg) == "backupwatchd" for arg in argv[:2]):
+            continue
+        if _daemon_config(entry, argv) == config:
             found.append(int(entry.name))
     return sorted(found)
+
+
+def _daemon_config(entry: Path, argv: list[str]) -> Path | None:
+    for index, arg in enumerate(argv):
+        value = None
+        if arg == "--config" and index + 1 < len(argv):
+            value = argv[index + 1]
+        elif arg.startswith("--config="):
+            value = arg.removeprefix("--config=")
+        if value is not None:
+            try:
+                return Path(os.path.normpath(Path(os.readlink(entry / "cwd")) / value))
+            except OSError:
+                return Path(os.path.normpath(value)) if os.path.isabs(value) else None
+    return DEFAULT_CONFIG_PATH
 
 
 def _open_store(settings: Settings) -> Store | None:
