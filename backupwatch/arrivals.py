@@ -128,12 +128,22 @@ class Arrivals:
         return float("inf") if newest is None else max(0.0, self._wall() - newest)
 
     def _writing_under(self, folder: Path) -> bool:
+        """A writer whose file is gone no longer counts: the watch asks no close events for
+        files unlinked while open (IN_EXCL_UNLINK), nor deletions, so look."""
         horizon = self._monotonic() - WRITER_HORIZON
         with self._lock:
-            stale = [path for path, since in self._writers.items() if since < horizon]
-            for path in stale:
-                del self._writers[path]
-            return any(path.is_relative_to(folder) for path in self._writers)
+            candidates = [p for p in self._writers if p.is_relative_to(folder)]
+        for path in candidates:
+            gone = not os.path.lexists(path)
+            with self._lock:
+                since = self._writers.get(path)
+                if since is None:
+                    continue
+                if gone or since < horizon:
+                    del self._writers[path]
+                    continue
+            return True
+        return False
 
     def done(self, path: Path) -> None:
         """Judged, gone or moved away: the next file at this path is a new arrival."""
