@@ -223,6 +223,7 @@ class BackupEntry(Base):
             postgresql_where=text("status = 'MISSING'"),
         ),
         UniqueConstraint("job_id", "report_sha256"),
+        Index("ix_backup_entries_cycle_job", "cycle", "job_id"),  # the web grid (SPEC §12)
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -783,11 +784,14 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
-    def job_views(self, now: datetime) -> list[JobView]:
-        """One row per job for `status`: current status, last success and next deadline."""
-        query = select(
-            ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged()
-        ).order_by(*_job_order())
+    def job_views(self, now: datetime, *where: Any) -> list[JobView]:
+        """One row per job for `status`: current status, last success and next deadline
+        (`where`: criteria on ExpectedBackupJob, e.g. one job or one site for the web pages)."""
+        query = (
+            select(ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged())
+            .where(*where)
+            .order_by(*_job_order())
+        )
         with self.reading() as session:
             rows = session.execute(query).all()
         return [
