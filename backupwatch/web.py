@@ -24,7 +24,8 @@ from urllib.parse import parse_qs, quote, unquote
 
 import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -154,7 +155,8 @@ class WebApp:
             case [""]:
                 return self.index(query)
             case ["metrics"]:
-                return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_LATEST)
+                # 0.0.4: the text format every Prometheus version reads
+                return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
             case ["healthz"]:
                 return self.healthz()
             case ["api", "status"]:
