@@ -68,7 +68,7 @@ REQUEST_TIMEOUT = 60.0  # a control request waits this long for the main thread
 STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest sleep)
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
-RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
+RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket", "http_listen")
 REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
