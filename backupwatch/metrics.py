@@ -146,7 +146,7 @@ class StoreCollector(Collector):
 
     def _read(self) -> Iterator[Metric]:
         now = self._clock()
-        views = [view for view in self._store.job_views(now) if view.active]
+        views = self._store.job_states(now)
         jobs = GaugeMetricFamily(
             "backupwatch_jobs",
             "Active jobs by current status (the newest cycle's verdict; UNKNOWN: never reported).",

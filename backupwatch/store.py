@@ -223,7 +223,15 @@ class BackupEntry(Base):
             postgresql_where=text("status = 'MISSING'"),
         ),
         UniqueConstraint("job_id", "report_sha256"),
-        Index("ix_backup_entries_cycle_job", "cycle", "job_id"),  # the web grid (SPEC §12)
+        # The web grid (SPEC §12): a range scan of the window that never reads the table.
+        Index(
+            "ix_backup_entries_cycle_job",
+            "cycle",
+            "job_id",
+            "status",
+            "unchanged_since_last_success",
+            "id",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -798,6 +806,64 @@ class Store:
             _job_view(job, status, success, now, bool(unchanged))
             for job, status, success, unchanged in rows
         ]
+
+    def job_states(self, now: datetime, last_success: bool = True) -> list[JobView]:
+        """`job_views` for the active jobs, lean enough for every page view and scrape (SPEC
+        §12): columns, not ORM objects, and the next deadline from the MISSING cursor (the next
+        cycle still to settle) instead of a schedule computation per job."""
+        j = ExpectedBackupJob
+        columns = [
+            j.id,
+            j.company_name,
+            j.city,
+            j.neighborhood,
+            j.database_name,
+            j.agent_id,
+            j.deposit_path,
+            j.frequency,
+            j.next_deadline_at,
+            j.paused_at,
+            j.paused_until,
+            j.pause_reason,
+            j.acked_at,
+            j.ack_reason,
+            _current_status().label("status"),
+            _latest_unchanged().label("unchanged"),
+        ]
+        if last_success:
+            columns.append(_last_success().label("success"))
+        query = select(*columns).where(j.active.is_(True)).order_by(*_job_order())
+        with self.reader.begin() as connection:
+            rows = connection.execute(query).all()
+        views = []
+        for row in rows:
+            paused = Pause(row.paused_at, row.paused_until).covers(now)
+            status = row.status
+            views.append(
+                JobView(
+                    id=row.id,
+                    company_name=row.company_name,
+                    city=row.city,
+                    neighborhood=row.neighborhood,
+                    database_name=row.database_name,
+                    agent_id=row.agent_id,
+                    deposit_path=row.deposit_path,
+                    frequency=row.frequency,
+                    active=True,
+                    current_status=JobStatus.from_entry(
+                        None if status is None else BackupEntryStatus(status)
+                    ),
+                    last_success_at=row.success if last_success else None,
+                    next_deadline=row.next_deadline_at,
+                    paused=paused,
+                    paused_until=row.paused_until if paused else None,
+                    pause_reason=row.pause_reason if paused else None,
+                    acked_at=row.acked_at,
+                    ack_reason=row.ack_reason,
+                    unchanged=bool(row.unchanged),
+                )
+            )
+        return views
 
     def rejected_sites(self, since: datetime) -> list[tuple[str | None, str]]:
         """(company, site) of the REJECTED events since then (`check`: SPEC §11's WARNING)."""
