@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -50,7 +51,13 @@ from backupwatch.timeutil import format_z
 
 log = structlog.get_logger(__name__)
 
-THREADS = 4  # requests served at once; more wait in waitress' queue, not in a thread
+THREADS = 6  # requests served at once; more wait in waitress' queue, not in a thread
+# Pages and scrapes are made one at a time, each reused for CACHE_FACTOR times what it cost to
+# make (at most CACHE_MAX seconds): however often clients ask, the listener's share of the
+# interpreter stays near 1/CACHE_FACTOR, and report processing keeps the rest.
+CACHE_FACTOR = 20
+CACHE_MAX = 30.0
+CACHE_ENTRIES = 64
 CONNECTION_LIMIT = 256  # open connections; beyond, new ones wait in the listen backlog
 CHANNEL_TIMEOUT = 15  # seconds an idle connection is kept
 MAX_HEADER_BYTES = 16384  # request line and headers: above, waitress answers 431
@@ -82,6 +89,53 @@ class Source(Protocol):
     def runtime(self) -> Runtime: ...
 
 
+class Renders:
+    """Expensive answers, made under one lock and reused for a time proportional to their cost.
+
+    The daemon's workers share the interpreter with this listener: a client fetching a
+    1,000-site page back to back would otherwise take a whole core's worth of the GIL from
+    report processing. A small installation's pages cost milliseconds, so they stay fresh."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cache: dict[str, tuple[float, Response]] = {}
+
+    def get(self, key: str, make: Callable[[], Response]) -> Response:
+        found = self._fresh(key)
+        if found is not None:
+            return found
+        with self._lock:
+            found = self._fresh(key)  # made while this request waited
+            if found is not None:
+                return found
+            started = time.monotonic()
+            response = make()
+            done = time.monotonic()
+            if response.status.startswith("200"):
+                keep = min(CACHE_MAX, (done - started) * CACHE_FACTOR)
+                self._cache[key] = (done + keep, response)
+                self._trim(done)
+            return response
+
+    def clear(self) -> None:
+        self._cache.clear()
+
+    def _fresh(self, key: str) -> Response | None:
+        found = self._cache.get(key)
+        if found is not None and found[0] > time.monotonic():
+            return found[1]
+        return None
+
+    def _trim(self, now: float) -> None:
+        if len(self._cache) <= CACHE_ENTRIES:
+            return
+        for key, (expires, _) in list(self._cache.items()):
+            if expires <= now:
+                del self._cache[key]
+        while len(self._cache) > CACHE_ENTRIES:
+            del self._cache[min(self._cache, key=lambda k: self._cache[k][0])]
+
+
 @dataclass(frozen=True)
 class Response:
     status: str
@@ -109,6 +163,7 @@ class WebApp:
         self.source = source
         self.clock = clock
         self.registry = registry(store, clock, per_job, source.runtime, instruments)
+        self.renders = Renders()
         self.templates = Environment(
             loader=PackageLoader("backupwatch", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -165,20 +220,24 @@ class WebApp:
     def route(self, segments: list[str], query: dict[str, list[str]]) -> Response:
         match segments:
             case [""]:
-                return self.index(query)
+                problems = query.get("problems", ["0"])[-1] not in ("", "0")
+                return self.renders.get(f"/?{problems}", lambda: self.index(problems))
             case ["metrics"]:
-                # 0.0.4: the text format every Prometheus version reads
-                return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
+                return self.renders.get("/metrics", self.metrics)
             case ["healthz"]:
                 return self.healthz()
             case ["api", "status"]:
-                return self.api_status()
+                return self.renders.get("/api/status", self.api_status)
             case ["static", "style.css"]:
                 return Response("200 OK", self.css, "text/css; charset=utf-8")
             case ["job", ident] if ident.isdigit() and len(ident) < 12:
-                return self.job(int(ident), _page(query))
+                page = _page(query)
+                return self.renders.get(f"/job/{ident}?{page}", lambda: self.job(int(ident), page))
             case ["site", company, city, neighborhood]:
-                return self.site(company, city, neighborhood)
+                return self.renders.get(
+                    repr(("site", company, city, neighborhood)),
+                    lambda: self.site(company, city, neighborhood),
+                )
         return text("404 Not Found", "no such page")
 
     # ---------------------------------------------------------------- pages
@@ -196,9 +255,12 @@ class WebApp:
         body = json.dumps(document, indent=2).encode()
         return Response("200 OK", body, "application/json")
 
-    def index(self, query: dict[str, list[str]]) -> Response:
+    def metrics(self) -> Response:
+        # 0.0.4: the text format every Prometheus version reads
+        return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
+
+    def index(self, problems: bool) -> Response:
         now = self.clock()
-        problems = query.get("problems", ["0"])[-1] not in ("", "0")
         views = self.store.job_states(now, last_success=False)
         counts = day_counts(self.store, window(now))
         page = board(views, counts, now, problems)

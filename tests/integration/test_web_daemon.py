@@ -232,7 +232,13 @@ def test_status_page_in_a_browser(world: WebWorld, browser: object, tmp_path: Pa
     centre = world.job_id("Globex/Nantes/Centre/crm")
     assert world.daemon.ctl("pause", str(hr), "--reason", "server move").returncode == 0
     assert world.daemon.ctl("ack", str(centre), "--reason", "disk ordered").returncode == 0
-    browser.get(base + "/")
+
+    def levers_shown() -> bool:
+        # A page is reused for 20 times what it cost to make (milliseconds here).
+        browser.get(base + "/")
+        return "paused" in browser.page_source and ">ack<" in browser.page_source
+
+    wait_for(levers_shown, what="the page to show the pause and the acknowledgement")
     screenshot = tmp_path / "status-page.png"
     browser.save_screenshot(str(screenshot))
     if os.environ.get("BACKUPWATCH_SAVE_SCREENSHOT"):

@@ -4,6 +4,7 @@ and the waitress server's start and stop (the real daemon is in tests/integratio
 from __future__ import annotations
 
 import socket
+import time
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,7 +19,7 @@ from backupwatch.enums import BackupEntryStatus, JobStatus
 from backupwatch.grid import DayCount, Verdict, board, cells_for, day_counts, window
 from backupwatch.metrics import Instruments, Runtime
 from backupwatch.store import BackupEntry, JobView, Store
-from backupwatch.web import WebApp, WebServer
+from backupwatch.web import Renders, Response, WebApp, WebServer
 
 NOW = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
 JOBS = (
@@ -310,3 +311,23 @@ def test_server_start_stop_and_port_in_use(world: World) -> None:
         server.stop(2.0)
         idle.close()
     assert not server.is_alive()
+
+
+def test_renders_are_reused_for_a_multiple_of_their_cost() -> None:
+    renders = Renders()
+    made: list[int] = []
+
+    def make() -> Response:
+        made.append(1)
+        time.sleep(0.01)  # reused for 20 times that at least: 0.2 s
+        return Response("200 OK", b"page")
+
+    first = renders.get("/", make)
+    assert renders.get("/", make) is first
+    assert len(made) == 1
+    assert renders.get("/other", make) is not first
+    renders.clear()
+    renders.get("/", make)
+    assert len(made) == 3
+    failed = renders.get("/bad", lambda: Response("503 Service Unavailable", b"down"))
+    assert renders.get("/bad", lambda: Response("200 OK", b"up")) is not failed  # not kept
