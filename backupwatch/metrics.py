@@ -232,7 +232,7 @@ def _per_job(views: list[JobView]) -> Iterator[Metric]:
     )
     paused = GaugeMetricFamily(
         "backupwatch_job_paused",
-        "1 while the job is paused, else 0.",
+        "1 for each paused job (absent when not paused: 10,000 zeros would cost every scrape).",
         labels=list(JOB_LABELS),
     )
     for view in views:
@@ -242,7 +242,8 @@ def _per_job(views: list[JobView]) -> Iterator[Metric]:
             last.add_metric(labels, view.last_success_at.timestamp())
         if view.next_deadline is not None:
             deadline.add_metric(labels, view.next_deadline.timestamp())
-        paused.add_metric(labels, int(view.paused))
+        if view.paused:
+            paused.add_metric(labels, 1)
     yield status
     yield last
     yield deadline

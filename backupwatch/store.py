@@ -34,6 +34,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -827,8 +828,7 @@ class Store:
             j.pause_reason,
             j.acked_at,
             j.ack_reason,
-            _current_status().label("status"),
-            _latest_unchanged().label("unchanged"),
+            _current_grade().label("grade"),
         ]
         if last_success:
             columns.append(_last_success().label("success"))
@@ -838,7 +838,7 @@ class Store:
         views = []
         for row in rows:
             paused = Pause(row.paused_at, row.paused_until).covers(now)
-            status = row.status
+            status, unchanged = GRADES.get(row.grade, (None, False))
             views.append(
                 JobView(
                     id=row.id,
@@ -850,9 +850,7 @@ class Store:
                     deposit_path=row.deposit_path,
                     frequency=row.frequency,
                     active=True,
-                    current_status=JobStatus.from_entry(
-                        None if status is None else BackupEntryStatus(status)
-                    ),
+                    current_status=JobStatus.from_entry(status),
                     last_success_at=row.success if last_success else None,
                     next_deadline=row.next_deadline_at,
                     paused=paused,
@@ -860,7 +858,7 @@ class Store:
                     pause_reason=row.pause_reason if paused else None,
                     acked_at=row.acked_at,
                     ack_reason=row.ack_reason,
-                    unchanged=bool(row.unchanged),
+                    unchanged=unchanged,
                 )
             )
         return views
@@ -1336,6 +1334,42 @@ def _current_status() -> Any:
     not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     return (
         select(e.status)
+        .where(e.job_id == j.id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+        .correlate(j)
+        .scalar_subquery()
+    )
+
+
+# `_current_grade`'s numbers: the newest entry's status, and whether it is an unchanged success.
+GRADES: dict[int, tuple[BackupEntryStatus, bool]] = {
+    n: (status, unchanged)
+    for n, (status, unchanged) in enumerate(
+        [(BackupEntryStatus.SUCCESS, False), (BackupEntryStatus.SUCCESS, True)]
+        + [(status, False) for status in BackupEntryStatus if status != BackupEntryStatus.SUCCESS]
+    )
+}
+
+
+def _current_grade() -> Any:
+    """`_current_status` and `_latest_unchanged` in one index seek per job (`GRADES`)."""
+    e, j = BackupEntry, ExpectedBackupJob
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    grade = case(
+        *[
+            (
+                and_(e.status == status, e.unchanged_since_last_success == unchanged),
+                n,
+            )
+            for n, (status, unchanged) in GRADES.items()
+            if status == BackupEntryStatus.SUCCESS
+        ],
+        *[(e.status == status, n) for n, (status, _) in GRADES.items() if n >= 2],
+        else_=0,
+    )
+    return (
+        select(grade)
         .where(e.job_id == j.id)
         .order_by(e.cycle.desc(), not_missing, e.id.desc())
         .limit(1)

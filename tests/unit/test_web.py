@@ -331,3 +331,37 @@ def test_renders_are_reused_for_a_multiple_of_their_cost() -> None:
     assert len(made) == 3
     failed = renders.get("/bad", lambda: Response("503 Service Unavailable", b"down"))
     assert renders.get("/bad", lambda: Response("200 OK", b"up")) is not failed  # not kept
+
+
+def test_job_states_agree_with_job_views(world: World) -> None:
+    """The lean rows of the page and the scrape say what `status` says."""
+    ids = _ids(world)
+    cycle = NOW - timedelta(hours=3)
+    _entry(world.store, ids["ACME/Lyon/Part-Dieu/sales"], cycle, BackupEntryStatus.MISSING)
+    _entry(world.store, ids["ACME/Lyon/Part-Dieu/sales"], cycle, BackupEntryStatus.FAILED)
+    _entry(world.store, ids["ACME/Lyon/Part-Dieu/hr"], cycle, BackupEntryStatus.SUCCESS)
+    with world.store.session() as session:
+        session.add(
+            BackupEntry(
+                job_id=ids["ACME/Lyon/Part-Dieu/hr"],
+                cycle=cycle + timedelta(hours=1),
+                status=BackupEntryStatus.SUCCESS,
+                message="same bytes",
+                recorded_at=NOW,
+                unchanged_since_last_success=True,
+            )
+        )
+    world.store.pause([ids["ACME/Lyon/Part-Dieu/hr"]], NOW - timedelta(minutes=1), None, "x")
+    lean = {v.id: v for v in world.store.job_states(NOW)}
+    full = {v.id: v for v in world.store.job_views(NOW)}
+    assert lean.keys() == full.keys()
+    for ident, view in full.items():
+        got = lean[ident]
+        assert (got.current_status, got.unchanged, got.paused, got.last_success_at) == (
+            view.current_status,
+            view.unchanged,
+            view.paused,
+            view.last_success_at,
+        )
+    assert lean[ids["ACME/Lyon/Part-Dieu/hr"]].unchanged is True
+    assert lean[ids["ACME/Lyon/Part-Dieu/sales"]].current_status is JobStatus.FAILED
