@@ -204,6 +204,7 @@ def browser() -> Iterator[object]:
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+    offline = os.environ.get("SE_OFFLINE")
     os.environ["SE_OFFLINE"] = "true"  # selenium-manager must never download a browser
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -218,6 +219,10 @@ def browser() -> Iterator[object]:
         yield driver
     finally:
         driver.quit()
+        if offline is None:
+            del os.environ["SE_OFFLINE"]
+        else:
+            os.environ["SE_OFFLINE"] = offline
 
 
 def test_status_page_in_a_browser(world: WebWorld, browser: object, tmp_path: Path) -> None:
