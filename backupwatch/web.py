@@ -13,6 +13,8 @@ what it needs from the daemon comes through `Source`, whose methods only read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gzip
 import json
 import threading
 import time
@@ -58,6 +60,8 @@ THREADS = 6  # requests served at once; more wait in waitress' queue, not in a t
 CACHE_FACTOR = 20
 CACHE_MAX = 30.0
 CACHE_ENTRIES = 64
+GZIP_MIN_BYTES = 4096
+OUTBUF_BYTES = 8 << 20  # a response up to this size stays in memory (not a temporary file)
 CONNECTION_LIMIT = 256  # open connections; beyond, new ones wait in the listen backlog
 CHANNEL_TIMEOUT = 15  # seconds an idle connection is kept
 MAX_HEADER_BYTES = 16384  # request line and headers: above, waitress answers 431
@@ -110,6 +114,8 @@ class Renders:
                 return found
             started = time.monotonic()
             response = make()
+            if response.status.startswith("200"):
+                response = response.compressed()
             done = time.monotonic()
             if response.status.startswith("200"):
                 keep = min(CACHE_MAX, (done - started) * CACHE_FACTOR)
@@ -142,6 +148,13 @@ class Response:
     body: bytes
     content_type: str = "text/plain; charset=utf-8"
     headers: tuple[tuple[str, str], ...] = ()
+    gzipped: bytes | None = None  # the body compressed once, for clients that accept it
+
+    def compressed(self) -> Response:
+        """With its gzip form (a 1,000-site page shrinks twentyfold: far less to send)."""
+        if self.gzipped is not None or len(self.body) < GZIP_MIN_BYTES:
+            return self
+        return dataclasses.replace(self, gzipped=gzip.compress(self.body, compresslevel=4))
 
 
 def text(status: str, message: str, *headers: tuple[str, str]) -> Response:
@@ -188,14 +201,16 @@ class WebApp:
     ) -> Iterable[bytes]:
         method = environ.get("REQUEST_METHOD", "GET")
         response = self.respond(method, environ)
-        headers = [
-            ("Content-Type", response.content_type),
-            ("Content-Length", str(len(response.body))),
-            *SECURITY_HEADERS,
-            *response.headers,
-        ]
+        body = response.body
+        headers = [("Content-Type", response.content_type), *SECURITY_HEADERS, *response.headers]
+        if response.gzipped is not None:
+            headers.append(("Vary", "Accept-Encoding"))
+            if _accepts_gzip(str(environ.get("HTTP_ACCEPT_ENCODING", ""))):
+                body = response.gzipped
+                headers.append(("Content-Encoding", "gzip"))
+        headers.append(("Content-Length", str(len(body))))
         start_response(response.status, headers)
-        return [] if method == "HEAD" else [response.body]
+        return [] if method == "HEAD" else [body]
 
     def respond(self, method: str, environ: Mapping[str, Any]) -> Response:
         if method not in ("GET", "HEAD"):
@@ -334,6 +349,16 @@ CELL_START_TODAY = {
 }
 
 
+def _accepts_gzip(header: str) -> bool:
+    """`Accept-Encoding` names gzip (or `*`) without refusing it with `q=0`."""
+    for part in header.lower().split(","):
+        coding, _, params = part.strip().partition(";")
+        if coding.strip() in ("gzip", "*"):
+            quality = params.replace(" ", "").removeprefix("q=")
+            return not (params and quality.rstrip("0").rstrip(".") in ("0", ""))
+    return False
+
+
 def site_url(company: str, city: str, neighborhood: str) -> str:
     return "/site/" + "/".join(quote(part, safe="") for part in (company, city, neighborhood))
 
@@ -387,6 +412,7 @@ class WebServer:
                 cleanup_interval=5,
                 max_request_header_size=MAX_HEADER_BYTES,
                 max_request_body_size=65536,
+                outbuf_overflow=OUTBUF_BYTES,
                 asyncore_use_poll=True,  # select() fails above 1,024 descriptors
                 ident="backupwatch",
                 expose_tracebacks=False,

@@ -3,6 +3,7 @@ and the waitress server's start and stop (the real daemon is in tests/integratio
 
 from __future__ import annotations
 
+import gzip
 import socket
 import time
 from collections.abc import Iterator
@@ -212,7 +213,9 @@ class FakeSource:
         return Runtime(outcomes={"accepted": 3}, hashed_bytes=10, queue_depth=2)
 
 
-def _call(app: WebApp, path: str, method: str = "GET") -> tuple[str, dict[str, str], bytes]:
+def _call(
+    app: WebApp, path: str, method: str = "GET", **headers: str
+) -> tuple[str, dict[str, str], bytes]:
     found: dict[str, Any] = {}
 
     def start_response(status: str, headers: list[tuple[str, str]]) -> None:
@@ -220,6 +223,7 @@ def _call(app: WebApp, path: str, method: str = "GET") -> tuple[str, dict[str, s
 
     path, _, query = path.partition("?")
     environ = {"REQUEST_METHOD": method, "REQUEST_URI": path, "QUERY_STRING": query}
+    environ.update({f"HTTP_{k.upper()}": v for k, v in headers.items()})
     body = b"".join(app(environ, start_response))
     return found["status"], found["headers"], body
 
@@ -365,3 +369,20 @@ def test_job_states_agree_with_job_views(world: World) -> None:
         )
     assert lean[ids["ACME/Lyon/Part-Dieu/hr"]].unchanged is True
     assert lean[ids["ACME/Lyon/Part-Dieu/sales"]].current_status is JobStatus.FAILED
+
+
+@pytest.mark.parametrize(
+    ("accept", "compressed"),
+    [("gzip, deflate", True), ("br;q=1.0, gzip;q=0.5", True), ("gzip;q=0", False), ("", False)],
+)
+def test_big_answers_are_sent_compressed_to_who_accepts_it(
+    world: World, accept: str, compressed: bool
+) -> None:
+    app, _ = _app(world)
+    _, _, plain = _call(app, "/")
+    status, headers, body = _call(app, "/", accept_encoding=accept)
+    assert status == "200 OK"
+    assert headers["Vary"] == "Accept-Encoding"
+    assert (headers.get("Content-Encoding") == "gzip") is compressed
+    assert (gzip.decompress(body) if compressed else body) == plain
+    assert int(headers["Content-Length"]) == len(body)
