@@ -3,6 +3,7 @@ scraping slows report processing.
 
     .venv/bin/python bench/web.py [--database sqlite|postgresql] [--page-sites 1000]
                                   [--metrics-sites 3334] [--runs 20] [--bursts 2] [--reports 2000]
+                                  [--scrape-interval 0]
 
 1. **`/` with 1,000 sites x 3 databases x 14 days of history**: the jobs synced as the daemon
    does, 14 daily entries per job inserted in bulk (90 % SUCCESS, the rest FAILED, MISSING,
@@ -171,8 +172,9 @@ def row(label: str, measured: tuple[list[float], list[float]]) -> str:
 class Scraper:
     """Clients fetching `paths` back to back until stopped."""
 
-    def __init__(self, host: str, port: int, paths: list[str]) -> None:
+    def __init__(self, host: str, port: int, paths: list[str], interval: float = 0.0) -> None:
         self.host, self.port, self.paths = host, port, paths
+        self.interval = interval
         self.stopping = threading.Event()
         self.fetched = 0
         self.threads = [threading.Thread(target=self._run, args=(p,)) for p in paths]
@@ -184,6 +186,7 @@ class Scraper:
             connection.getresponse().read()
             connection.close()
             self.fetched += 1
+            self.stopping.wait(self.interval)
 
     def __enter__(self) -> Scraper:
         for thread in self.threads:
@@ -224,7 +227,13 @@ def burst(daemon_dir: Path, socket_path: Path, first: int, count: int, sites: in
 
 
 def throughput(
-    base: Path, run_dir: Path, config: Path, bursts: int, reports: int, sites: int
+    base: Path,
+    run_dir: Path,
+    config: Path,
+    bursts: int,
+    reports: int,
+    sites: int,
+    interval: float,
 ) -> list[tuple[str, float, int]]:
     text = config.read_text().replace('http_listen = ""', 'http_listen = "127.0.0.1:0"')
     config.write_text(text)
@@ -240,13 +249,14 @@ def throughput(
             results.append(("no client", burst(base, socket_path, site, reports, sites), 0))
             site += reports
             wait_quiet(timeout=60)
-            with Scraper(host, int(port), ["/metrics", "/"]) as scraper:
+            with Scraper(host, int(port), ["/metrics", "/"], interval) as scraper:
                 while scraper.fetched < 2:  # clients already at it when the reports come
                     time.sleep(0.1)
                 before = scraper.fetched
                 rate = burst(base, socket_path, site, reports, sites)
                 fetched = scraper.fetched - before
-            results.append(("scraping /metrics and / back to back", rate, fetched))
+            how = f"every {interval:g} s" if interval else "back to back"
+            results.append((f"scraping /metrics and / {how}", rate, fetched))
             site += reports
     finally:
         daemon.stop()
@@ -261,6 +271,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--bursts", type=int, default=2)
     parser.add_argument("--reports", type=int, default=2000)
+    parser.add_argument(
+        "--scrape-interval", type=float, default=0.0, help="seconds between a client's fetches"
+    )
     args = parser.parse_args()
     now = datetime.now(UTC)
     print(machine())
@@ -289,6 +302,7 @@ def main() -> None:
                 args.bursts,
                 args.reports,
                 args.metrics_sites,
+                args.scrape_interval,
             )
             print(f"\n**report throughput**, {args.reports} reports x 3 databases per burst\n")
             print("| burst | reports/s | scrapes during the burst |")
