@@ -41,6 +41,7 @@ __all__ = [
     "default_config_path",
     "load_settings",
     "load_settings_lenient",
+    "parse_listen",
 ]
 
 # Upper bounds keep later `timedelta` arithmetic from overflowing; no sane value comes near.
@@ -179,6 +180,9 @@ class Settings(BaseModel):
     # that would otherwise wait for a writer we cannot observe.
     report_settle_seconds: PositiveSeconds = 120.0
     alerts: AlertSettings = AlertSettings()
+    # SPEC §12: the read-only HTTP listener (`/metrics`, the status page); "" turns it off.
+    http_listen: str = "127.0.0.1:9787"
+    metrics_per_job: bool = True
 
     @field_validator("config_path", mode="after")
     @classmethod
@@ -230,6 +234,33 @@ class Settings(BaseModel):
             return value
         url = url.set(database=str(_anchor(relative, info)))
         return url.render_as_string(hide_password=False)
+
+    @field_validator("http_listen", mode="after")
+    @classmethod
+    def _check_http_listen(cls, value: str) -> str:
+        """`host:port` (an IPv6 host in brackets) or "" for off: checked now, not at bind."""
+        if value.strip():
+            parse_listen(value)
+        return value.strip()
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """`127.0.0.1:9787`, `[::1]:9787`, `localhost:9787` -> (host, port); ValueError otherwise.
+    Port 0 asks the kernel for a free port (the tests' choice; `status` shows the one taken)."""
+    host, sep, port_text = value.strip().rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"expected HOST:PORT (e.g. 127.0.0.1:9787), got {value!r}")
+    if host.startswith("["):
+        if not host.endswith("]") or len(host) < 3:
+            raise ValueError(f"an IPv6 host goes in brackets, e.g. [::1]:9787; got {value!r}")
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"an IPv6 host goes in brackets, e.g. [::1]:9787; got {value!r}")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"the port must be a number from 1 to 65535, got {port_text!r}")
+    if not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
+        raise ValueError(f"not a host name or address: {host!r}")
+    return host, int(port_text)
 
 
 def _anchor(value: Path, info: ValidationInfo) -> Path:
@@ -386,6 +417,9 @@ def _file_value_problem(key: str, value: object) -> str | None:
     elif annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "an integer"
+    elif annotation is bool:
+        ok = isinstance(value, bool)
+        expected = "a boolean"
     elif annotation is float:
         ok = isinstance(value, int | float) and not isinstance(value, bool)
         expected = "a number"

@@ -202,7 +202,18 @@ def _daemon_status(ctl: Ctl) -> tuple[dict[str, Any], str | None, dict[str, Any]
         return down, f"cannot ask the daemon: {exc}", {}
     if not answer.get("ok"):
         return down, f"the daemon answered with an error: {answer.get('error')}", {}
-    return {"running": True, **{key: answer.get(key) for key in _DAEMON_KEYS}}, None, answer
+    return daemon_view(answer), None, answer
+
+
+def daemon_view(answer: dict[str, Any]) -> dict[str, Any]:
+    """`status --json`'s "daemon" object from a running daemon's `status` answer."""
+    return {"running": True, **{key: answer.get(key) for key in _DAEMON_KEYS}}
+
+
+def status_document(answer: dict[str, Any]) -> dict[str, Any]:
+    """SPEC §8's `status --json` document from a running daemon's `status` answer with its
+    job rows (also what the daemon's `/api/status` serves, SPEC §12)."""
+    return {"daemon": daemon_view(answer), "jobs": answer.get("jobs") or []}
 
 
 def _daemon_details(daemon: dict[str, Any]) -> list[str]:

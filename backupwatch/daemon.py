@@ -43,6 +43,7 @@ from backupwatch.control import ControlError, ControlServer, Handler
 from backupwatch.delivery import DeliveryLoop
 from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
+from backupwatch.metrics import Instruments, Runtime
 from backupwatch.names import display_name
 from backupwatch.notices import Notices
 from backupwatch.notify import Notifier
@@ -56,6 +57,7 @@ from backupwatch.store import ExpectedBackupJob, Store
 from backupwatch.timer import MissingTimer
 from backupwatch.timeutil import utc_now
 from backupwatch.watcher import DepositWatcher, EventKind, WorkQueue
+from backupwatch.web import WebApp, WebServer
 from backupwatch.workers import ReportHandler, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -66,7 +68,7 @@ REQUEST_TIMEOUT = 60.0  # a control request waits this long for the main thread
 STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest sleep)
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
-RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
+RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket", "http_listen")
 REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -123,6 +125,12 @@ class Daemon:
         )
         self.delivery = DeliveryLoop(self.store, clock, settings.alerts, outage=self.outage)
         self.control = ControlServer(settings.control_socket, self._handlers())
+        # SPEC §12: the HTTP listener, built in `start` (its engine is its own).
+        self.instruments = Instruments()
+        self.handler.observe = self.instruments.observe_processing
+        self.web: WebServer | None = None
+        self.rescans = 0
+        self.last_tick = time.monotonic()
 
     @property
     def counters(self) -> collections.Counter[str]:
@@ -133,6 +141,7 @@ class Daemon:
     def start(self) -> None:
         """SPEC §7's start sequence; READY=1 is sent only once all of it is done."""
         self.control.start()
+        self._start_web()
         self._set_phase("preparing the storage roots")
         self._prepare_roots()
         self._set_phase("migrating the database")
@@ -166,11 +175,27 @@ class Daemon:
         self.timer.start()
         # After the catch-up: what it flagged is in the outbox together, one grouped message.
         self.delivery.start()
+        self.last_tick = time.monotonic()
         self.phase, self.ready = "running", True
         self.notifier.ready(self.status_line())
         log.info(
             "daemon.ready", version=__version__, pid=os.getpid(), sites=len(self.ctx.registry.sites)
         )
+
+    def _start_web(self) -> None:
+        """SPEC §12: listen now, so that a port already taken stops the start at once, with
+        the key named; pages read the store through an engine of their own."""
+        if not self.settings.http_listen:
+            return
+        app = WebApp(
+            Store(self.settings.database_url, create=False),
+            self,
+            self.clock,
+            lambda: self.settings.metrics_per_job,
+            self.instruments,
+        )
+        self.web = WebServer(self.settings.http_listen, app)
+        self.web.start()
 
     def _set_phase(self, phase: str) -> None:
         self.phase = f"starting: {phase}"
@@ -284,6 +309,7 @@ class Daemon:
 
     def tick(self) -> bool:
         """One pass of the main loop; True when every loop was healthy (and systemd pinged)."""
+        self.last_tick = time.monotonic()
         self._serve_requests()
         self._revive_watcher()
         self.pool.supervise(self.stale_after)
@@ -392,17 +418,46 @@ class Daemon:
 
     def healthy(self) -> bool:
         """Every loop alive and recently seen: only then does systemd get its ping."""
+        return self.ready and not self.failing_loops()
+
+    def failing_loops(self) -> list[str]:
+        """The loops that are dead or unseen for too long (`/healthz` names them); read-only,
+        safe from any thread."""
         if not self.ready:
-            return False
+            return [self.phase]
         stale = self.stale_after
-        timer_ok = self.timer.is_alive() and time.monotonic() - self.timer.heartbeat < stale
-        return (
-            self.pool.healthy(stale)
-            and timer_ok
-            and self.delivery.healthy(stale)
-            and self.watcher.is_alive()
-            and self.control.is_alive()
+        now = time.monotonic()
+        checks = {
+            "workers": self.pool.healthy(stale),
+            "missing timer": self.timer.is_alive() and now - self.timer.heartbeat < stale,
+            "alert delivery": self.delivery.healthy(stale),
+            "inotify watcher": self.watcher.is_alive(),
+            "control socket": self.control.is_alive(),
+            "main loop": now - self.last_tick < stale,
+        }
+        if self.web is not None:
+            checks["http listener"] = self.web.is_alive()
+        return [name for name, ok in checks.items() if not ok]
+
+    def runtime(self) -> Runtime:
+        """The in-memory counters `/metrics` shows (SPEC §12)."""
+        return Runtime(
+            outcomes=dict(self.counters),
+            hashed_bytes=self.handler.hashed_bytes,
+            queue_depth=self.queue.in_progress_or_queued(),
+            waiting=len(self.waiting),
+            rescans=self.rescans,
+            overflows=self.watcher.overflows,
+            rebuilds=self.watcher.rebuilds,
+            healthy=self.healthy(),
         )
+
+    def status_answer(self, store: Store) -> dict[str, Any]:
+        """`status` with its job rows, as the control socket answers it (`/api/status`)."""
+        answer = self._status()
+        if self.ready:
+            self._add_jobs(answer, store)
+        return answer
 
     # ------------------------------------------------------------ operations
 
@@ -410,6 +465,7 @@ class Daemon:
         """Queue every report waiting on disk; returns how many were queued."""
         self.queue.needs_rescan.clear()
         self.last_rescan = time.monotonic()
+        self.rescans += 1
         queued = 0
         for path in pending_reports(self.ctx.registry):
             if self.queue.put(path):
@@ -495,17 +551,20 @@ class Daemon:
         """
         answer = self._status()
         if request.get("jobs") and self.ready:
-            try:
-                answer["jobs"] = [view.as_json() for view in self.store.job_views(self.clock())]
-                answer["alerts"] = self.delivery.outbox.counts()
-                since = self.clock() - REJECTED_WINDOW
-                answer["rejected_sites"] = self.store.rejected_sites(since)
-            except SQLAlchemyError as exc:
-                answer["jobs_error"] = str(exc).splitlines()[0]
+            self._add_jobs(answer, self.store)
         if request.get("config_path") == str(self.settings.config_path):
             environ = request.get("environ")
             answer["file_check"] = self._check_file(environ if isinstance(environ, dict) else {})
         return answer
+
+    def _add_jobs(self, answer: dict[str, Any], store: Store) -> None:
+        try:
+            answer["jobs"] = [view.as_json() for view in store.job_views(self.clock())]
+            answer["alerts"] = self.delivery.outbox.counts()
+            since = self.clock() - REJECTED_WINDOW
+            answer["rejected_sites"] = store.rejected_sites(since)
+        except SQLAlchemyError as exc:
+            answer["jobs_error"] = str(exc).splitlines()[0]
 
     def _check_file(self, environ: dict[str, Any]) -> dict[str, Any]:
         """The configuration file as it is now (not as it was loaded): its errors, and the
@@ -537,6 +596,7 @@ class Daemon:
             "healthy": self.healthy(),
             "database": shown_setting("database_url", self.settings.database_url),
             "config_path": str(self.settings.config_path),
+            "http": self.web.address if self.web is not None else None,
             "warnings": [*self.watcher.limit_warnings, *self.notices.texts()],
             "inotify": {
                 "folders": self.watcher.folder_count,
@@ -572,6 +632,8 @@ class Daemon:
         deadline = time.monotonic() + STOP_TIMEOUT
         self.watcher.stop()
         self.control.stop()
+        if self.web is not None:
+            self.web.stop(1.0)
         self.pool.stop()
         self.queue.close()
         self.pool.join(deadline)

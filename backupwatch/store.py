@@ -34,6 +34,7 @@ from sqlalchemy import (
     UniqueConstraint,
     and_,
     bindparam,
+    case,
     create_engine,
     event,
     func,
@@ -223,6 +224,15 @@ class BackupEntry(Base):
             postgresql_where=text("status = 'MISSING'"),
         ),
         UniqueConstraint("job_id", "report_sha256"),
+        # The web grid (SPEC §12): a range scan of the window that never reads the table.
+        Index(
+            "ix_backup_entries_cycle_job",
+            "cycle",
+            "job_id",
+            "status",
+            "unchanged_since_last_success",
+            "id",
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -783,17 +793,75 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
-    def job_views(self, now: datetime) -> list[JobView]:
-        """One row per job for `status`: current status, last success and next deadline."""
-        query = select(
-            ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged()
-        ).order_by(*_job_order())
+    def job_views(self, now: datetime, *where: Any) -> list[JobView]:
+        """One row per job for `status`: current status, last success and next deadline
+        (`where`: criteria on ExpectedBackupJob, e.g. one job or one site for the web pages)."""
+        query = (
+            select(ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged())
+            .where(*where)
+            .order_by(*_job_order())
+        )
         with self.reading() as session:
             rows = session.execute(query).all()
         return [
             _job_view(job, status, success, now, bool(unchanged))
             for job, status, success, unchanged in rows
         ]
+
+    def job_states(self, now: datetime, last_success: bool = True) -> list[JobView]:
+        """`job_views` for the active jobs, lean enough for every page view and scrape (SPEC
+        §12): columns, not ORM objects, and the next deadline from the MISSING cursor (the next
+        cycle still to settle) instead of a schedule computation per job."""
+        j = ExpectedBackupJob
+        columns = [
+            j.id,
+            j.company_name,
+            j.city,
+            j.neighborhood,
+            j.database_name,
+            j.agent_id,
+            j.deposit_path,
+            j.frequency,
+            j.next_deadline_at,
+            j.paused_at,
+            j.paused_until,
+            j.pause_reason,
+            j.acked_at,
+            j.ack_reason,
+            _current_grade().label("grade"),
+        ]
+        if last_success:
+            columns.append(_last_success().label("success"))
+        query = select(*columns).where(j.active.is_(True)).order_by(*_job_order())
+        with self.reader.begin() as connection:
+            rows = connection.execute(query).all()
+        views = []
+        for row in rows:
+            paused = Pause(row.paused_at, row.paused_until).covers(now)
+            status, unchanged = GRADES.get(row.grade, (None, False))
+            views.append(
+                JobView(
+                    id=row.id,
+                    company_name=row.company_name,
+                    city=row.city,
+                    neighborhood=row.neighborhood,
+                    database_name=row.database_name,
+                    agent_id=row.agent_id,
+                    deposit_path=row.deposit_path,
+                    frequency=row.frequency,
+                    active=True,
+                    current_status=JobStatus.from_entry(status),
+                    last_success_at=row.success if last_success else None,
+                    next_deadline=row.next_deadline_at,
+                    paused=paused,
+                    paused_until=row.paused_until if paused else None,
+                    pause_reason=row.pause_reason if paused else None,
+                    acked_at=row.acked_at,
+                    ack_reason=row.ack_reason,
+                    unchanged=unchanged,
+                )
+            )
+        return views
 
     def rejected_sites(self, since: datetime) -> list[tuple[str | None, str]]:
         """(company, site) of the REJECTED events since then (`check`: SPEC §11's WARNING)."""
@@ -1266,6 +1334,42 @@ def _current_status() -> Any:
     not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     return (
         select(e.status)
+        .where(e.job_id == j.id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+        .correlate(j)
+        .scalar_subquery()
+    )
+
+
+# `_current_grade`'s numbers: the newest entry's status, and whether it is an unchanged success.
+GRADES: dict[int, tuple[BackupEntryStatus, bool]] = {
+    n: (status, unchanged)
+    for n, (status, unchanged) in enumerate(
+        [(BackupEntryStatus.SUCCESS, False), (BackupEntryStatus.SUCCESS, True)]
+        + [(status, False) for status in BackupEntryStatus if status != BackupEntryStatus.SUCCESS]
+    )
+}
+
+
+def _current_grade() -> Any:
+    """`_current_status` and `_latest_unchanged` in one index seek per job (`GRADES`)."""
+    e, j = BackupEntry, ExpectedBackupJob
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    grade = case(
+        *[
+            (
+                and_(e.status == status, e.unchanged_since_last_success == unchanged),
+                n,
+            )
+            for n, (status, unchanged) in GRADES.items()
+            if status == BackupEntryStatus.SUCCESS
+        ],
+        *[(e.status == status, n) for n, (status, _) in GRADES.items() if n >= 2],
+        else_=0,
+    )
+    return (
+        select(grade)
         .where(e.job_id == j.id)
         .order_by(e.cycle.desc(), not_missing, e.id.desc())
         .limit(1)

@@ -93,12 +93,16 @@ class ReportHandler:
         self._failures: collections.Counter[Path] = collections.Counter()
         self._parked: dict[Path, Snapshot] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        # SPEC §12's metrics: bytes of staged files hashed, and each report's processing time.
+        self.hashed_bytes = 0
+        self.observe: Callable[[float], None] = lambda _seconds: None
 
     def handle(self, path: Path) -> None:
         """Never raises: every failure ends in a retry, a wait, a rejection or a parking."""
         ctx = self._context()
         if self._still_parked(ctx, path):
             return
+        started = time.monotonic()
         try:
             result = process_path(ctx, path, self._clock())
         except SQLAlchemyError as exc:
@@ -109,6 +113,7 @@ class ReportHandler:
             self._unexpected(ctx, path, exc)
             return
         self._outage.ok()
+        self.observe(time.monotonic() - started)
         self._after(ctx, path, result)
 
     def _after(self, ctx: Context, path: Path, result: Result) -> None:
@@ -117,6 +122,9 @@ class ReportHandler:
             self.counters[result.outcome.value] += 1
             self.counters["unexpected_databases"] += len(result.unexpected)
             self.counters["not_relevant_databases"] += len(result.not_relevant)
+            self.hashed_bytes += sum(
+                e.server_size or 0 for e in result.entries if e.server_sha256 is not None
+            )
         for database in result.unexpected:
             self._note_unexpected(ctx, path, database)
         if result.outcome is Outcome.WAIT:

@@ -238,6 +238,7 @@ def write_config(base: Path, database_url: str, jobs: str, control_socket: Path)
         "jobs_path": "jobs.d",
         "database_url": database_url,
         "control_socket": str(control_socket),
+        "http_listen": "",
     }
     path = base / "backupwatch.toml"
     path.write_text("".join(f"{key} = {toml_value(value)}\n" for key, value in values.items()))

@@ -76,6 +76,7 @@ def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> 
         "jobs_path": "jobs.d",
         "database_url": database_url,
         "control_socket": str(base / "control.sock"),
+        "http_listen": "",  # off unless a test asks: parallel daemons would share its port
         **overrides,
     }
     path = base / "backupwatch.toml"

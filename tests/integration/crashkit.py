@@ -88,9 +88,12 @@ def config_overrides() -> dict[str, object]:
     """
     from backupwatch.config import Settings  # the key's presence only, never a verdict
 
+    found: dict[str, object] = {}
     if "report_settle_seconds" in Settings.model_fields:
-        return {"report_settle_seconds": SETTLE_SECONDS}
-    return {}
+        found["report_settle_seconds"] = SETTLE_SECONDS
+    if "http_listen" in Settings.model_fields:
+        found["http_listen"] = ""  # several daemons at once would share its default port
+    return found
 
 
 def nearest_cycle(when: datetime) -> datetime:
