@@ -179,6 +179,9 @@ class Settings(BaseModel):
     # that would otherwise wait for a writer we cannot observe.
     report_settle_seconds: PositiveSeconds = 120.0
     alerts: AlertSettings = AlertSettings()
+    # SPEC §1, §15: whose jobs these are in a database several daemons share. A failover pair
+    # shares one (and the jobs); hosts with their own sites each have their own.
+    instance: str = Field(default_factory=lambda: host_name())
 
     @field_validator("config_path", mode="after")
     @classmethod
@@ -230,6 +233,29 @@ class Settings(BaseModel):
             return value
         url = url.set(database=str(_anchor(relative, info)))
         return url.render_as_string(hide_password=False)
+
+    @field_validator("instance", mode="after")
+    @classmethod
+    def _check_instance(cls, value: str) -> str:
+        """A name shown in every view and stored with each job: short, printable, one word."""
+        if not INSTANCE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{_show(value)} is not an instance name: 1 to {INSTANCE_MAX} letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit (a host name fits)"
+            )
+        return value
+
+
+INSTANCE_MAX = 255
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+def host_name() -> str:
+    """SPEC §1: `instance` defaults to the host name, as `hostname` prints it."""
+    import socket
+
+    name = socket.gethostname()
+    return name if INSTANCE_NAME.fullmatch(name) else "localhost"
 
 
 def _anchor(value: Path, info: ValidationInfo) -> Path:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import (
@@ -29,6 +29,7 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Text,
     UniqueConstraint,
@@ -41,6 +42,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -75,6 +77,7 @@ from backupwatch.missing import (
 from backupwatch.schedule import Schedule
 
 log = structlog.get_logger(__name__)
+_Row = TypeVar("_Row")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -118,7 +121,12 @@ class ExpectedBackupJob(Base):
     """One database of one site, expected on a schedule (the seed's ExpectedBackupJob)."""
 
     __tablename__ = "expected_backup_jobs"
-    __table_args__ = (UniqueConstraint("company_name", "city", "neighborhood", "database_name"),)
+    __table_args__ = (
+        UniqueConstraint("company_name", "city", "neighborhood", "database_name"),
+        Index(
+            "ix_expected_backup_jobs_instance_deadline", "instance", "active", "next_deadline_at"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     company_name: Mapped[str] = mapped_column(String(255))
@@ -159,6 +167,9 @@ class ExpectedBackupJob(Base):
     pause_reason: Mapped[str | None] = mapped_column(Text)
     acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ack_reason: Mapped[str | None] = mapped_column(Text)
+    # SPEC §15 (migration 0008): the daemon instance whose job files define this job; NULL
+    # for rows of an older version, until the first sync adopts them.
+    instance: Mapped[str | None] = mapped_column(String(255))
 
     @property
     def label(self) -> str:
@@ -385,6 +396,9 @@ class Store:
         # Where alert events fan out to (SPEC §10); the daemon sets it from `[alerts]`, and
         # without it events are written with no delivery (nothing is configured to send).
         self.routing = Routing()
+        # SPEC §15: the daemon's `instance`. Set, the sync, the registry, the timer and the
+        # REJECTED events see only this instance's jobs; None (tools, tests): every job.
+        self.instance: str | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -430,15 +444,28 @@ class Store:
         self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
         result = SyncResult()
+        me = self.instance
         with self.session() as session:
-            existing = {job_key(j): j for j in session.scalars(select(ExpectedBackupJob))}
+            if me is not None:
+                self._adopt(session, me)
+            query = select(ExpectedBackupJob)
+            if me is not None:
+                query = query.where(ExpectedBackupJob.instance == me)
+            existing = {job_key(j): j for j in session.scalars(query)}
+            others = self._other_instances(session, me)
             seen: set[tuple[str, str, str, str]] = set()
             for spec in specs:
                 seen.add(spec.key)
                 job = existing.get(spec.key)
                 columns = _spec_columns(spec, default_window_minutes)
+                if job is None and spec.key in others:
+                    job = self._take_over(session, others[spec.key], spec, result)
+                    if job is None:
+                        continue
                 if job is None:
-                    session.add(_new_job(spec, columns, now))
+                    new = _new_job(spec, columns, now)
+                    new.instance = me
+                    session.add(new)
                     result.added += 1
                 elif _apply_spec(job, spec.active, columns, now, result.schedule_changes):
                     result.changed += 1
@@ -448,10 +475,70 @@ class Store:
                     result.deactivated += 1
         return result
 
+    def _adopt(self, session: Session, me: str) -> None:
+        """SPEC §15: the jobs an older version wrote (no instance) become this daemon's; on
+        SQLite (one file, one host) another instance's jobs refuse the start."""
+        j = ExpectedBackupJob
+        session.execute(update(j).where(j.instance.is_(None)).values(instance=me))
+        if self.engine.dialect.name != "sqlite":
+            return
+        other = session.scalar(select(j.instance).where(j.instance != me).limit(1))
+        if other is not None:
+            raise InstanceConflict(
+                f"this SQLite database holds the jobs of instance {other!r}, and this daemon "
+                f"is instance {me!r}: an SQLite file serves one host. If this host was "
+                f"renamed, set instance = {other!r} in the configuration file; to run several "
+                "daemons on one database, use PostgreSQL (SPEC §15)"
+            )
+
+    def _other_instances(self, session: Session, me: str | None) -> dict[JobKey, _Owned]:
+        """The keys of other instances' jobs (a job key is unique across instances)."""
+        if me is None:
+            return {}
+        j = ExpectedBackupJob
+        rows = session.execute(
+            select(
+                j.id, j.company_name, j.city, j.neighborhood, j.database_name, j.instance, j.active
+            ).where(j.instance != me)
+        )
+        return {
+            (r.company_name, r.city, r.neighborhood, r.database_name): _Owned(
+                r.id, str(r.instance), r.active
+            )
+            for r in rows
+        }
+
+    def _take_over(
+        self, session: Session, owned: _Owned, spec: JobSpec, result: SyncResult
+    ) -> ExpectedBackupJob | None:
+        """A job another instance defines too: its while active there (a conflict said, not
+        settled by whoever syncs last); an inactive one (moved hosts) becomes this one's."""
+        label = "/".join(spec.key)
+        if owned.active:
+            text = (
+                f"job {label} ({spec.source}) is defined by instance {owned.instance!r} too, "
+                f"where it is active: left to {owned.instance!r}; remove it from one of them"
+            )
+            log.warning("job.owned_elsewhere", job=label, instance=owned.instance)
+            result.conflicts.append(text)
+            return None
+        job = session.get(ExpectedBackupJob, owned.id)
+        assert job is not None
+        log.info("job.taken_over", job=label, previous_instance=owned.instance)
+        job.instance = self.instance
+        return job
+
     def active_jobs(self) -> list[ExpectedBackupJob]:
+        """This instance's active jobs: the ones whose deposit folders it watches."""
         with self.reading() as session:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
-            return list(session.scalars(query))
+            return list(session.scalars(self._own(query)))
+
+    def _own(self, query: Select[_Row]) -> Select[_Row]:
+        """`query` narrowed to this daemon's instance (SPEC §15), when it has one."""
+        if self.instance is None:
+            return query
+        return query.where(ExpectedBackupJob.instance == self.instance)
 
     def all_jobs(self) -> list[ExpectedBackupJob]:
         with self.reading() as session:
@@ -632,7 +719,11 @@ class Store:
                     j.alert_channels,
                     j.paused_at,
                     j.paused_until,
-                ).where(j.deposit_path == site, j.active.is_(True))
+                ).where(
+                    j.deposit_path == site,
+                    j.active.is_(True),
+                    true() if self.instance is None else j.instance == self.instance,
+                )
             ).all()
             if jobs and all(Pause(r.paused_at, r.paused_until).covers(now) for r in jobs):
                 return False
@@ -663,7 +754,7 @@ class Store:
             query = select(func.min(ExpectedBackupJob.next_deadline_at)).where(
                 ExpectedBackupJob.active.is_(True)
             )
-            return session.scalar(query)
+            return session.scalar(self._own(query))
 
     def due_jobs(
         self, now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
@@ -682,7 +773,8 @@ class Store:
                     and_(j.next_deadline_at == after[0], j.id > after[1]),
                 )
             )
-        query = query.order_by(j.next_deadline_at, j.id).limit(limit)
+        # SPEC §15: each instance flags its own jobs: only it knows their sites' queued reports.
+        query = self._own(query).order_by(j.next_deadline_at, j.id).limit(limit)
         with self.reading() as session:
             return list(session.scalars(query))
 
@@ -783,11 +875,16 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
-    def job_views(self, now: datetime) -> list[JobView]:
-        """One row per job for `status`: current status, last success and next deadline."""
+    def job_views(self, now: datetime, instance: str | None = None) -> list[JobView]:
+        """One row per job for `status`: current status, last success and next deadline.
+
+        Every instance's jobs (SPEC §15: `status` of any daemon covers them all), or only
+        `instance`'s."""
         query = select(
             ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged()
         ).order_by(*_job_order())
+        if instance is not None:
+            query = query.where(ExpectedBackupJob.instance == instance)
         with self.reading() as session:
             rows = session.execute(query).all()
         return [
@@ -827,6 +924,24 @@ class SyncResult:
     changed: int = 0
     deactivated: int = 0
     schedule_changes: list[ScheduleChange] = dataclasses.field(default_factory=list)
+    # SPEC §15: jobs this instance defines but another instance owns (active there): not synced.
+    conflicts: list[str] = dataclasses.field(default_factory=list)
+
+
+class InstanceConflict(Exception):
+    """SPEC §15: an SQLite database already holds another instance's jobs."""
+
+
+JobKey = tuple[str, str, str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Owned:
+    """A job of another instance, as much as the sync needs to know of it."""
+
+    id: int
+    instance: str
+    active: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -907,6 +1022,7 @@ class JobView:
     acked_at: datetime | None = None
     ack_reason: str | None = None
     unchanged: bool = False  # the newest entry is a success with the previous one's SHA-256
+    instance: str | None = None  # SPEC §15: the daemon instance the job belongs to
 
     def as_json(self) -> dict[str, Any]:
         """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
@@ -929,6 +1045,7 @@ class JobView:
             "acked_at": format_z(self.acked_at),
             "ack_reason": self.ack_reason,
             "unchanged": self.unchanged,
+            "instance": self.instance,
         }
 
 
@@ -1331,6 +1448,7 @@ def _job_view(
         acked_at=job.acked_at,
         ack_reason=job.ack_reason,
         unchanged=unchanged,
+        instance=job.instance,
     )
 
 
