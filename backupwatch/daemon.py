@@ -47,7 +47,7 @@ from backupwatch.names import display_name
 from backupwatch.notices import Notices
 from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
-from backupwatch.pipeline import Context, build_registry
+from backupwatch.pipeline import Context, registry_of
 from backupwatch.promotion import clean_temps
 from backupwatch.rejected import repair
 from backupwatch.scan import misplaced_reports, pending_reports
@@ -226,7 +226,7 @@ class Daemon:
             self.notices.add(f"instance:{text}", text)
 
     def _registry(self) -> Registry:
-        return build_registry(self.settings, self.store.active_jobs())
+        return registry_of(self.settings, self.store)
 
     def _handlers(self) -> dict[str, Handler]:
         return {
@@ -450,7 +450,7 @@ class Daemon:
             result = self.store.sync_jobs(
                 specs, settings.scanner_report_collection_window_minutes, self.clock()
             )
-            registry = build_registry(settings, self.store.active_jobs())
+            registry = registry_of(settings, self.store)
         except InstanceConflict as exc:
             log.error("reload.instance_conflict", error=str(exc))
             return {"ok": False, "error": str(exc)}

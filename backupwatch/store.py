@@ -9,7 +9,8 @@ several daemons sharing one database never flag the same cycle twice.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -443,37 +444,65 @@ class Store:
     def _sync_once(
         self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
+        """One transaction, streamed: the jobs in the database are compared by a compact
+        fingerprint, new ones inserted and changed ones loaded in batches of SYNC_BATCH, so
+        that 100,000 jobs never mean 100,000 ORM objects alive at once."""
         result = SyncResult()
         me = self.instance
         with self.session() as session:
             if me is not None:
                 self._adopt(session, me)
-            query = select(ExpectedBackupJob)
-            if me is not None:
-                query = query.where(ExpectedBackupJob.instance == me)
-            existing = {job_key(j): j for j in session.scalars(query)}
+            known = self._known_jobs(session)
             others = self._other_instances(session, me)
-            seen: set[tuple[str, str, str, str]] = set()
+            batch = _SyncBatch(session, now, result)
+            seen: set[JobKey] = set()
             for spec in specs:
                 seen.add(spec.key)
-                job = existing.get(spec.key)
                 columns = _spec_columns(spec, default_window_minutes)
-                if job is None and spec.key in others:
+                mine = known.get(spec.key)
+                if mine is None and spec.key in others:
                     job = self._take_over(session, others[spec.key], spec, result)
-                    if job is None:
-                        continue
-                if job is None:
-                    new = _new_job(spec, columns, now)
-                    new.instance = me
-                    session.add(new)
-                    result.added += 1
-                elif _apply_spec(job, spec.active, columns, now, result.schedule_changes):
-                    result.changed += 1
-            for key, job in existing.items():
-                if key not in seen and job.active:
-                    _deactivate(job, now)
-                    result.deactivated += 1
+                    if job is not None and _apply_spec(
+                        job, spec.active, columns, now, result.schedule_changes
+                    ):
+                        result.changed += 1
+                elif mine is None:
+                    batch.add(_new_row(spec, columns, now, me))
+                elif mine.fingerprint != _fingerprint(spec.active, columns):
+                    batch.change(mine.id, spec.active, columns)
+                elif mine.source != columns["config_source"]:
+                    batch.move(mine.id, columns["config_source"])
+            batch.flush()
+            gone = [m.id for key, m in known.items() if key not in seen and m.active]
+            for start in range(0, len(gone), SYNC_BATCH):
+                _deactivate_ids(session, gone[start : start + SYNC_BATCH], now)
+            result.deactivated = len(gone)
         return result
+
+    def _known_jobs(self, session: Session) -> dict[JobKey, _Known]:
+        """This instance's jobs as the sync compares them: id, fingerprint, source, active."""
+        j = ExpectedBackupJob
+        names = [name for name in SPEC_COLUMNS if name != "config_source"]
+        query = select(
+            j.id,
+            j.company_name,
+            j.city,
+            j.neighborhood,
+            j.database_name,
+            j.active,
+            j.config_source,
+            *(getattr(j, name) for name in names),
+        )
+        if self.instance is not None:
+            query = query.where(j.instance == self.instance)
+        known: dict[JobKey, _Known] = {}
+        for row in session.execute(query.execution_options(yield_per=SYNC_BATCH)):
+            values = row._mapping
+            columns = {name: values[name] for name in names}
+            known[(row.company_name, row.city, row.neighborhood, row.database_name)] = _Known(
+                row.id, _fingerprint(row.active, columns), row.config_source, row.active
+            )
+        return known
 
     def _adopt(self, session: Session, me: str) -> None:
         """SPEC §15: the jobs an older version wrote (no instance) become this daemon's; on
@@ -533,6 +562,24 @@ class Store:
         with self.reading() as session:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
             return list(session.scalars(self._own(query)))
+
+    def active_job_rows(self) -> list[Any]:
+        """What the registry needs of this instance's active jobs, as plain rows."""
+        j = ExpectedBackupJob
+        query = select(
+            j.id,
+            j.company_name,
+            j.city,
+            j.neighborhood,
+            j.database_name,
+            j.agent_id,
+            j.deposit_path,
+            j.final_storage_path_template,
+            j.previous_schedules,
+            *(getattr(j, name) for name in SCHEDULE_COLUMNS),
+        ).where(j.active.is_(True))
+        with self.reader.begin() as connection:
+            return list(connection.execute(self._own(query)))
 
     def _own(self, query: Select[_Row]) -> Select[_Row]:
         """`query` narrowed to this daemon's instance (SPEC §15), when it has one."""
@@ -1306,6 +1353,153 @@ def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
         "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
         "config_source": spec.source,
     }
+
+
+SPEC_COLUMNS = (
+    "frequency",
+    "expected_hour_utc",
+    "expected_minute_utc",
+    "days_of_week",
+    "day_of_month",
+    "expected_date",
+    "collection_window_minutes",
+    "window_minutes",
+    "agent_id",
+    "deposit_path",
+    "agent_deposit_path_template",
+    "final_storage_path_template",
+    "alert_channels",
+    "config_source",
+)
+SYNC_BATCH = 1000  # rows per INSERT / UPDATE batch and per batch of changed jobs loaded
+
+
+def _fingerprint(active: bool, columns: Mapping[str, Any]) -> bytes:
+    """What the sync compares a configured job by (16 bytes): every configured column but
+    its source, and whether it is active. The same values give the same bytes on both sides:
+    enums, dates and JSON lists come back from the database as the spec gives them."""
+    values = [active, *(columns[name] for name in SPEC_COLUMNS if name != "config_source")]
+    return hashlib.blake2b(repr(values).encode(), digest_size=16).digest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Known:
+    id: int
+    fingerprint: bytes
+    source: str | None
+    active: bool
+
+
+class _SyncBatch:
+    """The sync's pending writes, flushed every SYNC_BATCH: Core inserts of new jobs,
+    executemany updates of moved sources, and changed jobs loaded as ORM objects (the
+    schedule-change logic needs them) a batch at a time, then let go."""
+
+    def __init__(self, session: Session, now: datetime, result: SyncResult) -> None:
+        self.session, self.now, self.result = session, now, result
+        self.new: list[dict[str, Any]] = []
+        self.changed: dict[int, tuple[bool, dict[str, Any]]] = {}
+        self.moved: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.new.append(row)
+        self.result.added += 1
+        if len(self.new) >= SYNC_BATCH:
+            self._insert()
+
+    def change(self, job_id: int, active: bool, columns: dict[str, Any]) -> None:
+        self.changed[job_id] = (active, columns)
+        if len(self.changed) >= SYNC_BATCH:
+            self._apply()
+
+    def move(self, job_id: int, source: str) -> None:
+        self.moved.append({"id": job_id, "config_source": source})
+        if len(self.moved) >= SYNC_BATCH:
+            self._move()
+
+    def flush(self) -> None:
+        self._insert()
+        self._apply()
+        self._move()
+
+    def _insert(self) -> None:
+        if self.new:
+            self.session.execute(insert(ExpectedBackupJob), self.new)
+            self.new = []
+
+    def _apply(self) -> None:
+        if not self.changed:
+            return
+        j = ExpectedBackupJob
+        jobs = self.session.scalars(select(j).where(j.id.in_(list(self.changed))))
+        for job in jobs:
+            active, columns = self.changed[job.id]
+            if _apply_spec(job, active, columns, self.now, self.result.schedule_changes):
+                self.result.changed += 1
+        self.session.flush()
+        self.session.expunge_all()
+        self.changed = {}
+
+    def _move(self) -> None:
+        if self.moved:  # an ORM bulk UPDATE by primary key: one executemany
+            self.session.execute(update(ExpectedBackupJob), self.moved)
+            self.moved = []
+
+
+def _new_row(
+    spec: JobSpec, columns: dict[str, Any], now: datetime, instance: str | None
+) -> dict[str, Any]:
+    """A new job as the row an insert takes: `_new_job`'s values without an ORM object."""
+    cursor = Cursor(None, None)
+    if spec.active:
+        cursor = fresh_cursor(Timeline(schedule_of(columns), now), now)
+    return {
+        **columns,
+        "company_name": spec.company_name,
+        "city": spec.city,
+        "neighborhood": spec.neighborhood,
+        "database_name": spec.database_name,
+        "active": spec.active,
+        "activated_at": now,
+        "deactivated_at": None if spec.active else now,
+        "created_at": now,
+        "updated_at": now,
+        "next_cycle_at": cursor.cycle,
+        "next_deadline_at": cursor.deadline,
+        "previous_schedules": None,
+        "schedule_changed_at": None,
+        "instance": instance,
+    }
+
+
+def schedule_of(columns: Mapping[str, Any]) -> Schedule:
+    """`ExpectedBackupJob.schedule` from its columns (`_spec_columns`, or a row's)."""
+    days = columns["days_of_week"]
+    return Schedule(
+        frequency=columns["frequency"],
+        hour=columns["expected_hour_utc"],
+        minute=columns["expected_minute_utc"],
+        days_of_week=frozenset(int(d) for d in days.split(",")) if days else None,
+        day_of_month=columns["day_of_month"],
+        expected_date=columns["expected_date"],
+        window=timedelta(minutes=columns["window_minutes"]),
+    )
+
+
+def _deactivate_ids(session: Session, ids: Sequence[int], now: datetime) -> None:
+    """`_deactivate` for a batch of jobs by id, in one UPDATE."""
+    session.execute(
+        update(ExpectedBackupJob)
+        .where(ExpectedBackupJob.id.in_(list(ids)))
+        .values(
+            active=False,
+            deactivated_at=now,
+            next_cycle_at=None,
+            next_deadline_at=None,
+            previous_schedules=None,
+            schedule_changed_at=None,
+        )
+    )
 
 
 def _new_job(spec: JobSpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
