@@ -35,7 +35,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
-    bindparam,
     create_engine,
     event,
     func,
@@ -44,6 +43,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -707,19 +707,18 @@ class Store:
         does not grow with the job's history as a window over all its entries would.
         """
         e = BackupEntry
-        newest = (
-            select(e.server_sha256)
-            .where(e.job_id == bindparam("job"), e.status == BackupEntryStatus.SUCCESS)
+        parts = [
+            select(e.job_id, e.server_sha256)
+            .where(e.job_id == job_id, e.status == BackupEntryStatus.SUCCESS)
             .order_by(e.cycle.desc(), e.id.desc())
             .limit(1)
-        )
-        found: dict[int, str | None] = {}
-        with self.reader.begin() as connection:
-            for job_id in job_ids:
-                sha = connection.execute(newest, {"job": job_id}).scalar()
-                if sha is not None:
-                    found[job_id] = sha
-        return found
+            for job_id in dict.fromkeys(job_ids)
+        ]
+        if not parts:
+            return {}
+        with self.reader.begin() as connection:  # one statement: one round trip per report
+            rows = connection.execute(_all_of(parts))
+            return {row.job_id: row.server_sha256 for row in rows if row.server_sha256}
 
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
@@ -1137,6 +1136,30 @@ class _JobRow:
     acked: bool
 
 
+def _all_of(parts: Sequence[Any]) -> Any:
+    """One statement for several `LIMIT 1` seeks: a UNION ALL of them, each as a subquery
+    (SQLite allows no LIMIT inside a compound SELECT's members)."""
+    wrapped = [select(part.subquery()) for part in parts]
+    return wrapped[0] if len(wrapped) == 1 else union_all(*wrapped)
+
+
+def _latest_many(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
+    """`_latest` of several jobs in one round trip."""
+    e = BackupEntry
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    parts = [
+        select(e.job_id, e.cycle, e.status, e.message)
+        .where(e.job_id == job_id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+        for job_id in job_ids
+    ]
+    if not parts:
+        return {}
+    rows = connection.execute(_all_of(parts))
+    return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
+
+
 def _latest(connection: Any, job_id: int) -> _Latest | None:
     e = BackupEntry
     not_missing = (e.status != BackupEntryStatus.MISSING).desc()
@@ -1236,11 +1259,13 @@ class _Changes:
             )
             for r in rows
         }
-        self.before = {job_id: _latest(connection, job_id) for job_id in self.jobs}
+        found = _latest_many(connection, list(self.jobs))
+        self.before = {job_id: found.get(job_id) for job_id in self.jobs}
 
     def report_events(self, entries: Sequence[NewEntry], now: datetime) -> None:
+        after = _latest_many(self.connection, list(self.jobs))
         for job_id in self.jobs:
-            self._transition(job_id, now)
+            self._transition(job_id, now, after.get(job_id))
         for entry in entries:
             if entry.unchanged_since_last_success and entry.job_id in self.jobs:
                 self._event(
@@ -1254,10 +1279,10 @@ class _Changes:
                 )
 
     def missing_events(self, job_id: int, now: datetime) -> None:
-        self._transition(job_id, now)
+        self._transition(job_id, now, _latest(self.connection, job_id))
 
-    def _transition(self, job_id: int, now: datetime) -> None:
-        before, after = self.before[job_id], _latest(self.connection, job_id)
+    def _transition(self, job_id: int, now: datetime, after: _Latest | None) -> None:
+        before = self.before[job_id]
         if after is None:
             return
         old = before.job_status if before else JobStatus.UNKNOWN
