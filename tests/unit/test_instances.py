@@ -1,7 +1,7 @@
 """SPEC §1, §15: jobs belong to an instance; a sync touches only its own instance's jobs.
 
 On the store, both databases (PostgreSQL for what only it allows: several instances), every
-instant injected. The daemons themselves are in tests/integration/test_instances.py.
+instant injected. The daemons themselves are in tests/integration/test_instances_daemon.py.
 """
 
 from __future__ import annotations
