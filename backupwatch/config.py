@@ -183,6 +183,9 @@ class Settings(BaseModel):
     # SPEC §12: the read-only HTTP listener (`/metrics`, the status page); "" turns it off.
     http_listen: str = "127.0.0.1:9787"
     metrics_per_job: bool = True
+    # SPEC §1, §15: whose jobs these are in a database several daemons share. A failover pair
+    # shares one (and the jobs); hosts with their own sites each have their own.
+    instance: str = Field(default_factory=lambda: host_name())
 
     @field_validator("config_path", mode="after")
     @classmethod
@@ -243,6 +246,17 @@ class Settings(BaseModel):
             parse_listen(value)
         return value.strip()
 
+    @field_validator("instance", mode="after")
+    @classmethod
+    def _check_instance(cls, value: str) -> str:
+        """A name shown in every view and stored with each job: short, printable, one word."""
+        if not INSTANCE_NAME.fullmatch(value):
+            raise ValueError(
+                f"{_show(value)} is not an instance name: 1 to {INSTANCE_MAX} letters, digits, "
+                "'.', '_' or '-', starting with a letter or digit (a host name fits)"
+            )
+        return value
+
 
 def parse_listen(value: str) -> tuple[str, int]:
     """`127.0.0.1:9787`, `[::1]:9787`, `localhost:9787` -> (host, port); ValueError otherwise.
@@ -261,6 +275,19 @@ def parse_listen(value: str) -> tuple[str, int]:
     if not re.fullmatch(r"[A-Za-z0-9.:_-]+", host):
         raise ValueError(f"not a host name or address: {host!r}")
     return host, int(port_text)
+
+
+
+INSTANCE_MAX = 255
+INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
+
+
+def host_name() -> str:
+    """SPEC §1: `instance` defaults to the host name, as `hostname` prints it."""
+    import socket
+
+    name = socket.gethostname()
+    return name if INSTANCE_NAME.fullmatch(name) else "localhost"
 
 
 def _anchor(value: Path, info: ValidationInfo) -> Path:

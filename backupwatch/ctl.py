@@ -110,6 +110,7 @@ class Ctl:
 def cmd_status(ctl: Ctl) -> int:
     daemon, problem, answer = _daemon_status(ctl)
     rows, db_error, warnings = _status_rows(ctl, daemon, answer)
+    rows = of_instance(rows, ctl.args.instance)
     if ctl.args.json:
         ctl.dump({"daemon": daemon, "jobs": rows})
     else:
@@ -118,8 +119,17 @@ def cmd_status(ctl: Ctl) -> int:
             ctl.print(f"  {visible(line)}")
         _table(
             ctl,
-            ["ID", "SITE", "DATABASE", "FREQUENCY", "STATUS", "LAST SUCCESS", "NEXT DEADLINE"],
-            [_view_row(row) for row in rows],
+            [
+                "ID",
+                "SITE",
+                "DATABASE",
+                "FREQUENCY",
+                "STATUS",
+                "LAST SUCCESS",
+                "NEXT DEADLINE",
+                "INSTANCE",
+            ],
+            [[*_view_row(row), row.get("instance") or "-"] for row in rows],
         )
     for warning in warnings:
         ctl.fail(warning)
@@ -131,6 +141,13 @@ def cmd_status(ctl: Ctl) -> int:
     if not daemon["running"]:
         return EXIT_DAEMON_DOWN
     return EXIT_ERROR if db_error else EXIT_OK
+
+
+def of_instance(rows: list[dict[str, Any]], instance: str | None) -> list[dict[str, Any]]:
+    """SPEC §15: the rows of one instance (`--instance`), or all of them."""
+    if instance is None:
+        return rows
+    return [row for row in rows if row.get("instance") == instance]
 
 
 def _status_rows(
@@ -179,6 +196,7 @@ _DAEMON_KEYS = (  # SPEC §8's four first, then what the daemon adds
     "database",
     "config_path",
     "alerts",
+    "instance",
 )
 
 
@@ -325,8 +343,9 @@ def _daemon_line(daemon: dict[str, Any]) -> str:
     state = daemon.get("state") or "running"
     if state != "running":
         state = daemon.get("phase") or state
+    instance = f"instance {daemon['instance']}, " if daemon.get("instance") else ""
     return (
-        f"backupwatchd: {state}, pid {daemon['pid']}, version {daemon['version']}, "
+        f"backupwatchd: {state}, {instance}pid {daemon['pid']}, version {daemon['version']}, "
         f"up {timedelta(seconds=daemon['uptime_s'] or 0)}, "
         f"{daemon['pending_reports']} reports pending"
     )
@@ -413,8 +432,20 @@ def cmd_jobs(ctl: Ctl) -> int:
         for error in errors:
             ctl.fail(f"  {visible(error)}")
     window = settings.scanner_report_collection_window_minutes
+    if ctl.args.instance not in (None, settings.instance):
+        # SPEC §15: this file's jobs are this instance's; another host's are in its own files.
+        ctl.fail(
+            f"note: these job files define instance {settings.instance!r}'s jobs; "
+            f"`status --instance {ctl.args.instance}` shows {ctl.args.instance!r}'s"
+        )
+        specs = []
     if ctl.args.json:
-        ctl.dump([_spec_json(spec, settings, window) for spec in specs])
+        ctl.dump(
+            [
+                {**_spec_json(spec, settings, window), "instance": settings.instance}
+                for spec in specs
+            ]
+        )
         return EXIT_OK
     rows = [
         [
@@ -424,10 +455,12 @@ def cmd_jobs(ctl: Ctl) -> int:
             f"±{spec.collection_window_minutes or window} min",
             str(settings.backup_storage_root / spec.deposit_relpath),
             "yes" if spec.active else "no",
+            settings.instance,
         ]
         for spec in specs
     ]
-    _table(ctl, ["AGENT", "DATABASE", "SCHEDULE (UTC)", "WINDOW", "DEPOSIT FOLDER", "ACTIVE"], rows)
+    header = ["AGENT", "DATABASE", "SCHEDULE (UTC)", "WINDOW", "DEPOSIT FOLDER", "ACTIVE"]
+    _table(ctl, [*header, "INSTANCE"], rows)
     return EXIT_OK
 
 
@@ -459,6 +492,8 @@ def _spec_json(spec: JobSpec, settings: Settings, window: int) -> dict[str, Any]
 def cmd_history(ctl: Ctl) -> int:
     store = _open_store(ctl.needs("database_url"))
     job = store.find_job(ctl.args.job) if store else None
+    if job is not None and ctl.args.instance not in (None, job.instance):
+        job = None  # SPEC §15: `--instance` narrows, as in every read view
     if store is None or job is None:
         ctl.fail(f"unknown job: {ctl.args.job} (give an id or company/city/neighborhood/database)")
         return EXIT_ERROR
@@ -474,7 +509,8 @@ def cmd_history(ctl: Ctl) -> int:
         if left_out:  # to stderr
             ctl.fail(left_out)
         return EXIT_OK
-    ctl.line(f"{job.label} ({job.frequency.value}, agent {job.agent_id})")
+    owner = f", instance {job.instance}" if job.instance else ""
+    ctl.line(f"{job.label} ({job.frequency.value}, agent {job.agent_id}{owner})")
     _table(
         ctl,
         ["CYCLE", "STATUS", "RECORDED", "REPORT", "MESSAGE"],
@@ -638,6 +674,9 @@ COMMANDS: dict[str, Callable[[Ctl], int]] = {
 CONFIG_HELP = "backupwatch.toml (default: $BACKUPWATCH_CONFIG or /etc/backupwatch/backupwatch.toml)"
 
 
+INSTANCE_HELP = "only the jobs of this daemon instance (SPEC §15; default: every instance)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="backupwatchctl", description="Drive and inspect backupwatchd."
@@ -659,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     command("rescan", "make the daemon scan the deposit folders now")
     jobs = command("jobs", "the configured jobs")
     jobs.add_argument("--json", action="store_true")
+    for view in (status, jobs):
+        view.add_argument("--instance", help=INSTANCE_HELP)
     history = command(
         "history",
         f"a job's entries, newest first (the {DEFAULT_HISTORY_LIMIT} newest unless --limit)",
@@ -672,6 +713,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"show the N newest entries (default: the {DEFAULT_HISTORY_LIMIT} newest; 0 for all)",
     )
     history.add_argument("--json", action="store_true")
+    history.add_argument("--instance", help=INSTANCE_HELP)
     validate = command("validate", "check STATUS.json files offline")
     validate.add_argument("files", nargs="+", metavar="FILE")
     command("check-config", "check the configuration and job files")
@@ -685,6 +727,7 @@ def _lever_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> N
     check.add_argument("--job", help="only this job (id or company/city/neighborhood/database)")
     check.add_argument("--site", help="only this site (company/city/neighborhood)")
     check.add_argument("--company", help="only this company's jobs")
+    check.add_argument("--instance", help=INSTANCE_HELP)
     check.add_argument(
         "--warning",
         metavar="S,...",

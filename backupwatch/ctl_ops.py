@@ -31,6 +31,7 @@ from backupwatch.ctl import (
     _job_rows,
     _open_store,
     _table,
+    of_instance,
     unexpected,
 )
 from backupwatch.names import visible
@@ -89,6 +90,7 @@ def _check(ctl: Ctl) -> tuple[int, str]:
         if isinstance(found, str):
             return UNKNOWN, unknown(found).line
         rows, rejected = found
+    rows = of_instance(rows, args.instance)
     if args.job is not None and not any(filters.keeps(row) for row in rows):
         return UNKNOWN, unknown(f"no job {args.job}").line
     verdict = judge(rows, daemon["running"] and not problem, rejected, filters, warning, critical)

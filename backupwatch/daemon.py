@@ -48,12 +48,12 @@ from backupwatch.names import display_name
 from backupwatch.notices import Notices
 from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
-from backupwatch.pipeline import Context, build_registry
+from backupwatch.pipeline import Context, registry_of
 from backupwatch.promotion import clean_temps
 from backupwatch.rejected import repair
 from backupwatch.scan import misplaced_reports, pending_reports
 from backupwatch.sites import PathKind, Registry, normalize
-from backupwatch.store import ExpectedBackupJob, Store
+from backupwatch.store import ExpectedBackupJob, InstanceConflict, Store
 from backupwatch.timer import MissingTimer
 from backupwatch.timeutil import utc_now
 from backupwatch.watcher import DepositWatcher, EventKind, WorkQueue
@@ -68,7 +68,13 @@ REQUEST_TIMEOUT = 60.0  # a control request waits this long for the main thread
 STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest sleep)
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
-RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket", "http_listen")
+RESTART_KEYS = (
+    "backup_storage_root",
+    "database_url",
+    "control_socket",
+    "http_listen",
+    "instance",
+)
 REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -88,6 +94,7 @@ class Daemon:
         self.notifier = Notifier(environ)
         self.store = Store(settings.database_url)
         self.store.routing = settings.alerts.routing()
+        self.store.instance = settings.instance  # SPEC §15: this daemon's jobs only
         self.queue = WorkQueue()
         self.arrivals = Arrivals()
         self.outage = OutageLog()
@@ -156,10 +163,12 @@ class Daemon:
         del specs
         log.info(
             "jobs.synced",
+            instance=self.settings.instance,
             added=result.added,
             changed=result.changed,
             deactivated=result.deactivated,
         )
+        self._note_conflicts(result.conflicts)
         self.ctx = Context(self.store, self.settings, self._registry(), self.beat, self.arrivals)
         self._set_phase("watching the deposit folders")
         self.watcher.start()
@@ -241,8 +250,14 @@ class Daemon:
         for text in unread_job_files(settings):
             self.notices.add(f"unread:{text}", text)
 
+    def _note_conflicts(self, conflicts: list[str]) -> None:
+        """SPEC §15: a job another instance owns is not synced here; `status` says so."""
+        self.notices.discard_prefix("instance:")
+        for text in conflicts:
+            self.notices.add(f"instance:{text}", text)
+
     def _registry(self) -> Registry:
-        return build_registry(self.settings, self.store.active_jobs())
+        return registry_of(self.settings, self.store)
 
     def _handlers(self) -> dict[str, Handler]:
         return {
@@ -497,7 +512,10 @@ class Daemon:
             result = self.store.sync_jobs(
                 specs, settings.scanner_report_collection_window_minutes, self.clock()
             )
-            registry = build_registry(settings, self.store.active_jobs())
+            registry = registry_of(settings, self.store)
+        except InstanceConflict as exc:
+            log.error("reload.instance_conflict", error=str(exc))
+            return {"ok": False, "error": str(exc)}
         except SQLAlchemyError as exc:
             detail = str(exc).splitlines()[0]
             log.error("reload.database_error", error=detail, action="previous configuration kept")
@@ -513,6 +531,7 @@ class Daemon:
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
         self.rescan()
+        self._note_conflicts(result.conflicts)
         log.info(
             "reload.done",
             added=result.added,
@@ -597,6 +616,7 @@ class Daemon:
             "database": shown_setting("database_url", self.settings.database_url),
             "config_path": str(self.settings.config_path),
             "http": self.web.address if self.web is not None else None,
+            "instance": self.settings.instance,
             "warnings": [*self.watcher.limit_warnings, *self.notices.texts()],
             "inotify": {
                 "folders": self.watcher.folder_count,
@@ -733,7 +753,7 @@ def main(argv: list[str] | None = None) -> int:
     _install_signals(daemon)
     try:
         daemon.start()
-    except (ControlError, OSError, SQLAlchemyError) as exc:
+    except (ControlError, OSError, SQLAlchemyError, InstanceConflict) as exc:
         log.error("daemon.start_failed", error=str(exc))
         print(f"backupwatchd: cannot start: {exc}", file=sys.stderr)
         daemon.request_stop()

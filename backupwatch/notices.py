@@ -50,3 +50,9 @@ class Notices:
                 n.text if n.count == 1 else f"{n.text} ({n.count} times)"
                 for n in self._notices.values()
             ]
+
+    def discard_prefix(self, prefix: str) -> None:
+        """Forget the notices whose key starts with `prefix` (a reload that fixed them)."""
+        with self._lock:
+            for key in [k for k in self._notices if k.startswith(prefix)]:
+                del self._notices[key]

@@ -37,7 +37,8 @@ from backupwatch.fsutil import (
     read_capped,
     sha256_fd,
 )
-from backupwatch.jobs import final_relpath
+from backupwatch.jobs import IDENTITY_FIELDS, final_relpath
+from backupwatch.missing import eras_from_json
 from backupwatch.names import display_name
 from backupwatch.promotion import (
     TEMP_DIR,
@@ -61,7 +62,14 @@ from backupwatch.report import (
     size_problem,
 )
 from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
-from backupwatch.store import ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
+from backupwatch.store import (
+    SCHEDULE_COLUMNS,
+    ExpectedBackupJob,
+    NewEntry,
+    ProcessedReportRecord,
+    Store,
+    schedule_of,
+)
 from backupwatch.timeutil import utc_now
 from backupwatch.verdict import (
     UNCHANGED_WARNING,
@@ -174,6 +182,47 @@ def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registr
             previous=job.previous_eras,
         )
         entries.append((PurePosixPath(job.deposit_path), ref))
+    return Registry.build(settings.backup_storage_root, entries)
+
+
+def registry_of(settings: Settings, store: Store) -> Registry:
+    """`build_registry` from this instance's active jobs read as plain rows (no ORM object per
+    job), with the strings and schedules that many jobs share held once."""
+    shared: dict[Any, Any] = {}
+
+    def once(value: Any) -> Any:
+        return shared.setdefault(value, value)
+
+    entries = []
+    schedules: dict[tuple[Any, ...], Any] = {}
+    folders: dict[str, PurePosixPath] = {}
+    for row in store.active_job_rows():
+        values = row._mapping
+        when = tuple(values[name] for name in SCHEDULE_COLUMNS)
+        schedule = schedules.get(when)
+        if schedule is None:
+            schedule = schedules[when] = schedule_of(values)
+        folder = folders.get(row.deposit_path)
+        if folder is None:
+            folder = folders[row.deposit_path] = PurePosixPath(row.deposit_path)
+        fields = {
+            "company_name": once(row.company_name),
+            "city": once(row.city),
+            "neighborhood": once(row.neighborhood),
+            "database_name": once(row.database_name),
+            "agent_id": once(row.agent_id),
+        }
+        ref = JobRef(
+            id=row.id,
+            label="/".join(fields[name] for name in IDENTITY_FIELDS),
+            agent_id=fields["agent_id"],
+            database_name=fields["database_name"],
+            schedule=schedule,
+            fields=fields,
+            final_storage_path_template=once(row.final_storage_path_template),
+            previous=eras_from_json(row.previous_schedules),
+        )
+        entries.append((folder, ref))
     return Registry.build(settings.backup_storage_root, entries)
 
 

@@ -23,7 +23,7 @@ LOG_DIR = "log"
 NEVER_SCANNED = frozenset({ARCHIVE_DIR, REJECTED_DIR})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobRef:
     """What the pipeline needs of one active job."""
 
@@ -41,7 +41,7 @@ class JobRef:
         return assign_cycle(self.schedule, self.previous, t)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Site:
     """One deposit folder D and the active jobs that resolve to it."""
 
@@ -86,8 +86,12 @@ class Registry:
     @classmethod
     def build(cls, root: Path, jobs: Iterable[tuple[PurePosixPath, JobRef]]) -> Registry:
         grouped: dict[Path, list[JobRef]] = {}
+        folders: dict[PurePosixPath, Path] = {}  # the jobs of a site share its folder
         for relpath, job in jobs:
-            grouped.setdefault(normalize(root / relpath), []).append(job)
+            folder = folders.get(relpath)
+            if folder is None:
+                folder = folders[relpath] = normalize(root / relpath)
+            grouped.setdefault(folder, []).append(job)
         return cls(root=normalize(root), sites={d: Site(d, tuple(js)) for d, js in grouped.items()})
 
     def classify(self, path: Path) -> Classified:

@@ -9,11 +9,12 @@ several daemons sharing one database never flag the same cycle twice.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Sequence
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import (
@@ -29,11 +30,11 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    Select,
     String,
     Text,
     UniqueConstraint,
     and_,
-    bindparam,
     case,
     create_engine,
     event,
@@ -42,6 +43,8 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    true,
+    union_all,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -76,6 +79,7 @@ from backupwatch.missing import (
 from backupwatch.schedule import Schedule
 
 log = structlog.get_logger(__name__)
+_Row = TypeVar("_Row")
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -119,7 +123,12 @@ class ExpectedBackupJob(Base):
     """One database of one site, expected on a schedule (the seed's ExpectedBackupJob)."""
 
     __tablename__ = "expected_backup_jobs"
-    __table_args__ = (UniqueConstraint("company_name", "city", "neighborhood", "database_name"),)
+    __table_args__ = (
+        UniqueConstraint("company_name", "city", "neighborhood", "database_name"),
+        Index(
+            "ix_expected_backup_jobs_instance_deadline", "instance", "active", "next_deadline_at"
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     company_name: Mapped[str] = mapped_column(String(255))
@@ -160,6 +169,9 @@ class ExpectedBackupJob(Base):
     pause_reason: Mapped[str | None] = mapped_column(Text)
     acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ack_reason: Mapped[str | None] = mapped_column(Text)
+    # SPEC §15 (migration 0008): the daemon instance whose job files define this job; NULL
+    # for rows of an older version, until the first sync adopts them.
+    instance: Mapped[str | None] = mapped_column(String(255))
 
     @property
     def label(self) -> str:
@@ -395,6 +407,9 @@ class Store:
         # Where alert events fan out to (SPEC §10); the daemon sets it from `[alerts]`, and
         # without it events are written with no delivery (nothing is configured to send).
         self.routing = Routing()
+        # SPEC §15: the daemon's `instance`. Set, the sync, the registry, the timer and the
+        # REJECTED events see only this instance's jobs; None (tools, tests): every job.
+        self.instance: str | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -439,29 +454,148 @@ class Store:
     def _sync_once(
         self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
+        """One transaction, streamed: the jobs in the database are compared by a compact
+        fingerprint, new ones inserted and changed ones loaded in batches of SYNC_BATCH, so
+        that 100,000 jobs never mean 100,000 ORM objects alive at once."""
         result = SyncResult()
+        me = self.instance
         with self.session() as session:
-            existing = {job_key(j): j for j in session.scalars(select(ExpectedBackupJob))}
-            seen: set[tuple[str, str, str, str]] = set()
+            if me is not None:
+                self._adopt(session, me)
+            known = self._known_jobs(session)
+            others = self._other_instances(session, me)
+            batch = _SyncBatch(session, now, result)
+            seen: set[JobKey] = set()
             for spec in specs:
                 seen.add(spec.key)
-                job = existing.get(spec.key)
                 columns = _spec_columns(spec, default_window_minutes)
-                if job is None:
-                    session.add(_new_job(spec, columns, now))
-                    result.added += 1
-                elif _apply_spec(job, spec.active, columns, now, result.schedule_changes):
-                    result.changed += 1
-            for key, job in existing.items():
-                if key not in seen and job.active:
-                    _deactivate(job, now)
-                    result.deactivated += 1
+                mine = known.get(spec.key)
+                if mine is None and spec.key in others:
+                    job = self._take_over(session, others[spec.key], spec, result)
+                    if job is not None and _apply_spec(
+                        job, spec.active, columns, now, result.schedule_changes
+                    ):
+                        result.changed += 1
+                elif mine is None:
+                    batch.add(_new_row(spec, columns, now, me))
+                elif mine.fingerprint != _fingerprint(spec.active, columns):
+                    batch.change(mine.id, spec.active, columns)
+                elif mine.source != columns["config_source"]:
+                    batch.move(mine.id, columns["config_source"])
+            batch.flush()
+            gone = [m.id for key, m in known.items() if key not in seen and m.active]
+            for start in range(0, len(gone), SYNC_BATCH):
+                _deactivate_ids(session, gone[start : start + SYNC_BATCH], now)
+            result.deactivated = len(gone)
         return result
 
+    def _known_jobs(self, session: Session) -> dict[JobKey, _Known]:
+        """This instance's jobs as the sync compares them: id, fingerprint, source, active."""
+        j = ExpectedBackupJob
+        names = [name for name in SPEC_COLUMNS if name != "config_source"]
+        query = select(
+            j.id,
+            j.company_name,
+            j.city,
+            j.neighborhood,
+            j.database_name,
+            j.active,
+            j.config_source,
+            *(getattr(j, name) for name in names),
+        )
+        if self.instance is not None:
+            query = query.where(j.instance == self.instance)
+        known: dict[JobKey, _Known] = {}
+        for row in session.execute(query.execution_options(yield_per=SYNC_BATCH)):
+            values = row._mapping
+            columns = {name: values[name] for name in names}
+            known[(row.company_name, row.city, row.neighborhood, row.database_name)] = _Known(
+                row.id, _fingerprint(row.active, columns), row.config_source, row.active
+            )
+        return known
+
+    def _adopt(self, session: Session, me: str) -> None:
+        """SPEC §15: the jobs an older version wrote (no instance) become this daemon's; on
+        SQLite (one file, one host) another instance's jobs refuse the start."""
+        j = ExpectedBackupJob
+        session.execute(update(j).where(j.instance.is_(None)).values(instance=me))
+        if self.engine.dialect.name != "sqlite":
+            return
+        other = session.scalar(select(j.instance).where(j.instance != me).limit(1))
+        if other is not None:
+            raise InstanceConflict(
+                f"this SQLite database holds the jobs of instance {other!r}, and this daemon "
+                f"is instance {me!r}: an SQLite file serves one host. If this host was "
+                f"renamed, set instance = {other!r} in the configuration file; to run several "
+                "daemons on one database, use PostgreSQL (SPEC §15)"
+            )
+
+    def _other_instances(self, session: Session, me: str | None) -> dict[JobKey, _Owned]:
+        """The keys of other instances' jobs (a job key is unique across instances)."""
+        if me is None:
+            return {}
+        j = ExpectedBackupJob
+        rows = session.execute(
+            select(
+                j.id, j.company_name, j.city, j.neighborhood, j.database_name, j.instance, j.active
+            ).where(j.instance != me)
+        )
+        return {
+            (r.company_name, r.city, r.neighborhood, r.database_name): _Owned(
+                r.id, str(r.instance), r.active
+            )
+            for r in rows
+        }
+
+    def _take_over(
+        self, session: Session, owned: _Owned, spec: JobSpec, result: SyncResult
+    ) -> ExpectedBackupJob | None:
+        """A job another instance defines too: its while active there (a conflict said, not
+        settled by whoever syncs last); an inactive one (moved hosts) becomes this one's."""
+        label = "/".join(spec.key)
+        if owned.active:
+            text = (
+                f"job {label} ({spec.source}) is defined by instance {owned.instance!r} too, "
+                f"where it is active: left to {owned.instance!r}; remove it from one of them"
+            )
+            log.warning("job.owned_elsewhere", job=label, instance=owned.instance)
+            result.conflicts.append(text)
+            return None
+        job = session.get(ExpectedBackupJob, owned.id)
+        assert job is not None
+        log.info("job.taken_over", job=label, previous_instance=owned.instance)
+        job.instance = self.instance
+        return job
+
     def active_jobs(self) -> list[ExpectedBackupJob]:
+        """This instance's active jobs: the ones whose deposit folders it watches."""
         with self.reading() as session:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
-            return list(session.scalars(query))
+            return list(session.scalars(self._own(query)))
+
+    def active_job_rows(self) -> list[Any]:
+        """What the registry needs of this instance's active jobs, as plain rows."""
+        j = ExpectedBackupJob
+        query = select(
+            j.id,
+            j.company_name,
+            j.city,
+            j.neighborhood,
+            j.database_name,
+            j.agent_id,
+            j.deposit_path,
+            j.final_storage_path_template,
+            j.previous_schedules,
+            *(getattr(j, name) for name in SCHEDULE_COLUMNS),
+        ).where(j.active.is_(True))
+        with self.reader.begin() as connection:
+            return list(connection.execute(self._own(query)))
+
+    def _own(self, query: Select[_Row]) -> Select[_Row]:
+        """`query` narrowed to this daemon's instance (SPEC §15), when it has one."""
+        if self.instance is None:
+            return query
+        return query.where(ExpectedBackupJob.instance == self.instance)
 
     def all_jobs(self) -> list[ExpectedBackupJob]:
         with self.reading() as session:
@@ -583,19 +717,18 @@ class Store:
         does not grow with the job's history as a window over all its entries would.
         """
         e = BackupEntry
-        newest = (
-            select(e.server_sha256)
-            .where(e.job_id == bindparam("job"), e.status == BackupEntryStatus.SUCCESS)
+        parts = [
+            select(e.job_id, e.server_sha256)
+            .where(e.job_id == job_id, e.status == BackupEntryStatus.SUCCESS)
             .order_by(e.cycle.desc(), e.id.desc())
             .limit(1)
-        )
-        found: dict[int, str | None] = {}
-        with self.reader.begin() as connection:
-            for job_id in job_ids:
-                sha = connection.execute(newest, {"job": job_id}).scalar()
-                if sha is not None:
-                    found[job_id] = sha
-        return found
+            for job_id in dict.fromkeys(job_ids)
+        ]
+        if not parts:
+            return {}
+        with self.reader.begin() as connection:  # one statement: one round trip per report
+            rows = connection.execute(_all_of(parts))
+            return {row.job_id: row.server_sha256 for row in rows if row.server_sha256}
 
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
@@ -642,7 +775,11 @@ class Store:
                     j.alert_channels,
                     j.paused_at,
                     j.paused_until,
-                ).where(j.deposit_path == site, j.active.is_(True))
+                ).where(
+                    j.deposit_path == site,
+                    j.active.is_(True),
+                    true() if self.instance is None else j.instance == self.instance,
+                )
             ).all()
             if jobs and all(Pause(r.paused_at, r.paused_until).covers(now) for r in jobs):
                 return False
@@ -673,7 +810,7 @@ class Store:
             query = select(func.min(ExpectedBackupJob.next_deadline_at)).where(
                 ExpectedBackupJob.active.is_(True)
             )
-            return session.scalar(query)
+            return session.scalar(self._own(query))
 
     def due_jobs(
         self, now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
@@ -692,7 +829,8 @@ class Store:
                     and_(j.next_deadline_at == after[0], j.id > after[1]),
                 )
             )
-        query = query.order_by(j.next_deadline_at, j.id).limit(limit)
+        # SPEC §15: each instance flags its own jobs: only it knows their sites' queued reports.
+        query = self._own(query).order_by(j.next_deadline_at, j.id).limit(limit)
         with self.reading() as session:
             return list(session.scalars(query))
 
@@ -793,14 +931,20 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
-    def job_views(self, now: datetime, *where: Any) -> list[JobView]:
-        """One row per job for `status`: current status, last success and next deadline
-        (`where`: criteria on ExpectedBackupJob, e.g. one job or one site for the web pages)."""
+    def job_views(
+        self, now: datetime, *where: Any, instance: str | None = None
+    ) -> list[JobView]:
+        """One row per job for `status`: current status, last success and next deadline.
+
+        Every instance's jobs (SPEC §15: `status` of any daemon covers them all), or only
+        `instance`'s; `where`: criteria on ExpectedBackupJob (one job, one site for the pages)."""
         query = (
             select(ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged())
             .where(*where)
             .order_by(*_job_order())
         )
+        if instance is not None:
+            query = query.where(ExpectedBackupJob.instance == instance)
         with self.reading() as session:
             rows = session.execute(query).all()
         return [
@@ -895,6 +1039,24 @@ class SyncResult:
     changed: int = 0
     deactivated: int = 0
     schedule_changes: list[ScheduleChange] = dataclasses.field(default_factory=list)
+    # SPEC §15: jobs this instance defines but another instance owns (active there): not synced.
+    conflicts: list[str] = dataclasses.field(default_factory=list)
+
+
+class InstanceConflict(Exception):
+    """SPEC §15: an SQLite database already holds another instance's jobs."""
+
+
+JobKey = tuple[str, str, str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Owned:
+    """A job of another instance, as much as the sync needs to know of it."""
+
+    id: int
+    instance: str
+    active: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -975,6 +1137,7 @@ class JobView:
     acked_at: datetime | None = None
     ack_reason: str | None = None
     unchanged: bool = False  # the newest entry is a success with the previous one's SHA-256
+    instance: str | None = None  # SPEC §15: the daemon instance the job belongs to
 
     def as_json(self) -> dict[str, Any]:
         """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
@@ -997,6 +1160,7 @@ class JobView:
             "acked_at": format_z(self.acked_at),
             "ack_reason": self.ack_reason,
             "unchanged": self.unchanged,
+            "instance": self.instance,
         }
 
 
@@ -1039,6 +1203,30 @@ class _JobRow:
     channels: list[str] | None
     pause: Pause
     acked: bool
+
+
+def _all_of(parts: Sequence[Any]) -> Any:
+    """One statement for several `LIMIT 1` seeks: a UNION ALL of them, each as a subquery
+    (SQLite allows no LIMIT inside a compound SELECT's members)."""
+    wrapped = [select(part.subquery()) for part in parts]
+    return wrapped[0] if len(wrapped) == 1 else union_all(*wrapped)
+
+
+def _latest_many(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
+    """`_latest` of several jobs in one round trip."""
+    e = BackupEntry
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    parts = [
+        select(e.job_id, e.cycle, e.status, e.message)
+        .where(e.job_id == job_id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .limit(1)
+        for job_id in job_ids
+    ]
+    if not parts:
+        return {}
+    rows = connection.execute(_all_of(parts))
+    return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
 
 
 def _latest(connection: Any, job_id: int) -> _Latest | None:
@@ -1140,11 +1328,13 @@ class _Changes:
             )
             for r in rows
         }
-        self.before = {job_id: _latest(connection, job_id) for job_id in self.jobs}
+        found = _latest_many(connection, list(self.jobs))
+        self.before = {job_id: found.get(job_id) for job_id in self.jobs}
 
     def report_events(self, entries: Sequence[NewEntry], now: datetime) -> None:
+        after = _latest_many(self.connection, list(self.jobs))
         for job_id in self.jobs:
-            self._transition(job_id, now)
+            self._transition(job_id, now, after.get(job_id))
         for entry in entries:
             if entry.unchanged_since_last_success and entry.job_id in self.jobs:
                 self._event(
@@ -1158,10 +1348,10 @@ class _Changes:
                 )
 
     def missing_events(self, job_id: int, now: datetime) -> None:
-        self._transition(job_id, now)
+        self._transition(job_id, now, _latest(self.connection, job_id))
 
-    def _transition(self, job_id: int, now: datetime) -> None:
-        before, after = self.before[job_id], _latest(self.connection, job_id)
+    def _transition(self, job_id: int, now: datetime, after: _Latest | None) -> None:
+        before = self.before[job_id]
         if after is None:
             return
         old = before.job_status if before else JobStatus.UNKNOWN
@@ -1257,6 +1447,153 @@ def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
         "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
         "config_source": spec.source,
     }
+
+
+SPEC_COLUMNS = (
+    "frequency",
+    "expected_hour_utc",
+    "expected_minute_utc",
+    "days_of_week",
+    "day_of_month",
+    "expected_date",
+    "collection_window_minutes",
+    "window_minutes",
+    "agent_id",
+    "deposit_path",
+    "agent_deposit_path_template",
+    "final_storage_path_template",
+    "alert_channels",
+    "config_source",
+)
+SYNC_BATCH = 1000  # rows per INSERT / UPDATE batch and per batch of changed jobs loaded
+
+
+def _fingerprint(active: bool, columns: Mapping[str, Any]) -> bytes:
+    """What the sync compares a configured job by (16 bytes): every configured column but
+    its source, and whether it is active. The same values give the same bytes on both sides:
+    enums, dates and JSON lists come back from the database as the spec gives them."""
+    values = [active, *(columns[name] for name in SPEC_COLUMNS if name != "config_source")]
+    return hashlib.blake2b(repr(values).encode(), digest_size=16).digest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Known:
+    id: int
+    fingerprint: bytes
+    source: str | None
+    active: bool
+
+
+class _SyncBatch:
+    """The sync's pending writes, flushed every SYNC_BATCH: Core inserts of new jobs,
+    executemany updates of moved sources, and changed jobs loaded as ORM objects (the
+    schedule-change logic needs them) a batch at a time, then let go."""
+
+    def __init__(self, session: Session, now: datetime, result: SyncResult) -> None:
+        self.session, self.now, self.result = session, now, result
+        self.new: list[dict[str, Any]] = []
+        self.changed: dict[int, tuple[bool, dict[str, Any]]] = {}
+        self.moved: list[dict[str, Any]] = []
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.new.append(row)
+        self.result.added += 1
+        if len(self.new) >= SYNC_BATCH:
+            self._insert()
+
+    def change(self, job_id: int, active: bool, columns: dict[str, Any]) -> None:
+        self.changed[job_id] = (active, columns)
+        if len(self.changed) >= SYNC_BATCH:
+            self._apply()
+
+    def move(self, job_id: int, source: str) -> None:
+        self.moved.append({"id": job_id, "config_source": source})
+        if len(self.moved) >= SYNC_BATCH:
+            self._move()
+
+    def flush(self) -> None:
+        self._insert()
+        self._apply()
+        self._move()
+
+    def _insert(self) -> None:
+        if self.new:
+            self.session.execute(insert(ExpectedBackupJob), self.new)
+            self.new = []
+
+    def _apply(self) -> None:
+        if not self.changed:
+            return
+        j = ExpectedBackupJob
+        jobs = self.session.scalars(select(j).where(j.id.in_(list(self.changed))))
+        for job in jobs:
+            active, columns = self.changed[job.id]
+            if _apply_spec(job, active, columns, self.now, self.result.schedule_changes):
+                self.result.changed += 1
+        self.session.flush()
+        self.session.expunge_all()
+        self.changed = {}
+
+    def _move(self) -> None:
+        if self.moved:  # an ORM bulk UPDATE by primary key: one executemany
+            self.session.execute(update(ExpectedBackupJob), self.moved)
+            self.moved = []
+
+
+def _new_row(
+    spec: JobSpec, columns: dict[str, Any], now: datetime, instance: str | None
+) -> dict[str, Any]:
+    """A new job as the row an insert takes: `_new_job`'s values without an ORM object."""
+    cursor = Cursor(None, None)
+    if spec.active:
+        cursor = fresh_cursor(Timeline(schedule_of(columns), now), now)
+    return {
+        **columns,
+        "company_name": spec.company_name,
+        "city": spec.city,
+        "neighborhood": spec.neighborhood,
+        "database_name": spec.database_name,
+        "active": spec.active,
+        "activated_at": now,
+        "deactivated_at": None if spec.active else now,
+        "created_at": now,
+        "updated_at": now,
+        "next_cycle_at": cursor.cycle,
+        "next_deadline_at": cursor.deadline,
+        "previous_schedules": None,
+        "schedule_changed_at": None,
+        "instance": instance,
+    }
+
+
+def schedule_of(columns: Mapping[str, Any]) -> Schedule:
+    """`ExpectedBackupJob.schedule` from its columns (`_spec_columns`, or a row's)."""
+    days = columns["days_of_week"]
+    return Schedule(
+        frequency=columns["frequency"],
+        hour=columns["expected_hour_utc"],
+        minute=columns["expected_minute_utc"],
+        days_of_week=frozenset(int(d) for d in days.split(",")) if days else None,
+        day_of_month=columns["day_of_month"],
+        expected_date=columns["expected_date"],
+        window=timedelta(minutes=columns["window_minutes"]),
+    )
+
+
+def _deactivate_ids(session: Session, ids: Sequence[int], now: datetime) -> None:
+    """`_deactivate` for a batch of jobs by id, in one UPDATE."""
+    session.execute(
+        update(ExpectedBackupJob)
+        .where(ExpectedBackupJob.id.in_(list(ids)))
+        .values(
+            active=False,
+            deactivated_at=now,
+            next_cycle_at=None,
+            next_deadline_at=None,
+            previous_schedules=None,
+            schedule_changed_at=None,
+        )
+    )
 
 
 def _new_job(spec: JobSpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
@@ -1435,6 +1772,7 @@ def _job_view(
         acked_at=job.acked_at,
         ack_reason=job.ack_reason,
         unchanged=unchanged,
+        instance=job.instance,
     )
 
 
