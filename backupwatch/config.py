@@ -277,7 +277,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port_text)
 
 
-
 INSTANCE_MAX = 255
 INSTANCE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}")
 

@@ -931,9 +931,7 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
-    def job_views(
-        self, now: datetime, *where: Any, instance: str | None = None
-    ) -> list[JobView]:
+    def job_views(self, now: datetime, *where: Any, instance: str | None = None) -> list[JobView]:
         """One row per job for `status`: current status, last success and next deadline.
 
         Every instance's jobs (SPEC §15: `status` of any daemon covers them all), or only
