@@ -101,11 +101,16 @@ def read_capped(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def sha256_fd(fd: int, progress: Callable[[], None] | None = None) -> tuple[str, int]:
+def sha256_fd(
+    fd: int,
+    progress: Callable[[], None] | None = None,
+    sink: Callable[[memoryview], None] | None = None,
+) -> tuple[str, int]:
     """SHA-256 and byte count of an open file from its start, in one pass.
 
     `progress` is called every PROGRESS_EVERY bytes: hashing a very large backup is long work,
-    not a hang, and the daemon's watchdog must be able to tell the difference.
+    not a hang, and the daemon's watchdog must be able to tell the difference. `sink` gets the
+    same chunks (the archive test, SPEC §13): the file is still read once.
     """
     digest = hashlib.sha256()
     size = 0
@@ -114,6 +119,8 @@ def sha256_fd(fd: int, progress: Callable[[], None] | None = None) -> tuple[str,
     os.lseek(fd, 0, os.SEEK_SET)
     while count := os.readv(fd, [buffer]):
         digest.update(view[:count])
+        if sink is not None:
+            sink(view[:count])
         size += count
         if progress is not None and size % PROGRESS_EVERY < count:
             progress()

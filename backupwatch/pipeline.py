@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from backupwatch.archivetest import ArchiveTest
 from backupwatch.config import Settings
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.fsutil import (
@@ -172,6 +173,7 @@ def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registr
             fields=job.fields,
             final_storage_path_template=job.final_storage_path_template,
             previous=job.previous_eras,
+            archive_test=settings.archive_test if job.archive_test is None else job.archive_test,
         )
         entries.append((PurePosixPath(job.deposit_path), ref))
     return Registry.build(settings.backup_storage_root, entries)
@@ -415,6 +417,7 @@ def _judge(
     if unchanged:
         verdict = Verdict(verdict.status, verdict.message + UNCHANGED_WARNING)
     staged = site.folder / db.staged_file_name if db.staged_file_name else None
+    server = _server_details(promoted)
     entry = NewEntry(
         job_id=item.job.id,
         cycle=item.cycle,
@@ -434,7 +437,10 @@ def _judge(
         staged_path=str(staged) if staged else None,
         final_path=str(promoted.path) if promoted else None,
         unchanged_since_last_success=unchanged,
-        details={"agent": db.model_dump(mode="json"), "server": _server_details(promoted)},
+        details={"agent": db.model_dump(mode="json"), "server": server},
+        # SPEC §14: which file the daemon placed, so that pruning removes only that one.
+        final_dev=server.get("final_dev"),
+        final_ino=server.get("final_ino"),
     )
     return Judged(entry, promoted)
 
@@ -460,7 +466,9 @@ def _judge_staged(
     staged_name = db.staged_file_name or ""
     try:
         with open_beneath(site.folder, PurePosixPath(staged_name)) as (dir_fd, fd, base):
-            facts = _inspect(staged_name, fd, db.compress_process.size_bytes, ctx.beat)
+            facts = _inspect(
+                staged_name, fd, db.compress_process.size_bytes, ctx.beat, item.job.archive_test
+            )
             verdict = decide(db, facts)
             if verdict.status is not BackupEntryStatus.SUCCESS:
                 return verdict, facts, None
@@ -484,13 +492,19 @@ def _lstat_beneath(folder: Path, relative: str) -> os.stat_result | None:
 
 
 def _inspect(
-    name: str, fd: int, expected_size: int | None, progress: Callable[[], None]
+    name: str,
+    fd: int,
+    expected_size: int | None,
+    progress: Callable[[], None],
+    archive_test: bool = True,
 ) -> StagedFacts:
     size = os.fstat(fd).st_size
     if size != expected_size:
         return StagedFacts(name, size=size)
-    digest, read = sha256_fd(fd, progress)
-    return StagedFacts(name, size=read, sha256=digest)
+    test = ArchiveTest.for_name(name, progress) if archive_test else None
+    digest, read = sha256_fd(fd, progress, test.feed if test else None)
+    problem = test.finish() if test else None
+    return StagedFacts(name, size=read, sha256=digest, archive_problem=problem)
 
 
 def _promote(

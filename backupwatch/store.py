@@ -159,6 +159,12 @@ class ExpectedBackupJob(Base):
     pause_reason: Mapped[str | None] = mapped_column(Text)
     acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     ack_reason: Mapped[str | None] = mapped_column(Text)
+    # SPEC §13, §14 (migration 0007): the job's own archive test and GFS counts (None: the
+    # config's).
+    archive_test: Mapped[bool | None] = mapped_column(Boolean)
+    keep_daily: Mapped[int | None] = mapped_column(Integer)
+    keep_weekly: Mapped[int | None] = mapped_column(Integer)
+    keep_monthly: Mapped[int | None] = mapped_column(Integer)
 
     @property
     def label(self) -> str:
@@ -223,6 +229,10 @@ class BackupEntry(Base):
             postgresql_where=text("status = 'MISSING'"),
         ),
         UniqueConstraint("job_id", "report_sha256"),
+        # SPEC §13, §14 (migration 0007): a job's successes newest first (the size anomaly's
+        # previous sizes, the GFS candidates), and entries by age (history retention).
+        Index("ix_backup_entries_job_status_cycle", "job_id", "status", "cycle"),
+        Index("ix_backup_entries_cycle", "cycle"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -246,6 +256,14 @@ class BackupEntry(Base):
     final_path: Mapped[str | None] = mapped_column(String(4096))
     unchanged_since_last_success: Mapped[bool] = mapped_column(Boolean, default=False)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # SPEC §14 (migration 0007): the promoted file as the daemon placed it (its size and
+    # SHA-256 are server_size and server_sha256), and its removal: None, "claimed" (by one
+    # pruner, since `final_removal_at`), "removed", "changed" (kept: not what was placed) or
+    # "gone" (someone else removed it).
+    final_dev: Mapped[int | None] = mapped_column(BigInteger)
+    final_ino: Mapped[int | None] = mapped_column(BigInteger)
+    final_removal: Mapped[str | None] = mapped_column(String(16))
+    final_removal_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ProcessedReport(Base):
@@ -885,6 +903,8 @@ class NewEntry:
     final_path: str | None = None
     unchanged_since_last_success: bool = False
     details: dict[str, Any] | None = None
+    final_dev: int | None = None
+    final_ino: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1187,6 +1207,10 @@ def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
         "agent_deposit_path_template": spec.agent_deposit_path_template,
         "final_storage_path_template": spec.final_storage_path_template,
         "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
+        "archive_test": spec.archive_test,
+        "keep_daily": spec.keep_daily,
+        "keep_weekly": spec.keep_weekly,
+        "keep_monthly": spec.keep_monthly,
         "config_source": spec.source,
     }
 

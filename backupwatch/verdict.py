@@ -28,6 +28,7 @@ class StagedFacts:
     problem: str | None = None
     size: int | None = None
     sha256: str | None = None  # None when the size already differed: no need to hash
+    archive_problem: str | None = None  # SPEC §13: the decompressor's words, if it failed
 
 
 def agent_verdict(db: DatabaseReport) -> Verdict | None:
@@ -68,6 +69,12 @@ def file_verdict(db: DatabaseReport, facts: StagedFacts) -> Verdict:
             BackupEntryStatus.HASH_MISMATCH,
             f"staged file {facts.name} has SHA-256 {facts.sha256}, "
             f"the agent reported {db.compress_process.sha256_checksum}",
+        )
+    if facts.archive_problem is not None:
+        # SPEC §13: the agent's checksum matches a file that cannot be restored.
+        return Verdict(
+            BackupEntryStatus.FAILED,
+            f"staged file {facts.name}: archive test failed: {facts.archive_problem}",
         )
     return Verdict(
         BackupEntryStatus.SUCCESS, f"staged file {facts.name} verified ({facts.size} bytes)"
