@@ -65,6 +65,7 @@ from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
 from backupwatch.store import ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
 from backupwatch.timeutil import utc_now
 from backupwatch.verdict import (
+    SIZE_HISTORY,
     UNCHANGED_WARNING,
     StagedFacts,
     Verdict,
@@ -72,6 +73,7 @@ from backupwatch.verdict import (
     decide,
     file_verdict,
     mark_unchanged,
+    size_anomaly,
 )
 
 __all__ = [
@@ -343,12 +345,12 @@ def _record(
     wait = _staged_wait(ctx, site, assigned)
     if wait is not None:
         return Result(Outcome.WAIT, path, wait.why, wait=wait)
-    previous = ctx.store.last_success_sha256s([a.job.id for a in assigned])
+    previous = ctx.store.recent_successes([a.job.id for a in assigned], SIZE_HISTORY)
     judged: list[Judged] = []
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
     try:
         for item in assigned:
-            judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id)))
+            judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id, [])))
         committed = ctx.store.record_report(record, [j.entry for j in judged], now)
     except PromotionBusy:
         _undo(judged)
@@ -403,7 +405,7 @@ def _judge(
     report: StatusReport,
     report_name: str,
     sha: str,
-    previous_sha256: str | None,
+    previous: list[tuple[str | None, int | None]],
 ) -> Judged:
     ctx.beat()
     db = item.db
@@ -413,9 +415,15 @@ def _judge(
         verdict, facts, promoted = _judge_staged(ctx, site, item, sha)
     else:
         verdict = decide(db, None)  # the agent's own steps failed: no file to look at
-    unchanged = mark_unchanged(verdict, facts, previous_sha256)
+    unchanged = mark_unchanged(verdict, facts, previous[0][0] if previous else None)
     if unchanged:
         verdict = Verdict(verdict.status, verdict.message + UNCHANGED_WARNING)
+    anomaly = None
+    if verdict.status is BackupEntryStatus.SUCCESS and facts is not None:
+        sizes = [size for _sha, size in previous if size is not None]
+        anomaly = size_anomaly(facts.size, sizes, ctx.settings.size_drop_ratio)
+    if anomaly is not None:
+        verdict = Verdict(verdict.status, verdict.message + anomaly)
     staged = site.folder / db.staged_file_name if db.staged_file_name else None
     server = _server_details(promoted)
     entry = NewEntry(
@@ -441,6 +449,7 @@ def _judge(
         # SPEC §14: which file the daemon placed, so that pruning removes only that one.
         final_dev=server.get("final_dev"),
         final_ino=server.get("final_ino"),
+        suspicious=anomaly is not None,
     )
     return Judged(entry, promoted)
 
@@ -681,7 +690,7 @@ def job_label(site: Site, job_id: int) -> str:
 
 def _log_entry(entry: NewEntry, label: str, site: Site, report_name: str) -> None:
     level = log.info if entry.status is BackupEntryStatus.SUCCESS else log.warning
-    if entry.unchanged_since_last_success:
+    if entry.unchanged_since_last_success or entry.suspicious:
         level = log.warning
     level(
         "entry.recorded",

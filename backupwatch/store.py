@@ -262,6 +262,8 @@ class BackupEntry(Base):
     # "gone" (someone else removed it).
     final_dev: Mapped[int | None] = mapped_column(BigInteger)
     final_ino: Mapped[int | None] = mapped_column(BigInteger)
+    # SPEC §13: a success much smaller than the job's recent ones (raised SUSPICIOUS).
+    suspicious: Mapped[bool | None] = mapped_column(Boolean)
     final_removal: Mapped[str | None] = mapped_column(String(16))
     final_removal_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -605,6 +607,29 @@ class Store:
                     found[job_id] = sha
         return found
 
+    def recent_successes(
+        self, job_ids: Sequence[int], limit: int = 7
+    ) -> dict[int, list[tuple[str | None, int | None]]]:
+        """Each job's newest successes, newest first: (server SHA-256, server size).
+
+        SPEC §5's unchanged check (the first one's SHA-256) and §13's size anomaly (the sizes)
+        from one query per job, a `LIMIT` range of the (job_id, status, cycle) index
+        (migration 0007): its cost does not grow with the job's history.
+        """
+        e = BackupEntry
+        newest = (
+            select(e.server_sha256, e.server_size)
+            .where(e.job_id == bindparam("job"), e.status == BackupEntryStatus.SUCCESS)
+            .order_by(e.cycle.desc(), e.id.desc())
+            .limit(limit)
+        )
+        found: dict[int, list[tuple[str | None, int | None]]] = {}
+        with self.reader.begin() as connection:
+            for job_id in job_ids:
+                rows = connection.execute(newest, {"job": job_id}).all()
+                found[job_id] = [(row.server_sha256, row.server_size) for row in rows]
+        return found
+
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
     ) -> bool:
@@ -905,6 +930,7 @@ class NewEntry:
     details: dict[str, Any] | None = None
     final_dev: int | None = None
     final_ino: int | None = None
+    suspicious: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1102,6 +1128,17 @@ class _Changes:
                 self._event(
                     self.jobs[entry.job_id],
                     Kind.UNCHANGED,
+                    entry.cycle,
+                    None,
+                    now,
+                    entry.message,
+                    JobStatus.OK,
+                )
+            if entry.suspicious and entry.job_id in self.jobs:
+                # SPEC §13: the size anomaly, in the transaction that records the entry.
+                self._event(
+                    self.jobs[entry.job_id],
+                    Kind.SUSPICIOUS,
                     entry.cycle,
                     None,
                     now,
