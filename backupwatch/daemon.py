@@ -17,6 +17,7 @@ import queue
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -49,6 +50,8 @@ from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
 from backupwatch.pipeline import Context, build_registry
 from backupwatch.promotion import clean_temps
+from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
+from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
 from backupwatch.scan import misplaced_reports, pending_reports
 from backupwatch.sites import PathKind, Registry, normalize
@@ -123,6 +126,9 @@ class Daemon:
         )
         self.delivery = DeliveryLoop(self.store, clock, settings.alerts, outage=self.outage)
         self.control = ControlServer(settings.control_socket, self._handlers())
+        # SPEC §14: retention, once an hour on a thread of its own (see `retention_tick`).
+        self.next_prune: datetime | None = None
+        self.prune_thread: threading.Thread | None = None
 
     @property
     def counters(self) -> collections.Counter[str]:
@@ -296,6 +302,7 @@ class Daemon:
             self.queue.put(path)
         if not self.repairs_done:
             self._repair_after_crash()
+        self.retention_tick(self.clock())
         healthy = self.healthy()
         if healthy and self.notifier.watchdog_interval is not None:
             self.notifier.watchdog()
@@ -314,6 +321,27 @@ class Daemon:
             orphan_reasons_removed=sum(r.orphans_removed for r in fixed),
             reasons_restored=sum(r.reasons_restored for r in fixed),
         )
+
+    def retention_tick(self, now: datetime) -> bool:
+        """SPEC §14: once an hour (first just after READY), start a retention run at `now` on a
+        thread of its own, so that a long one (a million old entries) never holds up the main
+        loop or its watchdog pings; True when one was started. Tests call it with their `now`."""
+        if not self.ready or (self.next_prune is not None and now < self.next_prune):
+            return False
+        if self.prune_thread is not None and self.prune_thread.is_alive():
+            return False
+        self.next_prune = now + PRUNE_INTERVAL
+        self.prune_thread = threading.Thread(
+            target=self._prune, args=(now,), name="retention", daemon=True
+        )
+        self.prune_thread.start()
+        return True
+
+    def _prune(self, now: datetime) -> None:
+        try:
+            Pruner(self.store, self.ctx.settings, stop=lambda: self.stopping).run_once(now)
+        except Exception:  # a database outage, a full disk: the next hour tries again
+            log.exception("retention.failed")
 
     def _publish_status(self) -> None:
         """Keep `systemctl status` current without flooding the notify socket."""

@@ -60,6 +60,20 @@ def open_beneath(root: Path, relative: PurePosixPath) -> Iterator[tuple[int, int
 
 
 @contextlib.contextmanager
+def open_dir_beneath(root: Path, relative: PurePosixPath) -> Iterator[int]:
+    """Open the folder `relative` under `root`, refusing a symlink at every component (SPEC §9,
+    §14: what retention deletes is found the way everything else is)."""
+    parts = relative.parts
+    if relative.is_absolute() or any(p in ("..", ".", "") for p in parts):
+        raise UnsafePath(f"{relative} is not a plain relative path")
+    with contextlib.ExitStack() as stack:
+        dir_fd = stack.enter_context(open_dir(root))
+        for part in parts:
+            dir_fd = stack.enter_context(_open_subdir(dir_fd, part))
+        yield dir_fd
+
+
+@contextlib.contextmanager
 def _open_subdir(dir_fd: int, name: str) -> Iterator[int]:
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)

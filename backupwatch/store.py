@@ -35,6 +35,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -46,7 +47,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from backupwatch.alerting import (
@@ -860,6 +861,128 @@ class Store:
                 query = query.limit(limit)
             return list(session.scalars(query))
 
+    # ---------------------------------------------------------- retention (SPEC §14)
+
+    def _old_entries(self, cutoff: datetime) -> Any:
+        """Entries older than `cutoff`, except each job's newest cycle and a success whose file
+        the daemon placed and has not removed (its only record: without it the file could
+        never be pruned). Walks the (cycle) index from the oldest end."""
+        e = BackupEntry
+        newer = aliased(BackupEntry)
+        newest_cycle = (
+            select(func.max(newer.cycle)).where(newer.job_id == e.job_id).scalar_subquery()
+        )
+        placed = and_(
+            e.final_ino.is_not(None),
+            or_(e.final_removal.is_(None), e.final_removal == REMOVAL_CLAIMED),
+        )
+        return select(e.id).where(e.cycle < cutoff, e.cycle < newest_cycle, ~placed)
+
+    def prune_entries(self, cutoff: datetime, batch: int) -> list[int]:
+        """Delete one batch of old entries in a short transaction; the ids deleted.
+
+        Several daemons may prune at once: PostgreSQL's SKIP LOCKED lets each take other rows,
+        and a row deleted by another is simply not counted (a DELETE's rowcount), so nothing
+        is pruned (or logged) twice.
+        """
+        e = BackupEntry
+        candidates = self._old_entries(cutoff).order_by(e.cycle).limit(batch)
+        if self.engine.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        with self.engine.begin() as connection:
+            ids = list(connection.execute(candidates).scalars())
+            if not ids:
+                return []
+            deleted = connection.execute(delete(e).where(e.id.in_(ids)).returning(e.id)).scalars()
+            return list(deleted)
+
+    def count_old_entries(self, cutoff: datetime) -> int:
+        query = select(func.count()).select_from(self._old_entries(cutoff).subquery())
+        with self.reader.begin() as connection:
+            return int(connection.execute(query).scalar() or 0)
+
+    def prune_processed_reports(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
+        """Forget one batch of old report digests (`processed_at` is indexed); how many."""
+        p = ProcessedReport
+        old = select(p.sha256).where(p.processed_at < cutoff)
+        if dry_run:
+            with self.reader.begin() as connection:
+                query = select(func.count()).select_from(old.subquery())
+                return int(connection.execute(query).scalar() or 0)
+        candidates = old.order_by(p.processed_at).limit(batch)
+        if self.engine.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        with self.engine.begin() as connection:
+            keys = list(connection.execute(candidates).scalars())
+            if not keys:
+                return 0
+            result = connection.execute(delete(p).where(p.sha256.in_(keys)))
+            return int(result.rowcount)
+
+    def placed_successes(self, job_id: int, stale_claim: datetime) -> list[PlacedEntry]:
+        """A job's successes whose file may still be in final storage (the GFS candidates):
+        not removed, not found changed or gone, and not claimed by a pruner still at work."""
+        e = BackupEntry
+        query = (
+            select(
+                e.id,
+                e.cycle,
+                e.final_path,
+                e.final_dev,
+                e.final_ino,
+                e.server_size,
+                e.final_removal,
+            )
+            .where(
+                e.job_id == job_id,
+                e.status == BackupEntryStatus.SUCCESS,
+                or_(
+                    e.final_removal.is_(None),
+                    and_(e.final_removal == REMOVAL_CLAIMED, e.final_removal_at < stale_claim),
+                ),
+            )
+            .order_by(e.cycle, e.id)
+        )
+        with self.reader.begin() as connection:
+            return [
+                PlacedEntry(r.id, r.cycle, r.final_path, r.final_dev, r.final_ino, r.server_size)
+                for r in connection.execute(query)
+            ]
+
+    def claim_removal(self, entry_id: int, now: datetime, stale_claim: datetime) -> bool:
+        """SPEC §14: one pruner removes a file, whoever else tries (a conditional UPDATE). A
+        claim older than `stale_claim` belongs to a pruner that died: it may be taken over."""
+        e = BackupEntry
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                update(e)
+                .where(
+                    e.id == entry_id,
+                    or_(
+                        e.final_removal.is_(None),
+                        and_(e.final_removal == REMOVAL_CLAIMED, e.final_removal_at < stale_claim),
+                    ),
+                )
+                .values(final_removal=REMOVAL_CLAIMED, final_removal_at=now)
+            )
+            return bool(claimed.rowcount == 1)
+
+    def finish_removal(self, entry_id: int, state: str, now: datetime) -> None:
+        e = BackupEntry
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(e)
+                .where(e.id == entry_id, e.final_removal == REMOVAL_CLAIMED)
+                .values(final_removal=state, final_removal_at=now)
+            )
+
+    def deposit_folders(self) -> list[str]:
+        """Every job's deposit folder (relative to the deposit root), inactive ones too: their
+        `_archive/` and `_rejected/` still grow old."""
+        with self.reader.begin() as connection:
+            query = select(ExpectedBackupJob.deposit_path).distinct()
+            return sorted(connection.execute(query).scalars())
+
 
 # --------------------------------------------------------------------- values
 
@@ -931,6 +1054,21 @@ class NewEntry:
     final_dev: int | None = None
     final_ino: int | None = None
     suspicious: bool = False
+
+
+REMOVAL_CLAIMED = "claimed"  # `final_removal` while one pruner is at work on the file
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedEntry:
+    """A success and the file the daemon placed for it (SPEC §14's GFS candidates)."""
+
+    id: int
+    cycle: datetime
+    final_path: str | None
+    final_dev: int | None
+    final_ino: int | None
+    size: int | None
 
 
 @dataclasses.dataclass(frozen=True)
