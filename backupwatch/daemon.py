@@ -70,6 +70,7 @@ STALE_MIN = 15.0  # a loop unseen this long is wedged (above the timer's longest
 WORKERS = max(2, min(4, os.cpu_count() or 2))
 # Settings that a reload cannot change under a running daemon: a restart applies them.
 RESTART_KEYS = ("backup_storage_root", "database_url", "control_socket")
+FIRST_PRUNE_DELAY = timedelta(minutes=10)  # SPEC §14: the first retention run after READY
 REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -323,10 +324,19 @@ class Daemon:
         )
 
     def retention_tick(self, now: datetime) -> bool:
-        """SPEC §14: once an hour (first just after READY), start a retention run at `now` on a
-        thread of its own, so that a long one (a million old entries) never holds up the main
-        loop or its watchdog pings; True when one was started. Tests call it with their `now`."""
-        if not self.ready or (self.next_prune is not None and now < self.next_prune):
+        """SPEC §14: once an hour, start a retention run at `now` on a thread of its own, so that
+        a long one (a million old entries) never holds up the main loop or its watchdog pings;
+        True when one was started. Tests call it with their `now`.
+
+        The first run comes FIRST_PRUNE_DELAY after READY, not at once: the start-up catch-up
+        and the reports that waited have the database first, and a daemon restarted more often
+        than hourly still prunes."""
+        if not self.ready:
+            return False
+        if self.next_prune is None:
+            self.next_prune = now + FIRST_PRUNE_DELAY
+            return False
+        if now < self.next_prune:
             return False
         if self.prune_thread is not None and self.prune_thread.is_alive():
             return False

@@ -887,12 +887,20 @@ class Store:
         """
         e = BackupEntry
         candidates = self._old_entries(cutoff).order_by(e.cycle).limit(batch)
-        if self.engine.dialect.name == "postgresql":
-            candidates = candidates.with_for_update(skip_locked=True)
-        with self.engine.begin() as connection:
-            ids = list(connection.execute(candidates).scalars())
+        if self.engine.dialect.name != "postgresql":
+            # SQLite: found without the write lock, which only the DELETE takes (a worker's
+            # commit waits one short DELETE at most); a row another pruner deleted meanwhile
+            # is not in RETURNING.
+            with self.reader.begin() as connection:
+                ids = list(connection.execute(candidates).scalars())
             if not ids:
                 return []
+        with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                found = candidates.with_for_update(skip_locked=True)
+                ids = list(connection.execute(found).scalars())
+                if not ids:
+                    return []
             deleted = connection.execute(delete(e).where(e.id.in_(ids)).returning(e.id)).scalars()
             return list(deleted)
 
@@ -912,6 +920,10 @@ class Store:
         candidates = old.order_by(p.processed_at).limit(batch)
         if self.engine.dialect.name == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
+        else:
+            with self.reader.begin() as connection:  # as in `prune_entries`
+                if connection.execute(candidates).first() is None:
+                    return 0
         with self.engine.begin() as connection:
             keys = list(connection.execute(candidates).scalars())
             if not keys:

@@ -384,7 +384,10 @@ def test_the_daemon_prunes_once_an_hour_on_its_own_thread(tmp_path: Path) -> Non
         old = settings.backup_storage_root / AGENT / "_archive" / "STATUS-old.json"
         old.parent.mkdir(parents=True)
         old.write_text("{}")
-        now = datetime.now(UTC) + timedelta(days=31)
+        start = datetime.now(UTC) + timedelta(days=31)
+        assert not daemon.retention_tick(start)  # the first run waits 10 minutes after READY
+        assert not daemon.retention_tick(start + timedelta(minutes=9))
+        now = start + timedelta(minutes=10)
         assert daemon.retention_tick(now)
         assert daemon.prune_thread is not None
         daemon.prune_thread.join(10)
