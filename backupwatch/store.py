@@ -830,13 +830,19 @@ class Store:
     def job_views(self, now: datetime) -> list[JobView]:
         """One row per job for `status`: current status, last success and next deadline."""
         query = select(
-            ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged()
+            ExpectedBackupJob,
+            _current_status(),
+            _last_success(),
+            _latest_unchanged(),
+            _latest_suspicious(),
         ).order_by(*_job_order())
         with self.reading() as session:
             rows = session.execute(query).all()
         return [
-            _job_view(job, status, success, now, bool(unchanged))
-            for job, status, success, unchanged in rows
+            dataclasses.replace(
+                _job_view(job, status, success, now, bool(unchanged)), suspicious=bool(suspicious)
+            )
+            for job, status, success, unchanged, suspicious in rows
         ]
 
     def rejected_sites(self, since: datetime) -> list[tuple[str | None, str]]:
@@ -1103,6 +1109,7 @@ class JobView:
     acked_at: datetime | None = None
     ack_reason: str | None = None
     unchanged: bool = False  # the newest entry is a success with the previous one's SHA-256
+    suspicious: bool = False  # the newest entry is a success much smaller than usual (§13)
 
     def as_json(self) -> dict[str, Any]:
         """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
@@ -1125,6 +1132,7 @@ class JobView:
             "acked_at": format_z(self.acked_at),
             "ack_reason": self.ack_reason,
             "unchanged": self.unchanged,
+            "suspicious": self.suspicious,
         }
 
 
@@ -1506,6 +1514,20 @@ def _last_success() -> Any:
         select(e.operation_timestamp)
         .where(e.job_id == j.id, e.status == BackupEntryStatus.SUCCESS)
         .order_by(e.cycle.desc(), e.id.desc())
+        .limit(1)
+        .correlate(j)
+        .scalar_subquery()
+    )
+
+
+def _latest_suspicious() -> Any:
+    """Whether the newest entry (by `_current_status`'s order) is a SUSPICIOUS success (§13)."""
+    e, j = BackupEntry, ExpectedBackupJob
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    return (
+        select(e.suspicious)
+        .where(e.job_id == j.id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
         .limit(1)
         .correlate(j)
         .scalar_subquery()

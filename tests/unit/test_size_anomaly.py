@@ -88,6 +88,15 @@ def test_a_small_success_is_suspicious_once(tmp_path: Path, database_url: str) -
     assert [(r.kind, r.cycle, r.channel) for r in rows] == [("SUSPICIOUS", at(9), "default")]
     assert "400 bytes" in rows[0].message
     assert w.status("ACME/Lyon/Part-Dieu/sales", at(9)).value == "OK"
+    # SPEC §11: `check` warns about a SUSPICIOUS latest success.
+    from backupwatch.check import WARNING, Filters, judge
+
+    rows = [view.as_json() for view in w.store.job_views(at(9))]
+    assert rows[0]["suspicious"] is True
+    verdict = judge(rows, True, [], Filters())
+    assert verdict.code == WARNING
+    assert "SUSPICIOUS" in verdict.line
+    assert "suspicious=1" in verdict.line
 
 
 def test_previous_sizes_come_from_one_indexed_range(tmp_path: Path) -> None:
