@@ -25,7 +25,7 @@ from backupwatch import pruning
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.pruning import Pruner
 from backupwatch.retention import Backup, Keep, cutoffs, gfs_keep, gfs_prune, newest_first
-from backupwatch.store import BackupEntry, NewEntry, ProcessedReportRecord
+from backupwatch.store import BackupEntry, NewEntry, ProcessedReportRecord, Store
 
 # ----------------------------------------------------------------------- the pure rule
 
@@ -182,7 +182,11 @@ def test_several_pruners_remove_each_file_once(filled: World) -> None:
     results: list[list[str]] = []
 
     def run() -> None:
-        results.append(Pruner(w.store, w.settings, pause=0).run_once(now).backups)
+        store = Store(w.settings.database_url)  # a daemon of its own on the same database
+        try:
+            results.append(Pruner(store, w.settings, pause=0).run_once(now).backups)
+        finally:
+            store.dispose()
 
     threads = [threading.Thread(target=run) for _ in range(3)]
     for thread in threads:
