@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import bz2
 import lzma
+import queue
 import sys
+import threading
 import zlib
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Protocol
 
 if sys.version_info >= (3, 14):
@@ -30,6 +33,8 @@ else:
 OUTPUT_LIMIT = 1 << 20  # bytes of decompressed output asked for per call
 PROGRESS_OUTPUT = 256 << 20  # a progress beat every 256 MiB decompressed (xz: ~ seconds)
 SUFFIXES = (".gz", ".zst", ".xz", ".bz2")
+QUEUE_CHUNKS = 8  # chunks (1 MiB each) between the reader and a `Background` test
+WAIT_BEAT = 0.5  # seconds a reader waits on a `Background` test before it looks for progress
 
 
 class Decompressor(Protocol):
@@ -157,3 +162,67 @@ class ArchiveTest:
                 f"{self.format}: unexpected end of file (the compressed data stops before "
                 "the end of its stream: truncated?)"
             )
+
+
+class Background:
+    """An `ArchiveTest` on a thread of its own, fed through a bounded queue.
+
+    Hashing and decompressing both release the GIL, so on two cores the one pass takes about
+    as long as the slower of the two instead of their sum (BENCHMARKS.md, "Archive test"); the
+    file is still read once, by the caller. The caller's thread keeps the watchdog's beat: while
+    it waits for the test (the queue full, or at the end), it calls `progress` whenever the
+    decompressor has produced more output since it last looked, so a long xz test is work and a
+    wedged one is not. Use it as a context manager: leaving it always ends the thread.
+    """
+
+    def __init__(self, test: ArchiveTest, progress: Callable[[], None] | None = None) -> None:
+        self.test = test
+        self._progress = progress
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=QUEUE_CHUNKS)
+        self._seen = 0
+        self._thread = threading.Thread(target=self._run, name="archive-test", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self.test.feed(chunk)
+
+    def feed(self, chunk: bytes | memoryview) -> None:
+        self._put(bytes(chunk))  # a copy: the reader reuses its buffer
+
+    def _put(self, item: bytes | None) -> None:
+        while True:
+            try:
+                self._queue.put(item, timeout=WAIT_BEAT)
+                return
+            except queue.Full:
+                self._beat_if_progressing()
+
+    def _beat_if_progressing(self) -> None:
+        produced = self.test._output
+        if produced > self._seen and self._progress is not None:
+            self._progress()
+        self._seen = produced
+
+    def finish(self) -> str | None:
+        """Wait for the test to have seen every chunk; its verdict (see `ArchiveTest.finish`)."""
+        self._end()
+        return self.test.finish()
+
+    def _end(self) -> None:
+        if self._thread.is_alive():
+            self._put(None)
+        while self._thread.is_alive():
+            self._thread.join(WAIT_BEAT)
+            self._beat_if_progressing()
+
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self._end()

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
-from backupwatch.archivetest import ArchiveTest
+from backupwatch.archivetest import ArchiveTest, Background
 from backupwatch.config import Settings
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.fsutil import (
@@ -510,9 +510,13 @@ def _inspect(
     size = os.fstat(fd).st_size
     if size != expected_size:
         return StagedFacts(name, size=size)
-    test = ArchiveTest.for_name(name, progress) if archive_test else None
-    digest, read = sha256_fd(fd, progress, test.feed if test else None)
-    problem = test.finish() if test else None
+    test = ArchiveTest.for_name(name) if archive_test else None
+    if test is None:
+        digest, read = sha256_fd(fd, progress)
+        return StagedFacts(name, size=read, sha256=digest)
+    with Background(test, progress) as background:  # SPEC §13: in the same single read
+        digest, read = sha256_fd(fd, progress, background.feed)
+        problem = background.finish()
     return StagedFacts(name, size=read, sha256=digest, archive_problem=problem)
 
 

@@ -256,3 +256,31 @@ def test_archive_test_must_be_a_boolean_in_config_and_job(tmp_path: Path) -> Non
     assert "keep_daily: Input should be greater than or equal to 0" in text
     settings = load_settings(config, {"BACKUPWATCH_ARCHIVE_TEST": "true"})
     assert settings.archive_test is True
+
+
+def test_a_background_test_keeps_the_readers_beat_and_always_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pipeline's way: decompression on a thread of its own; the reader, waiting for it,
+    beats only while the decompressor makes progress, and leaving the block ends the thread."""
+    monkeypatch.setattr(archivetest, "WAIT_BEAT", 0.001)
+    monkeypatch.setattr(archivetest, "QUEUE_CHUNKS", 1)
+    beats: list[int] = []
+    blob = zst(b"\0" * (64 << 20))  # a few KiB that take a while to decompress
+    background = archivetest.Background(ArchiveTest(".zst"), progress=lambda: beats.append(1))
+    with background:
+        for _ in range(3):
+            background.feed(memoryview(blob))  # three frames, one after another
+        assert background.finish() is None
+    assert background.test.streams == 3
+    assert beats  # the reader waited, and saw the output grow
+    failing = archivetest.Background(ArchiveTest(".gz"))
+
+    def read_fails() -> None:
+        with failing:
+            failing.feed(b"\x1f\x8b")
+            raise OSError("the disk went away mid-read")
+
+    with pytest.raises(OSError, match="mid-read"):
+        read_fails()
+    assert not failing._thread.is_alive()
