@@ -188,7 +188,10 @@ class Background:
             self.test.feed(chunk)
 
     def feed(self, chunk: bytes | memoryview) -> None:
-        self._put(bytes(chunk))  # a copy: the reader reuses its buffer
+        whole = chunk.obj if isinstance(chunk, memoryview) else chunk
+        if not (isinstance(whole, bytes) and len(whole) == len(chunk)):
+            whole = bytes(chunk)  # a view of a buffer the reader reuses: the queue keeps a copy
+        self._put(whole)
 
     def _put(self, item: bytes | None) -> None:
         while True:

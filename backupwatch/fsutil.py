@@ -131,10 +131,18 @@ def sha256_fd(
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     os.lseek(fd, 0, os.SEEK_SET)
+    if sink is not None:
+        # Each chunk a bytes object of its own, which the sink may keep (a queue to another
+        # thread) without a copy; the reused buffer below would have to be copied.
+        while chunk := os.read(fd, CHUNK):
+            digest.update(chunk)
+            sink(memoryview(chunk))
+            size += len(chunk)
+            if progress is not None and size % PROGRESS_EVERY < len(chunk):
+                progress()
+        return digest.hexdigest(), size
     while count := os.readv(fd, [buffer]):
         digest.update(view[:count])
-        if sink is not None:
-            sink(view[:count])
         size += count
         if progress is not None and size % PROGRESS_EVERY < count:
             progress()
