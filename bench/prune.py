@@ -38,16 +38,16 @@ WITH RECURSIVE n(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM n WHERE x < :count)
 INSERT INTO backup_entries (job_id, cycle, status, message, recorded_at,
                             unchanged_since_last_success)
 SELECT 1 + (x % :jobs),
-       strftime('%Y-%m-%d %H:%M:%S.000000', '2024-01-01', '+' || x || ' minutes'),
+       strftime('%Y-%m-%d %H:%M:%S.000000', '2023-01-01', '+' || x || ' minutes'),
        'FAILED', 'old failure ' || x,
-       strftime('%Y-%m-%d %H:%M:%S.000000', '2024-01-01', '+' || x || ' minutes'), 0
+       strftime('%Y-%m-%d %H:%M:%S.000000', '2023-01-01', '+' || x || ' minutes'), 0
 FROM n
 """
 POSTGRES_FILL = """
 INSERT INTO backup_entries (job_id, cycle, status, message, recorded_at,
                             unchanged_since_last_success)
-SELECT 1 + (x % :jobs), timestamp '2024-01-01' + x * interval '1 minute',
-       'FAILED', 'old failure ' || x, timestamp '2024-01-01' + x * interval '1 minute', false
+SELECT 1 + (x % :jobs), timestamp '2023-01-01' + x * interval '1 minute',
+       'FAILED', 'old failure ' || x, timestamp '2023-01-01' + x * interval '1 minute', false
 FROM generate_series(1, :count) AS x
 """
 
