@@ -616,6 +616,8 @@ class Daemon:
         self.timer.stop(max(0.0, deadline - time.monotonic()))
         # A send in flight is abandoned at the deadline; its claim is freed at the next start.
         self.delivery.stop(max(0.0, deadline - time.monotonic()))
+        if self.prune_thread is not None:  # it stops between two batches (`self.stopping`)
+            self.prune_thread.join(max(0.0, deadline - time.monotonic()))
         self.store.dispose()
         log.info("daemon.stopped")
         return 0
