@@ -94,6 +94,8 @@ def condition_of(row: Mapping[str, Any]) -> str | None:
         return None
     status = row["current_status"]
     if status == "OK":
+        if row.get("suspicious"):
+            return "SUSPICIOUS"  # SPEC §13: much smaller than the job's recent successes
         return "UNCHANGED" if row.get("unchanged") else None
     return str(status)
 
@@ -138,6 +140,8 @@ def _count(counts: Counter[str], row: Mapping[str, Any], found: str | None) -> N
     counts[row["current_status"].lower()] += 1
     if found == "UNCHANGED":
         counts["unchanged"] += 1
+    if found == "SUSPICIOUS":
+        counts["suspicious"] += 1
 
 
 def _label(row: Mapping[str, Any]) -> str:

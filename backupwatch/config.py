@@ -161,6 +161,28 @@ class AlertSettings(BaseModel):
         return routing(self.channel_urls(), self.on, self.repeat_hours, self.digest_hour_utc)
 
 
+class RetentionSettings(BaseModel):
+    """`[retention]` (SPEC §14): how long history and moved reports are kept, and the GFS
+    defaults of jobs that do not set their own `keep_daily`/`keep_weekly`/`keep_monthly`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    history_days: Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)] = 400.0
+    archive_days: Annotated[float, Field(gt=0, le=_MAX_DAYS, allow_inf_nan=False)] = 30.0
+    stale_upload_hours: Annotated[float, Field(gt=0, le=_MAX_DAYS * 24, allow_inf_nan=False)] = 24.0
+    keep_daily: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    keep_weekly: Annotated[int, Field(ge=0, le=100_000)] | None = None
+    keep_monthly: Annotated[int, Field(ge=0, le=100_000)] | None = None
+
+    @field_validator("history_days", "archive_days", "stale_upload_hours", mode="before")
+    @classmethod
+    def _number(cls, value: object) -> object:
+        """Strict mode refuses an integer for a float; `history_days = 400` is meant."""
+        if isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        return value
+
+
 class Settings(BaseModel):
     """The validated `backupwatch.toml`; every path is absolute once loaded."""
 
@@ -186,6 +208,11 @@ class Settings(BaseModel):
     # SPEC §1, §15: whose jobs these are in a database several daemons share. A failover pair
     # shares one (and the jobs); hosts with their own sites each have their own.
     instance: str = Field(default_factory=lambda: host_name())
+    # SPEC §13: decompress .gz/.zst/.xz/.bz2 staged files while hashing them (a job may say
+    # otherwise), and warn about a success much smaller than the job's recent ones.
+    archive_test: bool = True
+    size_drop_ratio: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.5
+    retention: RetentionSettings = RetentionSettings()
 
     @field_validator("config_path", mode="after")
     @classmethod
@@ -440,6 +467,9 @@ def _file_value_problem(key: str, value: object) -> str | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         ok = isinstance(value, dict)
         expected = "a table"
+    elif annotation is bool:
+        ok = isinstance(value, bool)
+        expected = "a boolean"
     elif annotation is int:
         ok = isinstance(value, int) and not isinstance(value, bool)
         expected = "an integer"

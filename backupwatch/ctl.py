@@ -668,6 +668,7 @@ COMMANDS: dict[str, Callable[[Ctl], int]] = {
     "ack": _later("cmd_ack"),
     "rejected": _later("cmd_rejected"),
     "retry": _later("cmd_retry"),
+    "prune": _later("cmd_prune"),
 }
 
 
@@ -767,6 +768,8 @@ def _lever_commands(command: Callable[[str, str], argparse.ArgumentParser]) -> N
     rejected.add_argument("--json", action="store_true")
     retry = command("retry", "put rejected reports back where they came from")
     retry.add_argument("files", nargs="+", metavar="FILE", help="a report in a _rejected/ folder")
+    prune = command("prune", "apply retention now (SPEC §14) and print what it removes")
+    prune.add_argument("--dry-run", action="store_true", help="remove nothing; say what would go")
 
 
 def _duration(text: str) -> timedelta:

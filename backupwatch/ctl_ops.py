@@ -370,3 +370,39 @@ def cmd_retry(ctl: Ctl) -> int:
         else:
             ctl.line(f"{name}: back as {back}; the daemon judges it again")
     return EXIT_ERROR if failures else EXIT_OK
+
+
+# --------------------------------------------------------------------------- prune
+
+
+def cmd_prune(ctl: Ctl) -> int:
+    """SPEC §14 now: each removal as it happens, then a summary. Safe beside a running daemon
+    (and other daemons on the database): removals are claimed, deletions are conditional."""
+    from backupwatch.pruning import Pruner
+
+    settings = ctl.needs("database_url")
+    store = _open_store(settings)
+    if store is None:
+        ctl.print("nothing to prune: the database does not exist yet")
+        return EXIT_OK
+    try:
+        report = Pruner(store, settings, progress=ctl.line).run_once(
+            utc_now(), dry_run=ctl.args.dry_run
+        )
+    except Exception as exc:
+        ctl.fail(unexpected(exc))
+        return EXIT_ERROR
+    finally:
+        store.dispose()
+    verb = "would remove" if report.dry_run else "removed"
+    for path in report.moved:
+        ctl.line(f"{verb} {path}")
+    for path in report.stale_uploads:
+        ctl.line(f"stale upload (kept, no report claimed it): {path}")
+    ctl.print(
+        f"{verb}: {len(report.backups)} validated backups, {report.entries} entries, "
+        f"{report.reports} report keys, {len(report.moved)} files of _archive/ and _rejected/; "
+        f"{len(report.kept_changed)} backups kept (changed since promotion), "
+        f"{len(report.stale_uploads)} stale uploads"
+    )
+    return EXIT_OK

@@ -17,6 +17,7 @@ import queue
 import select
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future
@@ -50,6 +51,8 @@ from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
 from backupwatch.pipeline import Context, registry_of
 from backupwatch.promotion import clean_temps
+from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
+from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
 from backupwatch.scan import misplaced_reports, pending_reports
 from backupwatch.sites import PathKind, Registry, normalize
@@ -75,6 +78,7 @@ RESTART_KEYS = (
     "http_listen",
     "instance",
 )
+FIRST_PRUNE_DELAY = timedelta(minutes=10)  # SPEC §14: the first retention run after READY
 REJECTED_WINDOW = timedelta(hours=24)  # `check` warns about rejections this recent (SPEC §11)
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
@@ -138,6 +142,9 @@ class Daemon:
         self.web: WebServer | None = None
         self.rescans = 0
         self.last_tick = time.monotonic()
+        # SPEC §14: retention, once an hour on a thread of its own (see `retention_tick`).
+        self.next_prune: datetime | None = None
+        self.prune_thread: threading.Thread | None = None
 
     @property
     def counters(self) -> collections.Counter[str]:
@@ -337,6 +344,7 @@ class Daemon:
             self.queue.put(path)
         if not self.repairs_done:
             self._repair_after_crash()
+        self.retention_tick(self.clock())
         healthy = self.healthy()
         if healthy and self.notifier.watchdog_interval is not None:
             self.notifier.watchdog()
@@ -355,6 +363,36 @@ class Daemon:
             orphan_reasons_removed=sum(r.orphans_removed for r in fixed),
             reasons_restored=sum(r.reasons_restored for r in fixed),
         )
+
+    def retention_tick(self, now: datetime) -> bool:
+        """SPEC §14: once an hour, start a retention run at `now` on a thread of its own, so that
+        a long one (a million old entries) never holds up the main loop or its watchdog pings;
+        True when one was started. Tests call it with their `now`.
+
+        The first run comes FIRST_PRUNE_DELAY after READY, not at once: the start-up catch-up
+        and the reports that waited have the database first, and a daemon restarted more often
+        than hourly still prunes."""
+        if not self.ready:
+            return False
+        if self.next_prune is None:
+            self.next_prune = now + FIRST_PRUNE_DELAY
+            return False
+        if now < self.next_prune:
+            return False
+        if self.prune_thread is not None and self.prune_thread.is_alive():
+            return False
+        self.next_prune = now + PRUNE_INTERVAL
+        self.prune_thread = threading.Thread(
+            target=self._prune, args=(now,), name="retention", daemon=True
+        )
+        self.prune_thread.start()
+        return True
+
+    def _prune(self, now: datetime) -> None:
+        try:
+            Pruner(self.store, self.ctx.settings, stop=lambda: self.stopping).run_once(now)
+        except Exception:  # a database outage, a full disk: the next hour tries again
+            log.exception("retention.failed")
 
     def _publish_status(self) -> None:
         """Keep `systemctl status` current without flooding the notify socket."""
@@ -660,6 +698,8 @@ class Daemon:
         self.timer.stop(max(0.0, deadline - time.monotonic()))
         # A send in flight is abandoned at the deadline; its claim is freed at the next start.
         self.delivery.stop(max(0.0, deadline - time.monotonic()))
+        if self.prune_thread is not None:  # it stops between two batches (`self.stopping`)
+            self.prune_thread.join(max(0.0, deadline - time.monotonic()))
         self.store.dispose()
         log.info("daemon.stopped")
         return 0

@@ -60,6 +60,20 @@ def open_beneath(root: Path, relative: PurePosixPath) -> Iterator[tuple[int, int
 
 
 @contextlib.contextmanager
+def open_dir_beneath(root: Path, relative: PurePosixPath) -> Iterator[int]:
+    """Open the folder `relative` under `root`, refusing a symlink at every component (SPEC §9,
+    §14: what retention deletes is found the way everything else is)."""
+    parts = relative.parts
+    if relative.is_absolute() or any(p in ("..", ".", "") for p in parts):
+        raise UnsafePath(f"{relative} is not a plain relative path")
+    with contextlib.ExitStack() as stack:
+        dir_fd = stack.enter_context(open_dir(root))
+        for part in parts:
+            dir_fd = stack.enter_context(_open_subdir(dir_fd, part))
+        yield dir_fd
+
+
+@contextlib.contextmanager
 def _open_subdir(dir_fd: int, name: str) -> Iterator[int]:
     try:
         fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
@@ -101,17 +115,32 @@ def read_capped(fd: int, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def sha256_fd(fd: int, progress: Callable[[], None] | None = None) -> tuple[str, int]:
+def sha256_fd(
+    fd: int,
+    progress: Callable[[], None] | None = None,
+    sink: Callable[[memoryview], None] | None = None,
+) -> tuple[str, int]:
     """SHA-256 and byte count of an open file from its start, in one pass.
 
     `progress` is called every PROGRESS_EVERY bytes: hashing a very large backup is long work,
-    not a hang, and the daemon's watchdog must be able to tell the difference.
+    not a hang, and the daemon's watchdog must be able to tell the difference. `sink` gets the
+    same chunks (the archive test, SPEC §13): the file is still read once.
     """
     digest = hashlib.sha256()
     size = 0
     buffer = bytearray(CHUNK)
     view = memoryview(buffer)
     os.lseek(fd, 0, os.SEEK_SET)
+    if sink is not None:
+        # Each chunk a bytes object of its own, which the sink may keep (a queue to another
+        # thread) without a copy; the reused buffer below would have to be copied.
+        while chunk := os.read(fd, CHUNK):
+            digest.update(chunk)
+            sink(memoryview(chunk))
+            size += len(chunk)
+            if progress is not None and size % PROGRESS_EVERY < len(chunk):
+                progress()
+        return digest.hexdigest(), size
     while count := os.readv(fd, [buffer]):
         digest.update(view[:count])
         size += count

@@ -69,6 +69,7 @@ Hour = Annotated[int, Field(ge=0, le=23)]
 Minute = Annotated[int, Field(ge=0, le=59)]
 DayOfMonth = Annotated[int, Field(ge=1, le=31)]
 WindowMinutes = Annotated[int, Field(gt=0, le=_MAX_WINDOW_MINUTES)]
+KeepCount = Annotated[int, Field(ge=0, le=100_000)]
 
 
 # --------------------------------------------------------------------------- templates
@@ -290,6 +291,12 @@ class JobSpec(BaseModel):
     active: bool = True
     # SPEC §10: the named channels this job's alerts go to (None: the unnamed [alerts] one).
     alert_channels: tuple[str, ...] | None = None
+    # SPEC §13, §14 (None: the config's `archive_test`, `[retention]` keep_*): the archive test,
+    # and how many validated backups the GFS rule keeps (a job with none set prunes none).
+    archive_test: bool | None = None
+    keep_daily: KeepCount | None = None
+    keep_weekly: KeepCount | None = None
+    keep_monthly: KeepCount | None = None
     source: str = Field(default="", exclude=True)
 
     @field_validator("alert_channels", mode="before")

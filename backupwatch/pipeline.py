@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import structlog
 
+from backupwatch.archivetest import ArchiveTest, Background
 from backupwatch.config import Settings
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.fsutil import (
@@ -72,6 +73,7 @@ from backupwatch.store import (
 )
 from backupwatch.timeutil import utc_now
 from backupwatch.verdict import (
+    SIZE_HISTORY,
     UNCHANGED_WARNING,
     StagedFacts,
     Verdict,
@@ -79,6 +81,7 @@ from backupwatch.verdict import (
     decide,
     file_verdict,
     mark_unchanged,
+    size_anomaly,
 )
 
 __all__ = [
@@ -180,6 +183,7 @@ def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registr
             fields=job.fields,
             final_storage_path_template=job.final_storage_path_template,
             previous=job.previous_eras,
+            archive_test=settings.archive_test if job.archive_test is None else job.archive_test,
         )
         entries.append((PurePosixPath(job.deposit_path), ref))
     return Registry.build(settings.backup_storage_root, entries)
@@ -390,12 +394,12 @@ def _record(
     wait = _staged_wait(ctx, site, assigned)
     if wait is not None:
         return Result(Outcome.WAIT, path, wait.why, wait=wait)
-    previous = ctx.store.last_success_sha256s([a.job.id for a in assigned])
+    previous = ctx.store.recent_successes([a.job.id for a in assigned], SIZE_HISTORY)
     judged: list[Judged] = []
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
     try:
         for item in assigned:
-            judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id)))
+            judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id, [])))
         committed = ctx.store.record_report(record, [j.entry for j in judged], now)
     except PromotionBusy:
         _undo(judged)
@@ -450,7 +454,7 @@ def _judge(
     report: StatusReport,
     report_name: str,
     sha: str,
-    previous_sha256: str | None,
+    previous: list[tuple[str | None, int | None]],
 ) -> Judged:
     ctx.beat()
     db = item.db
@@ -460,10 +464,17 @@ def _judge(
         verdict, facts, promoted = _judge_staged(ctx, site, item, sha)
     else:
         verdict = decide(db, None)  # the agent's own steps failed: no file to look at
-    unchanged = mark_unchanged(verdict, facts, previous_sha256)
+    unchanged = mark_unchanged(verdict, facts, previous[0][0] if previous else None)
     if unchanged:
         verdict = Verdict(verdict.status, verdict.message + UNCHANGED_WARNING)
+    anomaly = None
+    if verdict.status is BackupEntryStatus.SUCCESS and facts is not None:
+        sizes = [size for _sha, size in previous if size is not None]
+        anomaly = size_anomaly(facts.size, sizes, ctx.settings.size_drop_ratio)
+    if anomaly is not None:
+        verdict = Verdict(verdict.status, verdict.message + anomaly)
     staged = site.folder / db.staged_file_name if db.staged_file_name else None
+    server = _server_details(promoted)
     entry = NewEntry(
         job_id=item.job.id,
         cycle=item.cycle,
@@ -483,7 +494,11 @@ def _judge(
         staged_path=str(staged) if staged else None,
         final_path=str(promoted.path) if promoted else None,
         unchanged_since_last_success=unchanged,
-        details={"agent": db.model_dump(mode="json"), "server": _server_details(promoted)},
+        details={"agent": db.model_dump(mode="json"), "server": server},
+        # SPEC §14: which file the daemon placed, so that pruning removes only that one.
+        final_dev=server.get("final_dev"),
+        final_ino=server.get("final_ino"),
+        suspicious=anomaly is not None,
     )
     return Judged(entry, promoted)
 
@@ -509,7 +524,9 @@ def _judge_staged(
     staged_name = db.staged_file_name or ""
     try:
         with open_beneath(site.folder, PurePosixPath(staged_name)) as (dir_fd, fd, base):
-            facts = _inspect(staged_name, fd, db.compress_process.size_bytes, ctx.beat)
+            facts = _inspect(
+                staged_name, fd, db.compress_process.size_bytes, ctx.beat, item.job.archive_test
+            )
             verdict = decide(db, facts)
             if verdict.status is not BackupEntryStatus.SUCCESS:
                 return verdict, facts, None
@@ -533,13 +550,23 @@ def _lstat_beneath(folder: Path, relative: str) -> os.stat_result | None:
 
 
 def _inspect(
-    name: str, fd: int, expected_size: int | None, progress: Callable[[], None]
+    name: str,
+    fd: int,
+    expected_size: int | None,
+    progress: Callable[[], None],
+    archive_test: bool = True,
 ) -> StagedFacts:
     size = os.fstat(fd).st_size
     if size != expected_size:
         return StagedFacts(name, size=size)
-    digest, read = sha256_fd(fd, progress)
-    return StagedFacts(name, size=read, sha256=digest)
+    test = ArchiveTest.for_name(name) if archive_test else None
+    if test is None:
+        digest, read = sha256_fd(fd, progress)
+        return StagedFacts(name, size=read, sha256=digest)
+    with Background(test, progress) as background:  # SPEC §13: in the same single read
+        digest, read = sha256_fd(fd, progress, background.feed)
+        problem = background.finish()
+    return StagedFacts(name, size=read, sha256=digest, archive_problem=problem)
 
 
 def _promote(
@@ -716,7 +743,7 @@ def job_label(site: Site, job_id: int) -> str:
 
 def _log_entry(entry: NewEntry, label: str, site: Site, report_name: str) -> None:
     level = log.info if entry.status is BackupEntryStatus.SUCCESS else log.warning
-    if entry.unchanged_since_last_success:
+    if entry.unchanged_since_last_success or entry.suspicious:
         level = log.warning
     level(
         "entry.recorded",

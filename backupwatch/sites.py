@@ -35,6 +35,7 @@ class JobRef:
     fields: Mapping[str, str]
     final_storage_path_template: str
     previous: tuple[Era, ...] = ()  # replaced schedules whose cycles are still owed
+    archive_test: bool = True  # SPEC §13: decompress .gz/.zst/.xz/.bz2 while hashing
 
     def cycle_for(self, t: datetime) -> datetime | None:
         """The cycle a report made at t belongs to (`missing.assign_cycle`), or None."""

@@ -37,6 +37,7 @@ from sqlalchemy import (
     and_,
     case,
     create_engine,
+    delete,
     event,
     func,
     insert,
@@ -50,7 +51,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 from backupwatch.alerting import (
@@ -172,6 +173,12 @@ class ExpectedBackupJob(Base):
     # SPEC §15 (migration 0008): the daemon instance whose job files define this job; NULL
     # for rows of an older version, until the first sync adopts them.
     instance: Mapped[str | None] = mapped_column(String(255))
+    # SPEC §13, §14 (migration 0007): the job's own archive test and GFS counts (None: the
+    # config's).
+    archive_test: Mapped[bool | None] = mapped_column(Boolean)
+    keep_daily: Mapped[int | None] = mapped_column(Integer)
+    keep_weekly: Mapped[int | None] = mapped_column(Integer)
+    keep_monthly: Mapped[int | None] = mapped_column(Integer)
 
     @property
     def label(self) -> str:
@@ -245,6 +252,10 @@ class BackupEntry(Base):
             "unchanged_since_last_success",
             "id",
         ),
+        # SPEC §13, §14 (migration 0007): a job's successes newest first (the size anomaly's
+        # previous sizes, the GFS candidates), and entries by age (history retention).
+        Index("ix_backup_entries_job_status_cycle", "job_id", "status", "cycle"),
+        Index("ix_backup_entries_cycle", "cycle"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -268,6 +279,16 @@ class BackupEntry(Base):
     final_path: Mapped[str | None] = mapped_column(String(4096))
     unchanged_since_last_success: Mapped[bool] = mapped_column(Boolean, default=False)
     details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    # SPEC §14 (migration 0007): the promoted file as the daemon placed it (its size and
+    # SHA-256 are server_size and server_sha256), and its removal: None, "claimed" (by one
+    # pruner, since `final_removal_at`), "removed", "changed" (kept: not what was placed) or
+    # "gone" (someone else removed it).
+    final_dev: Mapped[int | None] = mapped_column(BigInteger)
+    final_ino: Mapped[int | None] = mapped_column(BigInteger)
+    # SPEC §13: a success much smaller than the job's recent ones (raised SUSPICIOUS).
+    suspicious: Mapped[bool | None] = mapped_column(Boolean)
+    final_removal: Mapped[str | None] = mapped_column(String(16))
+    final_removal_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ProcessedReport(Base):
@@ -710,25 +731,32 @@ class Store:
             )
             return list(session.scalars(query))
 
-    def last_success_sha256s(self, job_ids: Sequence[int]) -> dict[int, str | None]:
-        """Each job's newest successful SHA-256 for a whole report, in one read transaction.
+    def recent_successes(
+        self, job_ids: Sequence[int], limit: int = 7
+    ) -> dict[int, list[tuple[str | None, int | None]]]:
+        """Each job's newest successes, newest first: (server SHA-256, server size).
 
-        One `LIMIT 1` per job walks the (job_id, cycle) index from the newest end, so its cost
-        does not grow with the job's history as a window over all its entries would.
+        SPEC §5's unchanged check (the first one's SHA-256) and §13's size anomaly (the sizes)
+        in one statement: a UNION ALL of one `LIMIT` range per job on the (job_id, status,
+        cycle) index (migration 0007), so its cost grows neither with the job's history nor,
+        in round trips, with the report's databases.
         """
         e = BackupEntry
         parts = [
-            select(e.job_id, e.server_sha256)
+            select(e.job_id, e.server_sha256, e.server_size, e.cycle, e.id)
             .where(e.job_id == job_id, e.status == BackupEntryStatus.SUCCESS)
             .order_by(e.cycle.desc(), e.id.desc())
-            .limit(1)
+            .limit(limit)
             for job_id in dict.fromkeys(job_ids)
         ]
+        found: dict[int, list[tuple[str | None, int | None]]] = {j: [] for j in job_ids}
         if not parts:
-            return {}
+            return found
         with self.reader.begin() as connection:  # one statement: one round trip per report
-            rows = connection.execute(_all_of(parts))
-            return {row.job_id: row.server_sha256 for row in rows if row.server_sha256}
+            rows = connection.execute(_all_of(parts)).all()
+        for row in sorted(rows, key=lambda r: (r.cycle, r.id), reverse=True):
+            found[row.job_id].append((row.server_sha256, row.server_size))
+        return found
 
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
@@ -937,7 +965,13 @@ class Store:
         Every instance's jobs (SPEC §15: `status` of any daemon covers them all), or only
         `instance`'s; `where`: criteria on ExpectedBackupJob (one job, one site for the pages)."""
         query = (
-            select(ExpectedBackupJob, _current_status(), _last_success(), _latest_unchanged())
+            select(
+                ExpectedBackupJob,
+                _current_status(),
+                _last_success(),
+                _latest_unchanged(),
+                _latest_suspicious(),
+            )
             .where(*where)
             .order_by(*_job_order())
         )
@@ -946,8 +980,10 @@ class Store:
         with self.reading() as session:
             rows = session.execute(query).all()
         return [
-            _job_view(job, status, success, now, bool(unchanged))
-            for job, status, success, unchanged in rows
+            dataclasses.replace(
+                _job_view(job, status, success, now, bool(unchanged)), suspicious=bool(suspicious)
+            )
+            for job, status, success, unchanged, suspicious in rows
         ]
 
     def job_states(self, now: datetime, last_success: bool = True) -> list[JobView]:
@@ -1026,6 +1062,140 @@ class Store:
             if limit is not None:
                 query = query.limit(limit)
             return list(session.scalars(query))
+
+    # ---------------------------------------------------------- retention (SPEC §14)
+
+    def _old_entries(self, cutoff: datetime) -> Any:
+        """Entries older than `cutoff`, except each job's newest cycle and a success whose file
+        the daemon placed and has not removed (its only record: without it the file could
+        never be pruned). Walks the (cycle) index from the oldest end."""
+        e = BackupEntry
+        newer = aliased(BackupEntry)
+        newest_cycle = (
+            select(func.max(newer.cycle)).where(newer.job_id == e.job_id).scalar_subquery()
+        )
+        placed = and_(
+            e.final_ino.is_not(None),
+            or_(e.final_removal.is_(None), e.final_removal == REMOVAL_CLAIMED),
+        )
+        return select(e.id).where(e.cycle < cutoff, e.cycle < newest_cycle, ~placed)
+
+    def prune_entries(self, cutoff: datetime, batch: int) -> list[int]:
+        """Delete one batch of old entries in a short transaction; the ids deleted.
+
+        Several daemons may prune at once: PostgreSQL's SKIP LOCKED lets each take other rows,
+        and a row deleted by another is simply not counted (a DELETE's rowcount), so nothing
+        is pruned (or logged) twice.
+        """
+        e = BackupEntry
+        candidates = self._old_entries(cutoff).order_by(e.cycle).limit(batch)
+        if self.engine.dialect.name != "postgresql":
+            # SQLite: found without the write lock, which only the DELETE takes (a worker's
+            # commit waits one short DELETE at most); a row another pruner deleted meanwhile
+            # is not in RETURNING.
+            with self.reader.begin() as connection:
+                ids = list(connection.execute(candidates).scalars())
+            if not ids:
+                return []
+        with self.engine.begin() as connection:
+            if self.engine.dialect.name == "postgresql":
+                found = candidates.with_for_update(skip_locked=True)
+                ids = list(connection.execute(found).scalars())
+                if not ids:
+                    return []
+            deleted = connection.execute(delete(e).where(e.id.in_(ids)).returning(e.id)).scalars()
+            return list(deleted)
+
+    def count_old_entries(self, cutoff: datetime) -> int:
+        query = select(func.count()).select_from(self._old_entries(cutoff).subquery())
+        with self.reader.begin() as connection:
+            return int(connection.execute(query).scalar() or 0)
+
+    def prune_processed_reports(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
+        """Forget one batch of old report digests (`processed_at` is indexed); how many."""
+        p = ProcessedReport
+        old = select(p.sha256).where(p.processed_at < cutoff)
+        if dry_run:
+            with self.reader.begin() as connection:
+                query = select(func.count()).select_from(old.subquery())
+                return int(connection.execute(query).scalar() or 0)
+        candidates = old.order_by(p.processed_at).limit(batch)
+        if self.engine.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        else:
+            with self.reader.begin() as connection:  # as in `prune_entries`
+                if connection.execute(candidates).first() is None:
+                    return 0
+        with self.engine.begin() as connection:
+            keys = list(connection.execute(candidates).scalars())
+            if not keys:
+                return 0
+            result = connection.execute(delete(p).where(p.sha256.in_(keys)))
+            return int(result.rowcount)
+
+    def placed_successes(self, job_id: int, stale_claim: datetime) -> list[PlacedEntry]:
+        """A job's successes whose file may still be in final storage (the GFS candidates):
+        not removed, not found changed or gone, and not claimed by a pruner still at work."""
+        e = BackupEntry
+        query = (
+            select(
+                e.id,
+                e.cycle,
+                e.final_path,
+                e.final_dev,
+                e.final_ino,
+                e.server_size,
+                e.final_removal,
+            )
+            .where(
+                e.job_id == job_id,
+                e.status == BackupEntryStatus.SUCCESS,
+                or_(
+                    e.final_removal.is_(None),
+                    and_(e.final_removal == REMOVAL_CLAIMED, e.final_removal_at < stale_claim),
+                ),
+            )
+            .order_by(e.cycle, e.id)
+        )
+        with self.reader.begin() as connection:
+            return [
+                PlacedEntry(r.id, r.cycle, r.final_path, r.final_dev, r.final_ino, r.server_size)
+                for r in connection.execute(query)
+            ]
+
+    def claim_removal(self, entry_id: int, now: datetime, stale_claim: datetime) -> bool:
+        """SPEC §14: one pruner removes a file, whoever else tries (a conditional UPDATE). A
+        claim older than `stale_claim` belongs to a pruner that died: it may be taken over."""
+        e = BackupEntry
+        with self.engine.begin() as connection:
+            claimed = connection.execute(
+                update(e)
+                .where(
+                    e.id == entry_id,
+                    or_(
+                        e.final_removal.is_(None),
+                        and_(e.final_removal == REMOVAL_CLAIMED, e.final_removal_at < stale_claim),
+                    ),
+                )
+                .values(final_removal=REMOVAL_CLAIMED, final_removal_at=now)
+            )
+            return bool(claimed.rowcount == 1)
+
+    def finish_removal(self, entry_id: int, state: str, now: datetime) -> None:
+        e = BackupEntry
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(e)
+                .where(e.id == entry_id, e.final_removal == REMOVAL_CLAIMED)
+                .values(final_removal=state, final_removal_at=now)
+            )
+
+    def deposit_folders(self) -> list[str]:
+        """Every job's deposit folder (relative to the deposit root), inactive ones too: their
+        `_archive/` and `_rejected/` still grow old."""
+        with self.reader.begin() as connection:
+            query = select(ExpectedBackupJob.deposit_path).distinct()
+            return sorted(connection.execute(query).scalars())
 
 
 # --------------------------------------------------------------------- values
@@ -1113,6 +1283,24 @@ class NewEntry:
     final_path: str | None = None
     unchanged_since_last_success: bool = False
     details: dict[str, Any] | None = None
+    final_dev: int | None = None
+    final_ino: int | None = None
+    suspicious: bool = False
+
+
+REMOVAL_CLAIMED = "claimed"  # `final_removal` while one pruner is at work on the file
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedEntry:
+    """A success and the file the daemon placed for it (SPEC §14's GFS candidates)."""
+
+    id: int
+    cycle: datetime
+    final_path: str | None
+    final_dev: int | None
+    final_ino: int | None
+    size: int | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1136,6 +1324,7 @@ class JobView:
     ack_reason: str | None = None
     unchanged: bool = False  # the newest entry is a success with the previous one's SHA-256
     instance: str | None = None  # SPEC §15: the daemon instance the job belongs to
+    suspicious: bool = False  # the newest entry is a success much smaller than usual (§13)
 
     def as_json(self) -> dict[str, Any]:
         """SPEC §8's `status --json` row: what the daemon sends and the control tool prints."""
@@ -1159,6 +1348,7 @@ class JobView:
             "ack_reason": self.ack_reason,
             "unchanged": self.unchanged,
             "instance": self.instance,
+            "suspicious": self.suspicious,
         }
 
 
@@ -1344,6 +1534,17 @@ class _Changes:
                     entry.message,
                     JobStatus.OK,
                 )
+            if entry.suspicious and entry.job_id in self.jobs:
+                # SPEC §13: the size anomaly, in the transaction that records the entry.
+                self._event(
+                    self.jobs[entry.job_id],
+                    Kind.SUSPICIOUS,
+                    entry.cycle,
+                    None,
+                    now,
+                    entry.message,
+                    JobStatus.OK,
+                )
 
     def missing_events(self, job_id: int, now: datetime) -> None:
         self._transition(job_id, now, _latest(self.connection, job_id))
@@ -1443,6 +1644,10 @@ def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
         "agent_deposit_path_template": spec.agent_deposit_path_template,
         "final_storage_path_template": spec.final_storage_path_template,
         "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
+        "archive_test": spec.archive_test,
+        "keep_daily": spec.keep_daily,
+        "keep_weekly": spec.keep_weekly,
+        "keep_monthly": spec.keep_monthly,
         "config_source": spec.source,
     }
 
@@ -1734,6 +1939,20 @@ def _last_success() -> Any:
         select(e.operation_timestamp)
         .where(e.job_id == j.id, e.status == BackupEntryStatus.SUCCESS)
         .order_by(e.cycle.desc(), e.id.desc())
+        .limit(1)
+        .correlate(j)
+        .scalar_subquery()
+    )
+
+
+def _latest_suspicious() -> Any:
+    """Whether the newest entry (by `_current_status`'s order) is a SUSPICIOUS success (§13)."""
+    e, j = BackupEntry, ExpectedBackupJob
+    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
+    return (
+        select(e.suspicious)
+        .where(e.job_id == j.id)
+        .order_by(e.cycle.desc(), not_missing, e.id.desc())
         .limit(1)
         .correlate(j)
         .scalar_subquery()

@@ -28,6 +28,7 @@ class StagedFacts:
     problem: str | None = None
     size: int | None = None
     sha256: str | None = None  # None when the size already differed: no need to hash
+    archive_problem: str | None = None  # SPEC §13: the decompressor's words, if it failed
 
 
 def agent_verdict(db: DatabaseReport) -> Verdict | None:
@@ -69,6 +70,12 @@ def file_verdict(db: DatabaseReport, facts: StagedFacts) -> Verdict:
             f"staged file {facts.name} has SHA-256 {facts.sha256}, "
             f"the agent reported {db.compress_process.sha256_checksum}",
         )
+    if facts.archive_problem is not None:
+        # SPEC §13: the agent's checksum matches a file that cannot be restored.
+        return Verdict(
+            BackupEntryStatus.FAILED,
+            f"staged file {facts.name}: archive test failed: {facts.archive_problem}",
+        )
     return Verdict(
         BackupEntryStatus.SUCCESS, f"staged file {facts.name} verified ({facts.size} bytes)"
     )
@@ -97,3 +104,25 @@ def mark_unchanged(
 
 
 UNCHANGED_WARNING = "; WARNING: identical to the previous successful backup (SHA-256 unchanged)"
+
+
+SIZE_HISTORY = 7  # SPEC §13: the job's previous successes a new size is compared with
+
+
+def size_anomaly(size: int | None, previous: list[int], ratio: float) -> str | None:
+    """SPEC §13: the warning for a success much smaller than the job's recent ones, if any.
+
+    `previous` are the sizes of the job's previous successes, newest first (at most
+    SIZE_HISTORY are used); with none there is nothing to compare with. A ratio of 0 never warns.
+    """
+    sizes = sorted(previous[:SIZE_HISTORY])
+    if size is None or not sizes:
+        return None
+    middle = len(sizes) // 2
+    median = sizes[middle] if len(sizes) % 2 else (sizes[middle - 1] + sizes[middle]) / 2
+    if size >= ratio * median:
+        return None
+    return (
+        f"; WARNING: {size} bytes is less than {ratio:g} times the median size ({median:g} bytes) "
+        f"of the job's previous {len(sizes)} successful backups"
+    )

@@ -64,7 +64,10 @@ def job_block(company: str, city: str, neighborhood: str, database: str, **keys:
 
 def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> Path:
     """A config under `base` with deposit/, validated/, jobs.d/ and a short control socket;
-    `extra_toml` is appended as it is (tables such as `[alerts]`)."""
+    `extra_toml` is appended as it is (tables such as `[alerts]`).
+
+    `archive_test` is off unless a test turns it on: most tests stage a few bytes of text under
+    a `.gz` name, and SPEC §13's test has tests of its own (test_archivetest.py)."""
     extra = str(overrides.pop("extra_toml", ""))
     (base / "deposit").mkdir(parents=True, exist_ok=True)
     (base / "validated").mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,7 @@ def write_config(base: Path, database_url: str, jobs: str, **overrides: Any) -> 
         "database_url": database_url,
         "control_socket": str(base / "control.sock"),
         "http_listen": "",  # off unless a test asks: parallel daemons would share its port
+        "archive_test": False,
         **overrides,
     }
     path = base / "backupwatch.toml"

@@ -905,7 +905,7 @@ def test_unchanged_backup_is_noted_and_warned(w: World, site: Path) -> None:
         )
         return entry
 
-    first, second, third = day(0, DUMP), day(1, DUMP), day(2, b"a new dump")
+    first, second, third = day(0, DUMP), day(1, DUMP), day(2, DUMP + b"a new dump")
 
     assert first.unchanged_since_last_success is False
     assert second.unchanged_since_last_success is True

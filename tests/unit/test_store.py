@@ -635,7 +635,7 @@ def test_the_same_report_bytes_record_once(store: Store) -> None:
         assert done is not None
         assert (done.outcome, done.processed_at) == ("accepted", utc(2026, 11, 24, 13, 15))
     assert [e.id for e in store.successes_of_report(sha(1))] == [recorded.id]
-    assert store.last_success_sha256s([sales]) == {sales: "f" * 64}
+    assert store.recent_successes([sales]) == {sales: [("f" * 64, 12345)]}
 
 
 def test_a_report_records_its_entries_and_its_processed_row_atomically(store: Store) -> None:
@@ -823,7 +823,7 @@ def test_two_stores_syncing_the_same_new_jobs_at_once_both_succeed(database_url:
         store.dispose()
 
 
-def test_last_success_sha256s_takes_each_jobs_newest_success(store: Store) -> None:
+def test_recent_successes_are_each_jobs_newest_first(store: Store) -> None:
     store.sync_jobs([spec(), spec("hr")], 60, T0)
     sales, hr = job(store).id, job(store, HR).id
 
@@ -843,8 +843,12 @@ def test_last_success_sha256s_takes_each_jobs_newest_success(store: Store) -> No
     success(sales, utc(2026, 11, 24, 13), "a" * 64, "1" * 64)
     success(sales, utc(2026, 11, 25, 13), "b" * 64, "2" * 64)
 
-    assert store.last_success_sha256s([sales, hr]) == {sales: "b" * 64}
-    assert store.last_success_sha256s([]) == {}
+    assert store.recent_successes([sales, hr]) == {
+        sales: [("b" * 64, None), ("a" * 64, None)],
+        hr: [],
+    }
+    assert store.recent_successes([sales], limit=1) == {sales: [("b" * 64, None)]}
+    assert store.recent_successes([]) == {}
 
 
 def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
