@@ -31,7 +31,7 @@ from backupwatch.enums import BackupEntryStatus, JobStatus
 from backupwatch.pipeline import Outcome
 from backupwatch.store import AlertDelivery, BackupEntry, JobView, Store
 
-JOB_LABELS = ("company", "city", "neighborhood", "database")
+JOB_LABELS = ("company", "city", "neighborhood", "database", "instance")
 OUTCOMES = tuple(outcome.value for outcome in Outcome)
 DELIVERY_STATES = ("pending", "sending", "sent", "failed")
 # Report processing: from a millisecond (a rejection) to minutes (hashing a large backup).
@@ -236,7 +236,13 @@ def _per_job(views: list[JobView]) -> Iterator[Metric]:
         labels=list(JOB_LABELS),
     )
     for view in views:
-        labels = [view.company_name, view.city, view.neighborhood, view.database_name]
+        labels = [
+            view.company_name,
+            view.city,
+            view.neighborhood,
+            view.database_name,
+            view.instance or "",
+        ]
         status.add_metric([*labels, view.current_status.value], 1)
         if view.last_success_at is not None:
             last.add_metric(labels, view.last_success_at.timestamp())

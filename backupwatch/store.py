@@ -1006,6 +1006,7 @@ class Store:
             j.pause_reason,
             j.acked_at,
             j.ack_reason,
+            j.instance,
             _current_grade().label("grade"),
         ]
         if last_success:
@@ -1037,6 +1038,7 @@ class Store:
                     acked_at=row.acked_at,
                     ack_reason=row.ack_reason,
                     unchanged=unchanged,
+                    instance=row.instance,
                 )
             )
         return views

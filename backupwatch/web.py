@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
 from typing import Any, Protocol
-from urllib.parse import parse_qs, quote, unquote
+from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
@@ -236,7 +236,10 @@ class WebApp:
         match segments:
             case [""]:
                 problems = query.get("problems", ["0"])[-1] not in ("", "0")
-                return self.renders.get(f"/?{problems}", lambda: self.index(problems))
+                instance = query.get("instance", [""])[-1] or None
+                return self.renders.get(
+                    repr(("/", problems, instance)), lambda: self.index(problems, instance)
+                )
             case ["metrics"]:
                 return self.renders.get("/metrics", self.metrics)
             case ["healthz"]:
@@ -274,12 +277,24 @@ class WebApp:
         # 0.0.4: the text format every Prometheus version reads
         return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
 
-    def index(self, problems: bool) -> Response:
+    def index(self, problems: bool, instance: str | None = None) -> Response:
+        """The grid; `instance` (SPEC §15) keeps one daemon instance's jobs."""
         now = self.clock()
         views = self.store.job_states(now, last_success=False)
+        instances = sorted({view.instance for view in views if view.instance})
+        if instance is not None:
+            views = [view for view in views if view.instance == instance]
         counts = day_counts(self.store, window(now))
         page = board(views, counts, now, problems)
-        return self._html("index.html", board=page, problems=problems)
+        return self._html(
+            "index.html",
+            board=page,
+            problems=problems,
+            instance=instance,
+            instances=instances,
+            here=_index_url(problems=False, instance=instance),
+            problems_url=_index_url(problems=True, instance=instance),
+        )
 
     def site(self, company: str, city: str, neighborhood: str) -> Response:
         now = self.clock()
@@ -357,6 +372,14 @@ def _accepts_gzip(header: str) -> bool:
             quality = params.replace(" ", "").removeprefix("q=")
             return not (params and quality.rstrip("0").rstrip(".") in ("0", ""))
     return False
+
+
+def _index_url(problems: bool, instance: str | None) -> str:
+    """`/` with the page's filters (escaped: an instance name is the operator's, but still)."""
+    query = {"problems": "1"} if problems else {}
+    if instance is not None:
+        query["instance"] = instance
+    return "/?" + urlencode(query) if query else "/"
 
 
 def site_url(company: str, city: str, neighborhood: str) -> str:

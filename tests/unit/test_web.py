@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy import select
 from support import World, job_block, write_config
 
 from backupwatch.config import ConfigError, load_settings, parse_listen
 from backupwatch.enums import BackupEntryStatus, JobStatus
 from backupwatch.grid import DayCount, Verdict, board, cells_for, day_counts, window
 from backupwatch.metrics import Instruments, Runtime
-from backupwatch.store import BackupEntry, JobView, Store
+from backupwatch.store import BackupEntry, ExpectedBackupJob, JobView, Store
 from backupwatch.web import Renders, Response, WebApp, WebServer
 
 NOW = datetime(2026, 11, 30, 15, 0, tzinfo=UTC)
@@ -386,3 +387,30 @@ def test_big_answers_are_sent_compressed_to_who_accepts_it(
     assert (headers.get("Content-Encoding") == "gzip") is compressed
     assert (gzip.decompress(body) if compressed else body) == plain
     assert int(headers["Content-Length"]) == len(body)
+
+
+def test_instances_label_metrics_and_filter_the_page(world: World) -> None:
+    """SPEC §15: per-job series carry the instance; `/?instance=NAME` keeps one instance's."""
+    with world.store.session() as session:
+        for job in session.scalars(select(ExpectedBackupJob)):
+            job.instance = "alpha" if job.company_name == "ACME" else "beta"
+    app, _ = _app(world)
+    status, _, body = _call(app, "/")
+    assert status == "200 OK"
+    assert b'href="/?instance=alpha"' in body
+    assert b"Part-Dieu" in body
+    assert b"Evil" in body
+    _, _, alpha = _call(app, "/?instance=alpha")
+    assert b"Part-Dieu" in alpha
+    assert b"Evil" not in alpha
+    assert b'href="/?problems=1&amp;instance=alpha"' in alpha
+    _, _, problems = _call(app, "/?problems=1&instance=beta")
+    assert b"Part-Dieu" not in problems
+    _, _, metrics = _call(app, "/metrics")
+    instances = {
+        s.labels["instance"]
+        for f in text_string_to_metric_families(metrics.decode())
+        if f.name == "backupwatch_job_status"
+        for s in f.samples
+    }
+    assert instances == {"alpha", "beta"}
