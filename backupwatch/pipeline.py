@@ -65,7 +65,6 @@ from backupwatch.report import (
 from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
 from backupwatch.store import (
     SCHEDULE_COLUMNS,
-    ExpectedBackupJob,
     NewEntry,
     ProcessedReportRecord,
     Store,
@@ -91,7 +90,6 @@ __all__ = [
     "StagedFacts",
     "Verdict",
     "agent_verdict",
-    "build_registry",
     "decide",
     "file_verdict",
     "process_path",
@@ -170,28 +168,10 @@ class Context:
         return self.settings.validated_backups_base_path / TEMP_DIR
 
 
-def build_registry(settings: Settings, jobs: list[ExpectedBackupJob]) -> Registry:
-    """The in-memory snapshot of active jobs that the workers and the watcher consult."""
-    entries = []
-    for job in jobs:
-        ref = JobRef(
-            id=job.id,
-            label=job.label,
-            agent_id=job.agent_id,
-            database_name=job.database_name,
-            schedule=job.schedule,
-            fields=job.fields,
-            final_storage_path_template=job.final_storage_path_template,
-            previous=job.previous_eras,
-            archive_test=settings.archive_test if job.archive_test is None else job.archive_test,
-        )
-        entries.append((PurePosixPath(job.deposit_path), ref))
-    return Registry.build(settings.backup_storage_root, entries)
-
-
 def registry_of(settings: Settings, store: Store) -> Registry:
-    """`build_registry` from this instance's active jobs read as plain rows (no ORM object per
-    job), with the strings and schedules that many jobs share held once."""
+    """The in-memory snapshot of this instance's active jobs that the workers and the watcher
+    consult, read as plain rows (no ORM object per job), with the strings and schedules that many
+    jobs share held once. A job's own `archive_test` wins over the config's (SPEC §13)."""
     shared: dict[Any, Any] = {}
 
     def once(value: Any) -> Any:
@@ -225,6 +205,7 @@ def registry_of(settings: Settings, store: Store) -> Registry:
             fields=fields,
             final_storage_path_template=once(row.final_storage_path_template),
             previous=eras_from_json(row.previous_schedules),
+            archive_test=settings.archive_test if row.archive_test is None else row.archive_test,
         )
         entries.append((folder, ref))
     return Registry.build(settings.backup_storage_root, entries)

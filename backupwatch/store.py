@@ -607,6 +607,7 @@ class Store:
             j.deposit_path,
             j.final_storage_path_template,
             j.previous_schedules,
+            j.archive_test,
             *(getattr(j, name) for name in SCHEDULE_COLUMNS),
         ).where(j.active.is_(True))
         with self.reader.begin() as connection:
@@ -1668,8 +1669,12 @@ SPEC_COLUMNS = (
     "agent_deposit_path_template",
     "final_storage_path_template",
     "alert_channels",
+    "archive_test",
+    "keep_daily",
+    "keep_weekly",
+    "keep_monthly",
     "config_source",
-)
+)  # every key of `_spec_columns`: a column left out here is never synced once a job exists
 SYNC_BATCH = 1000  # rows per INSERT / UPDATE batch and per batch of changed jobs loaded
 
 

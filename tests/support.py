@@ -21,7 +21,7 @@ import sqlalchemy
 from backupwatch.config import Settings, load_settings
 from backupwatch.enums import JobStatus
 from backupwatch.jobs import load_jobs
-from backupwatch.pipeline import Context, Result, build_registry, process_path
+from backupwatch.pipeline import Context, Result, process_path, registry_of
 from backupwatch.store import Store
 from backupwatch.timer import Flagged, MissingTimer
 
@@ -167,7 +167,7 @@ class World:
             load_jobs(settings), settings.scanner_report_collection_window_minutes, activated
         )
         world = cls(base, settings, store)
-        world.ctx = Context(store, settings, build_registry(settings, store.active_jobs()))
+        world.ctx = Context(store, settings, registry_of(settings, store))
         return world
 
     def restart(self, jobs: str, now: datetime) -> None:
@@ -179,9 +179,7 @@ class World:
         self.store.sync_jobs(
             load_jobs(self.settings), self.settings.scanner_report_collection_window_minutes, now
         )
-        self.ctx = Context(
-            self.store, self.settings, build_registry(self.settings, self.store.active_jobs())
-        )
+        self.ctx = Context(self.store, self.settings, registry_of(self.settings, self.store))
 
     @property
     def deposit(self) -> Path:

@@ -864,3 +864,23 @@ def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
         writer.rollback()
         writer.close()
         store.dispose()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"archive_test": False},
+        {"keep_daily": 7},
+        {"keep_weekly": 4},
+        {"keep_monthly": 12},
+        {"alert_channels": ["ops"]},
+    ],
+)
+def test_a_sync_applies_a_change_of_any_job_key(store: Store, keys: dict[str, Any]) -> None:
+    """Every configured column is compared: a key the comparison left out was never synced."""
+    store.sync_jobs([spec()], 60, T0)
+    result = store.sync_jobs([spec(**keys)], 60, T0 + DAY)
+    assert result.changed == 1
+    synced = job(store)
+    for key, value in keys.items():
+        assert getattr(synced, key) == value
