@@ -22,7 +22,10 @@ from conftest import Daemon, wait_for
 from support import PG_URL, TcpProxy, database, drop, job_block, report, stage
 
 import backupwatch
+from backupwatch.config import load_settings
 from backupwatch.control import call
+from backupwatch.jobs import load_jobs
+from backupwatch.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -301,9 +304,17 @@ def test_bad_config_exits_1_with_the_key(make_daemon: MakeDaemon) -> None:
 
 
 def test_missing_is_flagged_by_the_timer_within_seconds(make_daemon: MakeDaemon) -> None:
-    """A ONCE job whose one-minute window closes shortly after the daemon starts."""
+    """A ONCE job whose one-minute window closes 15-75 s after the daemon starts.
+
+    Windows are whole minutes and cycles before a job's activation never count, so the job is
+    synced beforehand, activated a minute before this minute's cycle (as if configured
+    earlier): the test then waits for this minute's deadline when at least 15 s remain, not for
+    the next minute's (60-120 s).
+    """
     start = now()
-    cycle = (start + timedelta(minutes=1)).replace(second=0)
+    cycle = start.replace(second=0, microsecond=0)
+    if cycle + timedelta(minutes=1) - start < timedelta(seconds=15):
+        cycle += timedelta(minutes=1)
     jobs = job_block(
         "ACME",
         "Lyon",
@@ -316,10 +327,17 @@ def test_missing_is_flagged_by_the_timer_within_seconds(make_daemon: MakeDaemon)
         collection_window_minutes=1,
     )
     daemon = make_daemon("sqlite:///db.sqlite", jobs)
+    settings = load_settings(daemon.config, {})
+    store = Store(settings.database_url)
+    try:
+        store.migrate()
+        store.sync_jobs(load_jobs(settings), 60, cycle - timedelta(minutes=1))
+    finally:
+        store.dispose()
     daemon.start()
     deadline = cycle + timedelta(minutes=1)
 
-    entries = wait_for(lambda: daemon.history(SALES), timeout=150, what="the MISSING entry")
+    entries = wait_for(lambda: daemon.history(SALES), timeout=100, what="the MISSING entry")
 
     assert [e["status"] for e in entries] == ["MISSING"]
     recorded = datetime.fromisoformat(entries[0]["recorded_at"].replace("Z", "+00:00"))
