@@ -1877,16 +1877,7 @@ def _current_status() -> Any:
     Within one cycle a real outcome outranks MISSING: a report processed just after the timer
     flagged its cycle must not leave the job looking MISSING.
     """
-    e, j = BackupEntry, ExpectedBackupJob
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
-    return (
-        select(e.status)
-        .where(e.job_id == j.id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
-        .limit(1)
-        .correlate(j)
-        .scalar_subquery()
-    )
+    return _newest_entry_value(BackupEntry.status)
 
 
 # `_current_grade`'s numbers: the newest entry's status, and whether it is an unchanged success.
@@ -1927,10 +1918,15 @@ def _current_grade() -> Any:
 
 def _latest_unchanged() -> Any:
     """Whether the newest entry (by `_current_status`'s order) is an unchanged success."""
+    return _newest_entry_value(BackupEntry.unchanged_since_last_success)
+
+
+def _newest_entry_value(column: Any) -> Any:
+    """`column` of the job's newest entry by `_current_status`'s order: one index seek per job."""
     e, j = BackupEntry, ExpectedBackupJob
     not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     return (
-        select(e.unchanged_since_last_success)
+        select(column)
         .where(e.job_id == j.id)
         .order_by(e.cycle.desc(), not_missing, e.id.desc())
         .limit(1)
@@ -1954,16 +1950,7 @@ def _last_success() -> Any:
 
 def _latest_suspicious() -> Any:
     """Whether the newest entry (by `_current_status`'s order) is a SUSPICIOUS success (§13)."""
-    e, j = BackupEntry, ExpectedBackupJob
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
-    return (
-        select(e.suspicious)
-        .where(e.job_id == j.id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
-        .limit(1)
-        .correlate(j)
-        .scalar_subquery()
-    )
+    return _newest_entry_value(BackupEntry.suspicious)
 
 
 def _job_view(

@@ -9,29 +9,18 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import sqlalchemy
-from support import PG_URL, require_postgres
+from support import postgres_schema
 
 
 @pytest.fixture
 def postgres_url() -> Iterator[str]:
     """A PostgreSQL URL confined to a fresh schema, dropped afterwards."""
-    require_postgres()
-    schema = f"bw_{uuid.uuid4().hex[:16]}"
-    admin = sqlalchemy.create_engine(PG_URL)
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

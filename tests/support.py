@@ -10,6 +10,8 @@ import os
 import socket
 import struct
 import threading
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -299,3 +301,20 @@ def require_postgres() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"{reason} (CI must run the PostgreSQL tests)")
     pytest.skip(reason)
+
+
+@contextlib.contextmanager
+def postgres_schema() -> Iterator[str]:
+    """A PostgreSQL URL confined to a fresh schema, dropped afterwards (skips without a server,
+    fails under CI)."""
+    require_postgres()
+    schema = f"bw_{uuid.uuid4().hex[:16]}"
+    admin = sqlalchemy.create_engine(PG_URL)
+    with admin.begin() as connection:
+        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
+    try:
+        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as connection:
+            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
+        admin.dispose()

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
@@ -24,7 +23,7 @@ from typing import Any
 
 import sqlalchemy
 from conftest import Daemon, wait_for
-from support import PG_URL, database, drop, job_block, report, require_postgres, write_config
+from support import database, drop, job_block, postgres_schema, report, write_config
 
 from backupwatch.config import load_settings
 from backupwatch.control import call
@@ -179,17 +178,8 @@ def module_database(kind: str, base: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{base}/backupwatch.db"
         return
-    require_postgres()
-    schema = f"bw_{uuid.uuid4().hex[:16]}"
-    admin = sqlalchemy.create_engine(PG_URL)
-    with admin.begin() as connection:
-        connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 def build(kind: str, base: Path) -> Iterator[WebWorld]:
