@@ -385,6 +385,9 @@ def cmd_prune(ctl: Ctl) -> int:
     if store is None:
         ctl.print("nothing to prune: the database does not exist yet")
         return EXIT_OK
+    # SPEC §15: only this host's jobs, as its daemon prunes them; another instance's final
+    # files live under another host's root, where this one would misjudge them.
+    store.instance = settings.instance
     try:
         report = Pruner(store, settings, progress=ctl.line).run_once(
             utc_now(), dry_run=ctl.args.dry_run

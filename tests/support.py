@@ -164,6 +164,7 @@ class World:
         config = write_config(base, database_url, jobs, **overrides)
         settings = load_settings(config, {})
         store = Store(settings.database_url)
+        store.instance = settings.instance  # as the daemon does (SPEC §15)
         store.migrate()
         store.sync_jobs(
             load_jobs(settings), settings.scanner_report_collection_window_minutes, activated

@@ -25,7 +25,7 @@ from backupwatch import pruning
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.pruning import Pruner
 from backupwatch.retention import Backup, Keep, cutoffs, gfs_keep, gfs_prune, newest_first
-from backupwatch.store import BackupEntry, NewEntry, ProcessedReportRecord, Store
+from backupwatch.store import BackupEntry, ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
 
 # ----------------------------------------------------------------------- the pure rule
 
@@ -354,6 +354,35 @@ def test_backupwatchctl_prune_end_to_end(tmp_path: Path, database_url: str) -> N
     assert not list((w.site(AGENT) / "_archive").iterdir())
     with w.store.reading() as session:
         assert session.scalar(select(func.count()).select_from(BackupEntry)) == 1
+
+
+def test_backupwatchctl_prune_leaves_another_instances_backups(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SPEC §15: another host's final files are not under this host's root; judged from here
+    they would look gone or changed, and be marked so for good."""
+    from backupwatch import ctl
+
+    w = World.create(
+        tmp_path,
+        database_url,
+        job_block("ACME", "Lyon", "Part-Dieu", "sales", keep_daily=1),
+        ACTIVATED,
+        size_drop_ratio=0,
+        instance="here",
+    )
+    for n in range(3):
+        send(w, n)
+    files = final_files(w)
+    with w.store.session() as session:
+        session.execute(update(ExpectedBackupJob).values(instance="elsewhere"))
+    out = io.StringIO()
+    with _stdout(out):
+        assert ctl.main(["--config", str(w.settings.config_path), "prune"]) == 0
+    assert final_files(w) == files
+    with w.store.reading() as session:
+        removals = session.scalars(select(BackupEntry.final_removal)).all()
+    assert removals == [None, None, None]
 
 
 class _stdout:
