@@ -6,6 +6,7 @@ uploads listed; the daemon's hourly step; `backupwatchctl prune`."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
@@ -13,6 +14,7 @@ import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -322,32 +324,43 @@ def test_moved_files_go_by_age_never_a_symlink_nor_outside(
 # -------------------------------------------------------------- ctl and the daemon
 
 
-def test_backupwatchctl_prune_end_to_end(tmp_path: Path, database_url: str) -> None:
-    from backupwatch import ctl
-
+def _three_placed(tmp_path: Path, database_url: str, **overrides: Any) -> World:
+    """One job keeping a daily backup, and three days of its backups placed."""
     w = World.create(
         tmp_path,
         database_url,
         job_block("ACME", "Lyon", "Part-Dieu", "sales", keep_daily=1),
         ACTIVATED,
         size_drop_ratio=0,
-        extra_toml="[retention]\nhistory_days = 1\narchive_days = 0.000001\n",
+        **overrides,
     )
     for n in range(3):
         send(w, n)
+    return w
+
+
+def _ctl_prune(w: World, *args: str) -> str:
+    """`backupwatchctl prune` in process (exit 0 asserted); what it printed."""
+    from backupwatch import ctl
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert ctl.main(["--config", str(w.settings.config_path), "prune", *args]) == 0
+    return out.getvalue()
+
+
+def test_backupwatchctl_prune_end_to_end(tmp_path: Path, database_url: str) -> None:
+    w = _three_placed(
+        tmp_path,
+        database_url,
+        extra_toml="[retention]\nhistory_days = 1\narchive_days = 0.000001\n",
+    )
     files = final_files(w)
     assert len(files) == 3
     time.sleep(0.1)  # archive_days is 0.0864 s: the archived reports are old enough now
-    config = ["--config", str(w.settings.config_path), "prune"]
-    out = io.StringIO()
-    with _stdout(out):
-        assert ctl.main([*config, "--dry-run"]) == 0
-    assert "would remove: 2 validated backups" in out.getvalue()
+    assert "would remove: 2 validated backups" in _ctl_prune(w, "--dry-run")
     assert final_files(w) == files
-    out = io.StringIO()
-    with _stdout(out):
-        assert ctl.main(config) == 0
-    text = out.getvalue()
+    text = _ctl_prune(w)
     assert "removed: 2 validated backups" in text
     assert "Traceback" not in text
     assert len(final_files(w)) == 1
@@ -361,43 +374,15 @@ def test_backupwatchctl_prune_leaves_another_instances_backups(
 ) -> None:
     """SPEC §15: another host's final files are not under this host's root; judged from here
     they would look gone or changed, and be marked so for good."""
-    from backupwatch import ctl
-
-    w = World.create(
-        tmp_path,
-        database_url,
-        job_block("ACME", "Lyon", "Part-Dieu", "sales", keep_daily=1),
-        ACTIVATED,
-        size_drop_ratio=0,
-        instance="here",
-    )
-    for n in range(3):
-        send(w, n)
+    w = _three_placed(tmp_path, database_url, instance="here")
     files = final_files(w)
     with w.store.session() as session:
         session.execute(update(ExpectedBackupJob).values(instance="elsewhere"))
-    out = io.StringIO()
-    with _stdout(out):
-        assert ctl.main(["--config", str(w.settings.config_path), "prune"]) == 0
+    _ctl_prune(w)
     assert final_files(w) == files
     with w.store.reading() as session:
         removals = session.scalars(select(BackupEntry.final_removal)).all()
     assert removals == [None, None, None]
-
-
-class _stdout:
-    def __init__(self, out: io.StringIO) -> None:
-        self.out = out
-
-    def __enter__(self) -> None:
-        import sys
-
-        self.saved, sys.stdout = sys.stdout, self.out  # type: ignore[assignment]
-
-    def __exit__(self, *exc: object) -> None:
-        import sys
-
-        sys.stdout = self.saved
 
 
 def test_the_daemon_prunes_once_an_hour_on_its_own_thread(tmp_path: Path) -> None:
