@@ -35,6 +35,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -69,6 +70,7 @@ from backupwatch.missing import (
     Cursor,
     Due,
     Era,
+    Settlement,
     Timeline,
     change_schedule,
     describe,
@@ -356,6 +358,8 @@ def make_engine(url: str, create: bool = True) -> Engine:
 
     BEGIN IMMEDIATE takes SQLite's write lock up front, so two threads never deadlock upgrading a
     read transaction; pre-ping lets a restarted PostgreSQL be reconnected transparently.
+    The PostgreSQL URL may name another driver than psycopg2 (then the executemany mode, a
+    psycopg2 option, is not passed).
     """
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -364,7 +368,12 @@ def make_engine(url: str, create: bool = True) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
         _configure_sqlite(engine)
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5)
+    options: dict[str, Any] = {}
+    if parsed.get_driver_name() == "psycopg2":
+        # An executemany UPDATE (the timer's cursors for a page of jobs) in pages of statements
+        # per round trip, not one round trip per row.
+        options["executemany_mode"] = "values_plus_batch"
+    return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **options)
 
 
 def _configure_sqlite(engine: Engine) -> None:
@@ -415,6 +424,12 @@ def migrate(engine: Engine) -> None:
             connection.execute(_TAKE_MIGRATION_LOCK, {"key": MIGRATION_LOCK_KEY})
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+# Due jobs the timer settles in one transaction: few statements per job, a write lock held for
+# a fraction of a second, and under SQLite's limit of 500 terms in the UNION ALLs that read the
+# page's newest entries and streaks in one statement each.
+SETTLE_PAGE = 250
 
 
 class Store:
@@ -842,7 +857,7 @@ class Store:
             return session.scalar(self._own(query))
 
     def due_jobs(
-        self, now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
+        self, now: datetime, limit: int = SETTLE_PAGE, after: tuple[datetime, int] | None = None
     ) -> list[ExpectedBackupJob]:
         """Jobs whose cursor deadline has passed: an index range scan, never a scan of all jobs.
 
@@ -863,100 +878,78 @@ class Store:
         with self.reading() as session:
             return list(session.scalars(query))
 
-    def settle_job(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[datetime]:
-        """Flag every due cycle of `job` (`missing.settle`) that has no entry; return them.
+    def settle_jobs(
+        self, jobs: Sequence[ExpectedBackupJob], now: datetime, oldest: datetime
+    ) -> dict[int, list[datetime]]:
+        """Flag every due cycle (`missing.settle`) without an entry of a page of jobs; return
+        the cycles flagged, by job id. One transaction for the page, a few statements in all.
 
-        The cursor moves by compare-and-swap: if another daemon moved it first, or a sync changed
-        the job since it was read, this one flags nothing. The partial unique index makes a
-        second MISSING impossible even so.
+        Each job's cursor moves by compare-and-swap, under its row lock: if another daemon moved
+        it first, or a sync changed the job since it was read, this step flags nothing for it.
+        The partial unique index makes a second MISSING impossible even so.
         """
-        start = job.next_cycle_at
-        if start is None:
-            return []
-        plan = settle(job.timeline, start, now, oldest)
-        flagged: list[datetime] = []
-        with self.session() as session:
-            if not self._move_cursor(session, job, start, plan.cursor):
-                return []
-            # The compare-and-swap holds the job's row now: a pause committed before it is
+        plans = {
+            job.id: _Plan(
+                job, job.next_cycle_at, settle(job.timeline, job.next_cycle_at, now, oldest)
+            )
+            for job in jobs
+            if job.next_cycle_at is not None
+        }
+        if not plans:
+            return {}
+        with self.engine.begin() as connection:
+            moved = _move_cursors(connection, plans)
+            if not moved:
+                return {}
+            # The compare-and-swap holds the jobs' rows now: a pause committed before it is
             # seen here, and a pause that comes after waits for this transaction (SPEC §11:
             # never a paused job flagged, never a flag lost).
-            changes = _Changes(self, session.connection(), [job.id])
-            pause = changes.jobs[job.id].pause
-            for due in plan.due:
-                # Paused now: nothing is flagged; resumed: the cycles the pause covered stay
-                # unexpected (the cursor moves past them either way).
-                if pause.covers(now) or pause.covers(due.deadline):
-                    log.info("timer.paused", job=job.label, cycle=due.cycle.isoformat())
-                    continue
-                if self._flag_missing(session, job, due.cycle, now, due.message(job.agent_id)):
-                    flagged.append(due.cycle)
+            changes = _Changes(self, connection, moved)
+            wanted = [
+                _Missing(plans[job_id].job, due, now)
+                for job_id in moved
+                for due in plans[job_id].plan.due
+                if not _paused(changes.jobs[job_id], plans[job_id].job, due, now)
+            ]
+            flagged = self._flag_missing(connection, wanted)
             if flagged:
-                session.flush()
-                changes.missing_events(job.id, now)
+                changes.missing_events(sorted(flagged), now)
         return flagged
 
-    def _move_cursor(
-        self, session: Session, job: ExpectedBackupJob, start: datetime, cursor: Cursor
-    ) -> bool:
-        """The compare-and-swap: the cursor moves only from where this step read it.
-
-        The cursor alone is not enough: a sync in between (another daemon's reload) may have
-        changed the schedule or the owed eras this step planned from, and left the cursor on
-        the same instant; `updated_at` and `schedule_changed_at` catch that.
-        """
-        j = ExpectedBackupJob
-        changed_at = job.schedule_changed_at
-        moved = session.execute(
-            update(j)
-            .where(
-                j.id == job.id,
-                j.next_cycle_at == start,
-                j.schedule_changed_at.is_(None)
-                if changed_at is None
-                else j.schedule_changed_at == changed_at,
-                j.updated_at == job.updated_at,
-                j.active.is_(True),
-            )
-            .values(
-                next_cycle_at=cursor.cycle,
-                next_deadline_at=cursor.deadline,
-                previous_schedules=None,
-                schedule_changed_at=None,
-            )
-        )
-        return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
-
     def _flag_missing(
-        self,
-        session: Session,
-        job: ExpectedBackupJob,
-        cycle: datetime,
-        now: datetime,
-        message: str | None = None,
-    ) -> bool:
-        has_entry = session.scalar(
-            select(BackupEntry.id)
-            .where(BackupEntry.job_id == job.id, BackupEntry.cycle == cycle)
-            .limit(1)
-        )
-        if has_entry is not None:
-            return False
-        if message is None:
-            message = Due(cycle, job.schedule).message(job.agent_id)
-        statement = (
-            self._insert(BackupEntry.__table__)
-            .values(
-                job_id=job.id,
-                cycle=cycle,
-                status=BackupEntryStatus.MISSING.value,
-                message=message,
-                recorded_at=now,
-                unchanged_since_last_success=False,
+        self, connection: Any, wanted: Sequence[_Missing]
+    ) -> dict[int, list[datetime]]:
+        """Insert MISSING for each wanted cycle that has no entry; the cycles inserted, by job.
+
+        The jobs' rows are locked, and a report records its entries under the same locks, so
+        the existence check cannot race a report; the unique index guards the rest.
+        """
+        if not wanted:
+            return {}
+        e = BackupEntry
+        cycles = [m.due.cycle for m in wanted]
+        existing = set(
+            connection.execute(
+                select(e.job_id, e.cycle).where(
+                    e.job_id.in_(sorted({m.job.id for m in wanted})),
+                    e.cycle >= min(cycles),
+                    e.cycle <= max(cycles),
+                )
             )
-            .on_conflict_do_nothing()
         )
-        return bool(session.execute(statement).rowcount == 1)  # type: ignore[attr-defined]
+        rows = [m.row() for m in wanted if (m.job.id, m.due.cycle) not in existing]
+        if not rows:
+            return {}
+        table = BackupEntry.__table__
+        statement = (
+            self._insert(table).on_conflict_do_nothing().returning(table.c.job_id, table.c.cycle)
+        )
+        flagged: dict[int, list[datetime]] = {}
+        for job_id, cycle in connection.execute(statement, rows):
+            flagged.setdefault(job_id, []).append(cycle)
+        for found in flagged.values():
+            found.sort()
+        return flagged
 
     # ----------------------------------------------------------------- queries
 
@@ -1404,19 +1397,15 @@ def _all_of(parts: Sequence[Any]) -> Any:
 
 
 def _latest_many(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
-    """`_latest` of several jobs in one round trip."""
-    e = BackupEntry
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
-    parts = [
-        select(e.job_id, e.cycle, e.status, e.message)
-        .where(e.job_id == job_id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
-        .limit(1)
-        for job_id in job_ids
-    ]
-    if not parts:
+    """`_latest` of several jobs in one statement of a constant shape (compiled once): the
+    newest entry's id by one index seek per job, then those entries."""
+    if not job_ids:
         return {}
-    rows = connection.execute(_all_of(parts))
+    e, j = BackupEntry, ExpectedBackupJob
+    newest = select(_newest_entry_value(e.id)).where(j.id.in_(list(job_ids)))
+    rows = connection.execute(
+        select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest.scalar_subquery()))
+    )
     return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
 
 
@@ -1432,49 +1421,161 @@ def _latest(connection: Any, job_id: int) -> _Latest | None:
     return None if row is None else _Latest(row.cycle, row.status, row.message)
 
 
-def _streak_start(connection: Any, job_id: int, upto: datetime) -> datetime | None:
-    """The first cycle of the not-OK streak that reaches `upto` (since when it is not OK)."""
-    e = BackupEntry
-    last_ok = connection.execute(
-        select(func.max(e.cycle)).where(
-            e.job_id == job_id, e.status == BackupEntryStatus.SUCCESS, e.cycle < upto
-        )
-    ).scalar()
-    query = select(func.min(e.cycle)).where(
-        e.job_id == job_id, e.status != BackupEntryStatus.SUCCESS, e.cycle <= upto
+def _streak_starts(connection: Any, job_ids: Sequence[int]) -> dict[int, datetime]:
+    """Per job, since when it is not OK: the first cycle of the not-OK streak that reaches its
+    newest entry (absent: no such entry). One statement of a constant shape, a few index seeks
+    per job: the newest cycle, the last success before it, the first not-OK cycle after that."""
+    if not job_ids:
+        return {}
+    e, j = aliased(BackupEntry), ExpectedBackupJob
+    success = BackupEntryStatus.SUCCESS
+    newest = select(func.max(e.cycle)).where(e.job_id == j.id).correlate(j).scalar_subquery()
+    ok, streak = aliased(BackupEntry), aliased(BackupEntry)
+    last_ok = (
+        select(func.max(ok.cycle))
+        .where(ok.job_id == j.id, ok.status == success, ok.cycle < newest)
+        .correlate(j)
+        .scalar_subquery()
     )
-    if last_ok is not None:
-        query = query.where(e.cycle > last_ok)
-    found: datetime | None = connection.execute(query).scalar()
-    return found
+    since = (
+        select(func.min(streak.cycle))
+        .where(
+            streak.job_id == j.id,
+            streak.status != success,
+            or_(last_ok.is_(None), streak.cycle > last_ok),
+        )
+        .correlate(j)
+        .scalar_subquery()
+    )
+    rows = connection.execute(select(j.id, since.label("since")).where(j.id.in_(list(job_ids))))
+    return {row.id: row.since for row in rows if row.since is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """One job of a timer page: as the step read it, where its cursor was, what to settle."""
+
+    job: ExpectedBackupJob
+    start: datetime
+    plan: Settlement
+
+    def unchanged(self, row: Any) -> bool:
+        """The compare-and-swap's condition, checked on the locked row: the cursor is where
+        the step read it, and no sync changed the schedule or the owed eras it planned from
+        (a sync may leave the cursor on the same instant; `updated_at` and
+        `schedule_changed_at` catch that)."""
+        job = self.job
+        return bool(
+            row.active
+            and row.next_cycle_at == self.start
+            and row.schedule_changed_at == job.schedule_changed_at
+            and row.updated_at == job.updated_at
+        )
+
+    def moved(self) -> dict[str, Any]:
+        cursor = self.plan.cursor
+        return {"b_id": self.job.id, "b_cycle": cursor.cycle, "b_deadline": cursor.deadline}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Missing:
+    """A due cycle to flag MISSING unless it has an entry."""
+
+    job: ExpectedBackupJob
+    due: Due
+    now: datetime
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job.id,
+            "cycle": self.due.cycle,
+            "status": BackupEntryStatus.MISSING.value,
+            "message": self.due.message(self.job.agent_id),
+            "recorded_at": self.now,
+            "unchanged_since_last_success": False,
+        }
+
+
+def _move_cursors(connection: Any, plans: Mapping[int, _Plan]) -> list[int]:
+    """The timer's compare-and-swap for a page: lock the rows (in id order, as every writer
+    does), keep the jobs that are as the step read them, move their cursors; their ids.
+
+    On PostgreSQL a row another transaction holds is skipped, not waited for: another daemon
+    of this instance settling the same page, or a report being recorded for the job. The job
+    stays due, so the timer's next pass (at once: its deadline has passed) sees what that
+    transaction committed; two daemons of one instance share a wave instead of queueing.
+    """
+    j = ExpectedBackupJob
+    rows = connection.execute(
+        select(j.id, j.active, j.next_cycle_at, j.schedule_changed_at, j.updated_at)
+        .where(j.id.in_(sorted(plans)))
+        .order_by(j.id)
+        .with_for_update(key_share=True, skip_locked=True)
+    ).all()
+    moved = [row.id for row in rows if plans[row.id].unchanged(row)]
+    if moved:
+        connection.execute(
+            update(j)
+            .where(j.id == bindparam("b_id"))
+            .values(
+                next_cycle_at=bindparam("b_cycle"),
+                next_deadline_at=bindparam("b_deadline"),
+                previous_schedules=None,
+                schedule_changed_at=None,
+            ),
+            [plans[job_id].moved() for job_id in moved],
+        )
+    return moved
+
+
+def _paused(row: _JobRow, job: ExpectedBackupJob, due: Due, now: datetime) -> bool:
+    """Paused now: nothing is flagged; resumed: the cycles the pause covered stay unexpected
+    (the cursor moves past them either way)."""
+    if row.pause.covers(now) or row.pause.covers(due.deadline):
+        log.info("timer.paused", job=job.label, cycle=due.cycle.isoformat())
+        return True
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outgoing:
+    """An alert event's row and the channels it fans out to."""
+
+    event: dict[str, Any]
+    targets: Sequence[str]
 
 
 def _emit(
     store: Store, connection: Any, event: dict[str, Any], targets: Sequence[str], now: datetime
 ) -> bool:
     """Insert the event unless its key exists, and one delivery per target channel."""
+    return _emit_many(store, connection, [_Outgoing(event, targets)], now) == 1
+
+
+def _emit_many(store: Store, connection: Any, outgoing: Sequence[_Outgoing], now: datetime) -> int:
+    """`_emit` of several events in two statements; how many were new."""
+    if not outgoing:
+        return 0
+    table = AlertEvent.__table__
     statement = (
-        store._insert(AlertEvent.__table__)
-        .values(**event)
-        .on_conflict_do_nothing()
-        .returning(AlertEvent.__table__.c.id)
+        store._insert(table).on_conflict_do_nothing().returning(table.c.id, table.c.dedupe_key)
     )
-    event_id = connection.execute(statement).scalar()
-    if event_id is None:
-        return False
-    if targets:
-        rows = [
-            {
-                "event_id": event_id,
-                "channel": channel,
-                "state": "pending",
-                "attempts": 0,
-                "next_attempt_at": now,
-            }
-            for channel in targets
-        ]
+    written = {key: id_ for id_, key in connection.execute(statement, [o.event for o in outgoing])}
+    rows = [
+        {
+            "event_id": written[o.event["dedupe_key"]],
+            "channel": channel,
+            "state": "pending",
+            "attempts": 0,
+            "next_attempt_at": now,
+        }
+        for o in outgoing
+        if o.event["dedupe_key"] in written
+        for channel in o.targets
+    ]
+    if rows:
         connection.execute(insert(AlertDelivery), rows)
-    return True
+    return len(written)
 
 
 class _Changes:
@@ -1523,9 +1624,7 @@ class _Changes:
         self.before = {job_id: found.get(job_id) for job_id in self.jobs}
 
     def report_events(self, entries: Sequence[NewEntry], now: datetime) -> None:
-        after = _latest_many(self.connection, list(self.jobs))
-        for job_id in self.jobs:
-            self._transition(job_id, now, after.get(job_id))
+        self._transitions(_latest_many(self.connection, list(self.jobs)), now)
         for entry in entries:
             if entry.unchanged_since_last_success and entry.job_id in self.jobs:
                 self._event(
@@ -1549,31 +1648,43 @@ class _Changes:
                     JobStatus.OK,
                 )
 
-    def missing_events(self, job_id: int, now: datetime) -> None:
-        self._transition(job_id, now, _latest(self.connection, job_id))
+    def missing_events(self, job_ids: Sequence[int], now: datetime) -> None:
+        """The events of jobs the timer flagged: from their newest entries, read once."""
+        found = _latest_many(self.connection, job_ids)
+        self._transitions({job_id: found[job_id] for job_id in job_ids if job_id in found}, now)
 
-    def _transition(self, job_id: int, now: datetime, after: _Latest | None) -> None:
-        before = self.before[job_id]
-        if after is None:
-            return
-        old = before.job_status if before else JobStatus.UNKNOWN
-        kind = transition(old, after.job_status)
-        if old is not after.job_status:
-            self._clear_ack(job_id)
-        if kind is None:
-            return
-        since = _streak_start(self.connection, job_id, after.cycle)
-        self._event(
-            self.jobs[job_id], kind, after.cycle, since, now, after.message, after.job_status
-        )
-
-    def _clear_ack(self, job_id: int) -> None:
-        """SPEC §10: an acknowledgement holds until the job's state changes."""
-        if self.jobs[job_id].acked:
+    def _transitions(self, after: Mapping[int, _Latest], now: datetime) -> None:
+        """Each job's status change since `before`: its acknowledgement cleared, its event
+        written (with the start of its not-OK streak), a few statements for all of them."""
+        moves: dict[int, tuple[Kind, _Latest]] = {}
+        cleared: list[int] = []
+        for job_id, latest in after.items():
+            before = self.before[job_id]
+            old = before.job_status if before else JobStatus.UNKNOWN
+            if old is not latest.job_status and self.jobs[job_id].acked:
+                cleared.append(job_id)
+            kind = transition(old, latest.job_status)
+            if kind is not None and not self.jobs[job_id].pause.covers(now):
+                moves[job_id] = (kind, latest)
+        if cleared:
             j = ExpectedBackupJob
             self.connection.execute(
-                update(j).where(j.id == job_id).values(acked_at=None, ack_reason=None)
+                update(j).where(j.id.in_(cleared)).values(acked_at=None, ack_reason=None)
             )
+        since = _streak_starts(self.connection, list(moves))
+        events = [
+            self._event_row(
+                self.jobs[job_id],
+                kind,
+                latest.cycle,
+                since.get(job_id),
+                now,
+                latest.message,
+                latest.job_status,
+            )
+            for job_id, (kind, latest) in moves.items()
+        ]
+        _emit_many(self.store, self.connection, events, now)
 
     def _event(
         self,
@@ -1587,6 +1698,19 @@ class _Changes:
     ) -> None:
         if job.pause.covers(now):
             return  # SPEC §10: a paused job sends nothing (its entries are still recorded)
+        outgoing = self._event_row(job, kind, cycle, since, now, message, status)
+        _emit_many(self.store, self.connection, [outgoing], now)
+
+    def _event_row(
+        self,
+        job: _JobRow,
+        kind: Kind,
+        cycle: datetime,
+        since: datetime | None,
+        now: datetime,
+        message: str,
+        status: JobStatus,
+    ) -> _Outgoing:
         event = {
             "dedupe_key": job_event_key(job.id, kind, cycle),
             "kind": kind.value,
@@ -1601,9 +1725,7 @@ class _Changes:
             "message": message,
             "created_at": now,
         }
-        _emit(
-            self.store, self.connection, event, self.store.routing.targets(kind, job.channels), now
-        )
+        return _Outgoing(event, self.store.routing.targets(kind, job.channels))
 
 
 # -------------------------------------------------------------------- helpers

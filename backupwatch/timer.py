@@ -68,9 +68,8 @@ class MissingTimer:
             last = page[-1]
             assert last.next_deadline_at is not None
             after = (last.next_deadline_at, last.id)
-            for job in page:
-                if not self._defer(job, now):
-                    flagged.extend(self._settle(job, now, oldest))
+            ready = [job for job in page if not self._defer(job, now)]
+            flagged.extend(self._settle(ready, now, oldest))
         return flagged
 
     def _defer(self, job: ExpectedBackupJob, now: datetime) -> bool:
@@ -80,18 +79,29 @@ class MissingTimer:
         self._deferred = True
         return True
 
-    def _settle(self, job: ExpectedBackupJob, now: datetime, oldest: datetime) -> list[Flagged]:
-        cycles = self.store.settle_job(job, now, oldest)
-        for cycle in cycles:
+    def _settle(
+        self, jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime
+    ) -> list[Flagged]:
+        """A page of due jobs in one transaction (`Store.settle_jobs`), then one log line per
+        cycle flagged."""
+        if not jobs:
+            return []
+        found = self.store.settle_jobs(jobs, now, oldest)
+        flagged = [
+            Flagged(job.id, job.label, job.agent_id, cycle)
+            for job in jobs
+            for cycle in found.get(job.id, ())
+        ]
+        for flag in flagged:
             log.warning(
                 "entry.recorded",
-                job=job.label,
-                site=job.agent_id,
+                job=flag.label,
+                site=flag.site,
                 status="MISSING",
-                cycle=cycle.isoformat(),
-                message=f"no report before the deadline of the {cycle:%Y-%m-%d %H:%M}Z cycle",
+                cycle=flag.cycle.isoformat(),
+                message=f"no report before the deadline of the {flag.cycle:%Y-%m-%d %H:%M}Z cycle",
             )
-        return [Flagged(job.id, job.label, job.agent_id, cycle) for cycle in cycles]
+        return flagged
 
     def seconds_until_next(self, now: datetime) -> float:
         if self._deferred:

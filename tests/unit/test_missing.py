@@ -67,7 +67,7 @@ class Daemon:
         return cls(timeline, fresh_cursor(timeline, at))
 
     def tick(self, now: datetime, oldest: datetime = EPOCH) -> list[datetime]:
-        """`Store.due_jobs` then `Store.settle_job`: MISSING for each due cycle without entry."""
+        """`Store.due_jobs` then `Store.settle_jobs`: MISSING for each due cycle without entry."""
         if self.cursor.cycle is None or self.cursor.deadline is None or self.cursor.deadline > now:
             return []
         plan = settle(self.timeline, self.cursor.cycle, now, oldest)

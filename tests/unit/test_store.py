@@ -26,6 +26,7 @@ from support import utc
 
 from backupwatch.enums import BackupEntryStatus, BackupFrequency, JobStatus
 from backupwatch.jobs import JobSpec
+from backupwatch.missing import Due
 from backupwatch.store import (
     MIGRATION_LOCK_KEY,
     MIGRATIONS_DIR,
@@ -37,6 +38,7 @@ from backupwatch.store import (
     ProcessedReport,
     ProcessedReportRecord,
     Store,
+    _Missing,
 )
 from backupwatch.timer import MissingTimer
 
@@ -560,11 +562,12 @@ def race(
     errors: list[BaseException] = []
 
     def settle(store: Store) -> int:
-        return len(store.settle_job(racer, now, now - MAX_AGE))
+        return sum(map(len, store.settle_jobs([racer], now, now - MAX_AGE).values()))
 
     def insert(store: Store) -> int:
-        with store.session() as session:
-            return int(store._flag_missing(session, racer, cycle, now))
+        with store.engine.begin() as connection:
+            wanted = [_Missing(racer, Due(cycle, racer.schedule), now)]
+            return sum(map(len, store._flag_missing(connection, wanted).values()))
 
     def run(attempt: Callable[[Store], int], store: Store) -> None:
         try:

@@ -13,13 +13,14 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import event, insert, select
 from sqlalchemy.exc import OperationalError
 from support import utc
 
 from backupwatch import timer as timer_module
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.jobs import JobSpec
-from backupwatch.store import ExpectedBackupJob, Store
+from backupwatch.store import SETTLE_PAGE, AlertEvent, BackupEntry, ExpectedBackupJob, Store
 from backupwatch.timer import BUSY_POLL, DEFER_LIMIT, MAX_SLEEP, Flagged, MissingTimer
 
 T0 = utc(2026, 11, 24, 0, 0)
@@ -247,3 +248,119 @@ def test_busy_sites_filling_a_whole_page_do_not_hide_the_jobs_behind_them(store:
     flagged = timer.run_once(DEADLINE + SECOND)
 
     assert [f.label for f in flagged] == ["ACME/Lyon/calm/sales"]
+
+
+# --------------------------------------------------------------------------- a wave of deadlines
+
+
+def entry(store: Store, label: str, cycle: datetime, status: BackupEntryStatus) -> None:
+    """An entry as a report (or an earlier MISSING) would have left it."""
+    found = store.find_job(label)
+    assert found is not None
+    with store.engine.begin() as connection:
+        connection.execute(
+            insert(BackupEntry),
+            {
+                "job_id": found.id,
+                "cycle": cycle,
+                "status": status,
+                "message": f"{status.value} by hand",
+                "recorded_at": cycle,
+                "unchanged_since_last_success": False,
+            },
+        )
+
+
+def events(store: Store) -> dict[str, tuple[str, datetime | None]]:
+    """The MISSING alert events by job label: (kind, since)."""
+    with store.engine.connect() as connection:
+        rows = connection.execute(select(AlertEvent.job_label, AlertEvent.kind, AlertEvent.since))
+        return {row.job_label: (row.kind, row.since) for row in rows}
+
+
+def test_one_page_settles_each_job_as_it_needs_in_one_call(store: Store) -> None:
+    """Flagged, already reported, paused, acknowledged after a failure, changed since read:
+    one `settle_jobs` call does the right thing for each (SPEC §4, §10, §11)."""
+    names = ["plain", "reported", "paused", "acked", "changed"]
+    specs = [spec(name) for name in names]
+    store.sync_jobs(specs, 60, T0)
+    label = {name: f"ACME/Lyon/{name}/sales" for name in names}
+    entry(store, label["reported"], CYCLE, BackupEntryStatus.SUCCESS)
+    entry(store, label["acked"], CYCLE - timedelta(days=1), BackupEntryStatus.FAILED)
+    ids = {job.neighborhood: job.id for job in store.active_jobs()}
+    assert store.acknowledge(ids["acked"], T0, "known") is not None
+    store.pause([ids["paused"]], T0, None, "works")
+    page = store.due_jobs(DEADLINE)
+    assert len(page) == 5
+    specs[-1] = spec("changed", collection_window_minutes=30)  # after the page was read
+    store.sync_jobs(specs, 60, DEADLINE - SECOND)
+
+    flagged = store.settle_jobs(page, DEADLINE, DEADLINE - MAX_AGE)
+
+    assert flagged == {ids["plain"]: [CYCLE], ids["acked"]: [CYCLE]}
+    assert events(store) == {
+        label["plain"]: ("MISSING", CYCLE),
+        label["acked"]: ("MISSING", CYCLE - timedelta(days=1)),  # the streak began then
+    }
+    acked = store.find_job(label["acked"])
+    assert acked is not None
+    assert acked.acked_at is None  # its state changed: the ack is done
+    moved = {job.neighborhood: job.next_cycle_at for job in store.active_jobs()}
+    assert moved == {
+        "plain": CYCLE + timedelta(days=1),
+        "reported": CYCLE + timedelta(days=1),
+        "paused": CYCLE + timedelta(days=1),
+        "acked": CYCLE + timedelta(days=1),
+        "changed": moved["changed"],
+    }
+    assert missing_cycles(store, label["changed"]) == []  # the next pass plans it afresh
+    assert store.settle_jobs(page, DEADLINE, DEADLINE - MAX_AGE) == {}  # each once
+
+
+def test_a_wave_is_settled_a_page_at_a_time_in_a_few_statements(store: Store) -> None:
+    """Two pages and one job more: every job flagged once, with its event, and the number of
+    SQL statements bounded per page, not per job (issue 10: 100,000 deadlines in 60 s)."""
+    jobs = 2 * SETTLE_PAGE + 1
+    store.sync_jobs([spec(f"site-{n}") for n in range(jobs)], 60, T0)
+    statements: list[str] = []
+    event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
+
+    flagged = MissingTimer(store, lambda: DEADLINE, MAX_AGE).run_once(DEADLINE)
+
+    assert sorted(f.job_id for f in flagged) == sorted(j.id for j in store.active_jobs())
+    assert len(events(store)) == jobs
+    pages = 4  # the last one empty
+    assert len(statements) <= pages * 14, statements[:60]  # one job at a time: over 4,000
+    assert MissingTimer(store, lambda: DEADLINE, MAX_AGE).run_once(DEADLINE) == []
+
+
+def test_a_job_locked_by_another_transaction_is_skipped_then_settled(postgres_url: str) -> None:
+    """PostgreSQL: a row held by another transaction (another daemon of this instance settling
+    it, a report being recorded) is skipped, not waited for; the next pass settles it."""
+    store = Store(postgres_url)
+    store.migrate()
+    holder = Store(postgres_url)
+    try:
+        store.sync_jobs([spec(), spec("Vaise")], 60, T0)
+        timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE)
+        held = store.find_job(SALES)
+        assert held is not None
+        with holder.engine.begin() as connection:
+            connection.execute(
+                select(ExpectedBackupJob.id)
+                .where(ExpectedBackupJob.id == held.id)
+                .with_for_update()
+            )
+            done: list[list[Flagged]] = []
+            thread = threading.Thread(target=lambda: done.append(timer.run_once(DEADLINE)))
+            thread.start()
+            thread.join(timeout=30)
+            finished = not thread.is_alive()
+        thread.join()
+        assert finished, "the timer waited for the held row"
+        assert [f.label for f in done[0]] == ["ACME/Lyon/Vaise/sales"]
+        assert store.earliest_deadline() == DEADLINE  # still due
+        assert [f.label for f in timer.run_once(DEADLINE + SECOND)] == [SALES]
+    finally:
+        holder.dispose()
+        store.dispose()
