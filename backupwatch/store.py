@@ -35,7 +35,6 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
-    bindparam,
     case,
     create_engine,
     delete,
@@ -370,8 +369,8 @@ def make_engine(url: str, create: bool = True) -> Engine:
         return engine
     options: dict[str, Any] = {}
     if parsed.get_driver_name() == "psycopg2":
-        # An executemany UPDATE (the timer's cursors for a page of jobs) in pages of statements
-        # per round trip, not one round trip per row.
+        # An executemany UPDATE (a sync flushing many changed jobs) in pages of statements per
+        # round trip, not one round trip per row.
         options["executemany_mode"] = "values_plus_batch"
     return create_engine(url, pool_pre_ping=True, pool_size=5, max_overflow=5, **options)
 
@@ -1472,10 +1471,6 @@ class _Plan:
             and row.updated_at == job.updated_at
         )
 
-    def moved(self) -> dict[str, Any]:
-        cursor = self.plan.cursor
-        return {"b_id": self.job.id, "b_cycle": cursor.cycle, "b_deadline": cursor.deadline}
-
 
 @dataclasses.dataclass(frozen=True)
 class _Missing:
@@ -1513,17 +1508,20 @@ def _move_cursors(connection: Any, plans: Mapping[int, _Plan]) -> list[int]:
         .with_for_update(key_share=True, skip_locked=True)
     ).all()
     moved = [row.id for row in rows if plans[row.id].unchanged(row)]
-    if moved:
+    # Jobs of one schedule move to the same cursor: one UPDATE per cursor (a wave: one).
+    by_cursor: dict[Cursor, list[int]] = {}
+    for job_id in moved:
+        by_cursor.setdefault(plans[job_id].plan.cursor, []).append(job_id)
+    for cursor, ids in by_cursor.items():
         connection.execute(
             update(j)
-            .where(j.id == bindparam("b_id"))
+            .where(j.id.in_(ids))
             .values(
-                next_cycle_at=bindparam("b_cycle"),
-                next_deadline_at=bindparam("b_deadline"),
+                next_cycle_at=cursor.cycle,
+                next_deadline_at=cursor.deadline,
                 previous_schedules=None,
                 schedule_changed_at=None,
-            ),
-            [plans[job_id].moved() for job_id in moved],
+            )
         )
     return moved
 
