@@ -147,6 +147,7 @@ class EventText:
     cycle: datetime | None
     since: datetime | None
     message: str
+    instance: str | None = None  # SPEC §15: the daemon whose job or deposit folder it is
 
 
 @dataclass(frozen=True)
@@ -169,6 +170,8 @@ def single(event: EventText) -> Message:
         lines.append(f"Job: {event.job}")
     site = event.site if not event.agent_id else f"{event.site} (agent {event.agent_id})"
     lines.append(f"Site: {site}")
+    if event.instance:
+        lines.append(f"Instance: {visible(event.instance)}")
     if event.status:
         since = (
             f" since {_z(event.since)}" if event.since and event.kind is not Kind.RECOVERED else ""
@@ -200,9 +203,11 @@ def grouped(events: Sequence[EventText], catch_up: bool = False) -> Message:
     if catch_up:
         lines.append("Catch-up after the daemon was down or busy:")
     by_company: dict[str, dict[str, Counter[str]]] = {}
+    several = len({event.instance for event in events}) > 1
     for event in events:
         company = by_company.setdefault(event.company or "-", {})
-        company.setdefault(event.site, Counter())[_shown_kind(event)] += 1
+        site = f"{event.site} [{event.instance or '-'}]" if several else event.site
+        company.setdefault(site, Counter())[_shown_kind(event)] += 1
     for name, sites in sorted(by_company.items()):
         total = sum(sum(counts.values()) for counts in sites.values())
         lines.append(f"{name} ({total})")
@@ -256,6 +261,7 @@ class DigestJob:
     paused: bool
     expected: int  # cycles whose deadline passed in the period (paused ones left out)
     ok: int  # of those, the cycles with a successful backup
+    instance: str | None = None
 
 
 def routed_to(job: DigestJob, channel: str) -> bool:
@@ -269,6 +275,12 @@ def digest(jobs: Sequence[DigestJob], day: datetime, days: int = 14) -> Message:
         by_company.setdefault(job.company, []).append(job)
     problems = sum(1 for job in jobs if _not_ok(job))
     title = f"backupwatch: daily summary {day:%Y-%m-%d}: {problems} of {len(jobs)} jobs not OK"
+    several = len({job.instance for job in jobs}) > 1  # SPEC §15: marked by instance
+
+    def name(job: DigestJob) -> str:
+        label = visible(job.label)
+        return f"{label} [{visible(job.instance or '-')}]" if several else label
+
     lines = []
     for company, members in sorted(by_company.items()):
         expected = sum(job.expected for job in members)
@@ -277,10 +289,10 @@ def digest(jobs: Sequence[DigestJob], day: datetime, days: int = 14) -> Message:
         lines.append(f"{company}: compliance over {days} days {rate} ({ok}/{expected} cycles OK)")
         for job in members:
             if _not_ok(job):
-                lines.append(f"  {visible(job.label)}: {job.status.value}")
+                lines.append(f"  {name(job)}: {job.status.value}")
         paused = [job for job in members if job.paused]
         if paused:
-            lines.append(f"  paused: {', '.join(visible(job.label) for job in paused)}")
+            lines.append(f"  paused: {', '.join(name(job) for job in paused)}")
     lines.append("See more: backupwatchctl status")
     return Message(title, "\n".join(lines))
 

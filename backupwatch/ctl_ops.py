@@ -140,9 +140,15 @@ def cmd_alerts(ctl: Ctl) -> int:
         )
         subject = text.job or text.site
         rows.append(
-            [format_z(event.created_at) or "-", text.kind.value, subject, deliveries or "-"]
+            [
+                format_z(event.created_at) or "-",
+                text.kind.value,
+                subject,
+                text.instance or "-",
+                deliveries or "-",
+            ]
         )
-    _table(ctl, ["CREATED", "EVENT", "JOB OR SITE", "DELIVERIES"], rows)
+    _table(ctl, ["CREATED", "EVENT", "JOB OR SITE", "INSTANCE", "DELIVERIES"], rows)
     for event in events:
         for d in event.deliveries:
             if d.last_error and d.state != "sent":
@@ -158,6 +164,7 @@ def _event_json(event: Any) -> dict[str, Any]:
         "job": text.job,
         "site": text.site,
         "company": text.company,
+        "instance": text.instance,
         "status": text.status,
         "cycle": format_z(text.cycle),
         "since": format_z(text.since),

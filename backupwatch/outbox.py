@@ -128,6 +128,7 @@ def _text(event: AlertEvent) -> EventText:
         cycle=event.cycle,
         since=event.since,
         message=event.message,
+        instance=event.instance,
     )
 
 
@@ -280,6 +281,7 @@ class Outbox:
                 j.alert_channels,
                 j.paused_at,
                 j.paused_until,
+                j.instance,
                 _current_status().label("status"),
                 e.created_at,
                 e.cycle,
@@ -322,6 +324,7 @@ class Outbox:
             "since": row.since,
             "message": row.message,
             "created_at": now,
+            "instance": row.instance,
         }
         targets = routing.targets(Kind.REMINDER, row.alert_channels, Kind(status.value))
         return int(_emit(self.store, connection, event, targets, now))
@@ -385,6 +388,7 @@ class Outbox:
                     paused=pause.covers(now),
                     expected=len(expected),
                     ok=ok,
+                    instance=job.instance,
                 )
             )
         return found

@@ -324,6 +324,8 @@ class AlertEvent(Base):
     since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     message: Mapped[str] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+    # SPEC §15 (migration 0009): the instance whose job or deposit folder the event is about.
+    instance: Mapped[str | None] = mapped_column(String(255))
 
 
 class AlertDelivery(Base):
@@ -841,6 +843,7 @@ class Store:
                 "since": None,
                 "message": f"{report_name} was rejected: {reason}",
                 "created_at": now,
+                "instance": self.instance,  # its deposit root is this daemon's
             }
             channels = site_channels(r.alert_channels for r in jobs)
             targets = self.routing.targets(Kind.REJECTED, channels)
@@ -1386,6 +1389,7 @@ class _JobRow:
     channels: list[str] | None
     pause: Pause
     acked: bool
+    instance: str | None
 
 
 def _all_of(parts: Sequence[Any]) -> Any:
@@ -1598,6 +1602,7 @@ class _Changes:
                 j.paused_at,
                 j.paused_until,
                 j.acked_at,
+                j.instance,
             )
             .where(j.id.in_(list(job_ids)))
             .order_by(j.id)
@@ -1615,6 +1620,7 @@ class _Changes:
                 channels=r.alert_channels,
                 pause=Pause(r.paused_at, r.paused_until),
                 acked=r.acked_at is not None,
+                instance=r.instance,
             )
             for r in rows
         }
@@ -1722,6 +1728,7 @@ class _Changes:
             "since": since,
             "message": message,
             "created_at": now,
+            "instance": job.instance,
         }
         return _Outgoing(event, self.store.routing.targets(kind, job.channels))
 

@@ -7,6 +7,7 @@ instant injected. The daemons themselves are in tests/integration/test_instances
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,13 @@ from alembic import command
 from sqlalchemy import select, update
 from support import utc
 
+from backupwatch.alerting import digest, grouped, single
 from backupwatch.config import load_settings
 from backupwatch.jobs import JobSpec
 from backupwatch.locate import ConfigError
+from backupwatch.outbox import Outbox
 from backupwatch.store import MIGRATIONS_DIR, ExpectedBackupJob, InstanceConflict, Store
+from backupwatch.timer import MissingTimer
 
 T0 = utc(2026, 11, 24, 0, 0)
 DAY = 86400
@@ -190,3 +194,28 @@ def test_instance_defaults_to_the_host_name_and_is_checked(tmp_path: Path) -> No
     path.write_text("instance = 3\n")
     with pytest.raises(ConfigError, match="instance: expected a string"):
         load_settings(path, {})
+
+
+def test_alerts_are_marked_by_instance(pair: tuple[Store, Store]) -> None:
+    """SPEC §15: the alerts of any daemon cover all instances, marked by instance."""
+    a, b = pair
+    a.sync_jobs([spec("Lyon")], 60, T0)
+    b.sync_jobs([spec("Paris")], 60, T0)
+    due = utc(2026, 11, 24, 14, 1)
+    for store in (a, b):
+        assert MissingTimer(store, lambda: due, timedelta(days=1)).run_once(due)
+    assert a.record_rejection("ACME_Lyon_Centre", "STATUS.json", "not valid JSON", due)
+
+    texts = {(t.kind.value, t.site): t for t in (e.text for e in Outbox(b).recent(10))}
+
+    assert {key: t.instance for key, t in texts.items()} == {
+        ("MISSING", "ACME/Lyon/Centre"): "a",
+        ("MISSING", "ACME/Paris/Centre"): "b",
+        ("REJECTED", "ACME/Lyon/Centre"): "a",
+    }
+    assert "Instance: b" in single(texts["MISSING", "ACME/Paris/Centre"]).body
+    body = grouped(list(texts.values())).body
+    assert "ACME/Lyon/Centre [a]: 1 MISSING, 1 REJECTED" in body
+    assert "ACME/Paris/Centre [b]: 1 MISSING" in body
+    summary = digest(Outbox(a).digest_jobs(due), due).body
+    assert "ACME/Paris/Centre/sales [b]: MISSING" in summary
