@@ -1066,8 +1066,10 @@ class Store:
     def _old_entries(self, cutoff: datetime) -> Any:
         """Entries older than `cutoff`, except each job's newest cycle and a success whose file
         the daemon placed and has not removed (its only record: without it the file could
-        never be pruned). Walks the (cycle) index from the oldest end."""
-        e = BackupEntry
+        never be pruned). Walks the (cycle) index from the oldest end. With an instance set,
+        only that instance's jobs: another host keeps its entries by its own `history_days`
+        (SPEC §15)."""
+        e, j = BackupEntry, ExpectedBackupJob
         newer = aliased(BackupEntry)
         newest_cycle = (
             select(func.max(newer.cycle)).where(newer.job_id == e.job_id).scalar_subquery()
@@ -1076,7 +1078,10 @@ class Store:
             e.final_ino.is_not(None),
             or_(e.final_removal.is_(None), e.final_removal == REMOVAL_CLAIMED),
         )
-        return select(e.id).where(e.cycle < cutoff, e.cycle < newest_cycle, ~placed)
+        query = select(e.id).where(e.cycle < cutoff, e.cycle < newest_cycle, ~placed)
+        if self.instance is not None:
+            query = query.where(e.job_id.in_(self._own(select(j.id))))
+        return query
 
     def prune_entries(self, cutoff: datetime, batch: int) -> list[int]:
         """Delete one batch of old entries in a short transaction; the ids deleted.

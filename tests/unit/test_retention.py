@@ -279,6 +279,29 @@ def test_old_entries_go_in_batches_each_job_keeping_its_newest(
     assert sorted(e.message for e in left) == ["day 29", "placed"]
 
 
+def test_old_entries_of_another_instances_jobs_are_left_to_it(
+    tmp_path: Path, database_url: str
+) -> None:
+    """SPEC §14, §15: each host prunes its own jobs' entries, by its own `history_days`."""
+    w = world(tmp_path, database_url)
+    w.store.instance = "here"
+    job = w.store.find_job(SALES)
+    assert job is not None
+    old = [
+        NewEntry(job.id, day(n), BackupEntryStatus.FAILED, f"day {n}", report_sha256=f"{n:064x}")
+        for n in range(3)
+    ]
+    assert w.store.record_report(ProcessedReportRecord("a" * 64, "s", "r", "accepted"), old, day(0))
+    with w.store.session() as session:
+        session.execute(update(ExpectedBackupJob).values(instance="elsewhere"))
+    now = day(2) + timedelta(days=w.settings.retention.history_days + 1)
+
+    assert Pruner(w.store, w.settings, pause=0).run_once(now).entries == 0
+    assert len(w.history(SALES)) == 3
+    w.store.instance = "elsewhere"
+    assert Pruner(w.store, w.settings, pause=0).run_once(now).entries == 2
+
+
 # ------------------------------------------------------- _archive/, _rejected/, stale
 
 
