@@ -4,6 +4,7 @@ and the waitress server's start and stop (the real daemon is in tests/integratio
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from support import World, job_block, write_config
 
 from backupwatch.config import ConfigError, load_settings, parse_listen
@@ -414,3 +415,51 @@ def test_instances_label_metrics_and_filter_the_page(world: World) -> None:
         for s in f.samples
     }
     assert instances == {"alpha", "beta"}
+
+
+def _cell(body: bytes, site: str, day: date) -> str:
+    """The verdict shown in `site`'s row for `day`."""
+    row = body.split(f'data-site="{site}"'.encode(), 1)[1].split(b"</tr>", 1)[0]
+    found = re.search(rb'data-verdict="(\w+)" data-day="' + day.isoformat().encode(), row)
+    assert found is not None
+    return found.group(1).decode()
+
+
+def _rows_html(world: World, app: WebApp | None) -> list[str]:
+    """Every row's cells, from the past days `app` keeps (or, without, from one query)."""
+    views = world.store.job_states(NOW, last_success=False)
+    if app is None:
+        page = board(views, day_counts(world.store, window(NOW)), NOW)
+    else:
+        today = day_counts(world.store, window(NOW)[-1:])
+        page = board(views, today, NOW, past=app.past.rows(world.store, views, NOW))
+    return [row.html for company in page.companies for row in company.rows]
+
+
+def test_past_days_are_kept_until_their_entries_change(world: World) -> None:
+    app, _ = _app(world)
+    sales = _ids(world)["ACME/Lyon/Part-Dieu/sales"]
+    site, past = "ACME/Lyon/Part-Dieu", date(2026, 11, 25)
+
+    def page() -> bytes:
+        app.renders.clear()
+        status, _, body = _call(app, "/")
+        assert status == "200 OK"
+        assert _rows_html(world, app) == _rows_html(world, None)  # what a fresh page shows
+        return body
+
+    assert _cell(page(), site, past) == "NONE"
+    made = app.past.made
+    assert _cell(page(), site, past) == "NONE"
+    assert app.past.made == made  # nothing changed: the past days were reused
+    _entry(world.store, sales, NOW - timedelta(hours=1), BackupEntryStatus.FAILED)
+    assert _cell(page(), site, NOW.date()) == "FAILED"  # today is read for every page
+    assert app.past.made == made
+    _entry(world.store, sales, datetime(2026, 11, 25, 13, tzinfo=UTC), BackupEntryStatus.MISSING)
+    assert _cell(page(), site, past) == "MISSING"  # a late MISSING flag of a past day
+    _entry(world.store, sales, datetime(2026, 11, 25, 13, tzinfo=UTC), BackupEntryStatus.SUCCESS)
+    assert _cell(page(), site, past) == "OK"  # the report came after all
+    with world.store.session() as session:
+        session.execute(delete(BackupEntry).where(BackupEntry.cycle < NOW - timedelta(days=1)))
+    assert _cell(page(), site, past) == "NONE"  # history retention removed them
+    assert app.past.made == made + 3
