@@ -48,6 +48,7 @@ from backupwatch.grid import (
 )
 from backupwatch.metrics import Instruments, Runtime, registry
 from backupwatch.pastdays import PastDays
+from backupwatch.siterow import site_row, site_url
 from backupwatch.store import BackupEntry, ExpectedBackupJob, Store
 from backupwatch.timeutil import format_z
 
@@ -194,6 +195,7 @@ class WebApp:
             site_url=site_url,
             entry_status=JobStatus.from_entry,
             row_cells=row_cells,
+            site_row=site_row,
         )
         self.css = resources.files("backupwatch").joinpath("static/style.css").read_bytes()
 
@@ -368,10 +370,6 @@ def _index_url(problems: bool, instance: str | None) -> str:
     if instance is not None:
         query["instance"] = instance
     return "/?" + urlencode(query) if query else "/"
-
-
-def site_url(company: str, city: str, neighborhood: str) -> str:
-    return "/site/" + "/".join(quote(part, safe="") for part in (company, city, neighborhood))
 
 
 def _segments(environ: Mapping[str, Any]) -> list[str] | None:
