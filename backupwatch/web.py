@@ -28,7 +28,6 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
-from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -46,7 +45,7 @@ from backupwatch.grid import (
     verdict_of,
     window,
 )
-from backupwatch.metrics import Instruments, Runtime, registry
+from backupwatch.metrics import Instruments, Runtime, exposition, registry
 from backupwatch.pastdays import PastDays
 from backupwatch.siterow import site_row, site_url
 from backupwatch.store import BackupEntry, ExpectedBackupJob, Store
@@ -278,7 +277,7 @@ class WebApp:
 
     def metrics(self) -> Response:
         # 0.0.4: the text format every Prometheus version reads
-        return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
+        return Response("200 OK", exposition(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
 
     def index(self, problems: bool, instance: str | None = None) -> Response:
         """The grid; `instance` (SPEC §15) keeps one daemon instance's jobs."""

@@ -13,10 +13,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import Collector
 from sqlalchemy import delete, select
 from support import World, job_block, write_config
 
+from backupwatch import metrics
 from backupwatch.config import ConfigError, load_settings, parse_listen
 from backupwatch.enums import BackupEntryStatus, JobStatus
 from backupwatch.grid import DayCount, Verdict, board, cells_for, day_counts, window
@@ -463,3 +467,46 @@ def test_past_days_are_kept_until_their_entries_change(world: World) -> None:
         session.execute(delete(BackupEntry).where(BackupEntry.cycle < NOW - timedelta(days=1)))
     assert _cell(page(), site, past) == "NONE"  # history retention removed them
     assert app.past.made == made + 3
+
+
+def test_per_job_series_are_what_prometheus_client_would_print() -> None:
+    """The per-job families are written by backupwatch (`Rendered`): byte for byte what
+    prometheus_client's own families and `generate_latest` make, odd names included."""
+    views = [
+        _view(1, JobStatus.OK, last_success_at=NOW - timedelta(hours=3, microseconds=5)),
+        _view(2, JobStatus.FAILED, company_name='Q"uo\\te', city="New\nline", paused=True),
+        _view(3, JobStatus.UNKNOWN, neighborhood="<i>Ü & Co", instance="east", next_deadline=None),
+    ]
+    expected = CollectorRegistry(auto_describe=False)
+    ours = CollectorRegistry(auto_describe=False)
+
+    class Families(Collector):
+        def __init__(self, families: list[Metric]) -> None:
+            self.families = families
+
+        def collect(self) -> Iterator[Metric]:
+            yield from self.families
+
+    labels = ["company", "city", "neighborhood", "database", "instance"]
+    status = GaugeMetricFamily("backupwatch_job_status", "", labels=[*labels, "status"])
+    last = GaugeMetricFamily("backupwatch_job_last_success_timestamp_seconds", "", labels=labels)
+    deadline = GaugeMetricFamily(
+        "backupwatch_job_next_deadline_timestamp_seconds", "", labels=labels
+    )
+    paused = GaugeMetricFamily("backupwatch_job_paused", "", labels=labels)
+    for v in views:
+        values = [v.company_name, v.city, v.neighborhood, v.database_name, v.instance or ""]
+        status.add_metric([*values, v.current_status.value], 1)
+        if v.last_success_at:
+            last.add_metric(values, v.last_success_at.timestamp())
+        if v.next_deadline:
+            deadline.add_metric(values, v.next_deadline.timestamp())
+        if v.paused:
+            paused.add_metric(values, 1)
+    rendered = list(metrics._per_job(views))
+    for family, mine in zip([status, last, deadline, paused], rendered, strict=True):
+        family.documentation = mine.documentation
+    expected.register(Families([status, last, deadline, paused]))
+    ours.register(Families(rendered))
+    assert metrics.exposition(ours) == generate_latest(expected)
+    assert b'company="Q\\"uo\\\\te",database="db2"' in metrics.exposition(ours)
