@@ -47,6 +47,7 @@ from backupwatch.grid import (
 )
 from backupwatch.metrics import Instruments, Runtime, exposition, registry
 from backupwatch.pastdays import PastDays
+from backupwatch.ratelimit import Limiter
 from backupwatch.siterow import site_row, site_url
 from backupwatch.store import BackupEntry, ExpectedBackupJob, Store
 from backupwatch.timeutil import format_z
@@ -171,8 +172,10 @@ class WebApp:
         clock: Callable[[], datetime],
         per_job: Callable[[], bool],
         instruments: Instruments,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store
+        self.limiter = limiter or Limiter(waiters=THREADS - 2)
         self.source = source
         self.clock = clock
         self.registry = registry(store, clock, per_job, source.runtime, instruments)
@@ -223,6 +226,10 @@ class WebApp:
         segments = _segments(environ)
         if segments is None:
             return text("400 Bad Request", "not a path this server answers")
+        if segments != ["healthz"] and "REMOTE_ADDR" in environ:
+            refused = self._throttle(str(environ["REMOTE_ADDR"]))
+            if refused is not None:
+                return refused
         query = parse_qs(query_string, max_num_fields=20)
         try:
             return self.route(segments, query)
@@ -233,6 +240,23 @@ class WebApp:
         except Exception:
             log.exception("web.internal_error", path="/".join(segments))
             return text("500 Internal Server Error", "internal error (see the daemon's log)")
+
+    def _throttle(self, client: str) -> Response | None:
+        """`client`'s token (`ratelimit`): None once it has one, else the 429 answer. Only
+        requests through a socket (with a peer address) are counted; `/healthz` never is."""
+        decision = self.limiter.admit(client)
+        if decision.refused:
+            return text(
+                "429 Too Many Requests",
+                "too many requests from this address: retry later",
+                ("Retry-After", str(decision.retry_after)),
+            )
+        if decision.wait > 0:
+            try:
+                time.sleep(decision.wait)  # this thread only, without the GIL
+            finally:
+                self.limiter.waited()
+        return None
 
     def route(self, segments: list[str], query: dict[str, list[str]]) -> Response:
         match segments:

@@ -25,6 +25,7 @@ from backupwatch.config import ConfigError, load_settings, parse_listen
 from backupwatch.enums import BackupEntryStatus, JobStatus
 from backupwatch.grid import DayCount, Verdict, board, cells_for, day_counts, window
 from backupwatch.metrics import Instruments, Runtime
+from backupwatch.ratelimit import Decision, Limiter
 from backupwatch.store import BackupEntry, ExpectedBackupJob, JobView, Store
 from backupwatch.web import Renders, Response, WebApp, WebServer
 
@@ -510,3 +511,57 @@ def test_per_job_series_are_what_prometheus_client_would_print() -> None:
     ours.register(Families(rendered))
     assert metrics.exposition(ours) == generate_latest(expected)
     assert b'company="Q\\"uo\\\\te",database="db2"' in metrics.exposition(ours)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limiter_slows_a_client_down_then_refuses_it() -> None:
+    clock = Clock()
+    limiter = Limiter(rate=2.0, burst=3, max_wait=1.0, waiters=1, clock=clock)
+    assert [limiter.admit("a").wait for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert limiter.admit("b") == Decision()  # another client has its own bucket
+    assert limiter.admit("a") == Decision(wait=0.5)  # its next token, in half a second
+    refused = limiter.admit("a")  # the one waiting slot is taken
+    assert refused.refused
+    assert refused.retry_after == 1
+    limiter.waited()
+    assert limiter.admit("a") == Decision(wait=1.0)
+    limiter.waited()
+    assert limiter.admit("a").retry_after == 2  # over a second to wait: refused, not held
+    clock.now += 1.0  # two tokens back: the two reserved ones are paid for
+    assert limiter.admit("a") == Decision(wait=0.5)
+    limiter.waited()
+    clock.now += 60
+    assert limiter.admit("a") == Decision()  # refilled up to the burst, no more
+    assert [limiter.admit("a").wait for _ in range(2)] == [0.0, 0.0]
+    assert limiter.admit("a").wait == 0.5
+
+
+def test_a_client_over_its_rate_is_answered_429_but_healthz_never(world: World) -> None:
+    source = FakeSource()
+    clock = Clock()
+    limiter = Limiter(rate=1.0, burst=2, max_wait=0.0, clock=clock)
+    app = WebApp(world.store, source, lambda: NOW, lambda: True, Instruments(), limiter)
+
+    def get(path: str, peer: str = "192.0.2.1") -> tuple[str, dict[str, str]]:
+        environ = {"REQUEST_METHOD": "GET", "REQUEST_URI": path, "REMOTE_ADDR": peer}
+        found: dict[str, Any] = {}
+        b"".join(app(environ, lambda s, h: found.update(status=s, headers=dict(h))))
+        return found["status"], found["headers"]
+
+    assert get("/metrics")[0] == "200 OK"
+    assert get("/")[0] == "200 OK"
+    status, headers = get("/api/status")
+    assert status == "429 Too Many Requests"
+    assert headers["Retry-After"] == "1"
+    assert [get("/healthz")[0] for _ in range(10)] == ["200 OK"] * 10
+    assert get("/", peer="192.0.2.2")[0] == "200 OK"  # another client is not held back
+    assert _call(app, "/")[0] == "200 OK"  # in-process (no peer): not counted
+    clock.now += 1
+    assert get("/static/style.css")[0] == "200 OK"
