@@ -1,9 +1,10 @@
 """SPEC §12: the status page's grid, sites by UTC day, worst verdict per cell.
 
-The database does the aggregation: one statement per page groups every cycle of the window by
-(site, day) (or by (job, day) for one site's page), so the page costs one index range scan over
-`backup_entries.cycle` (migration 0006), never one query per cell or per job. What a cell
-shows is decided here, in pure functions of those rows and `now`.
+The database does the aggregation: one statement groups every cycle of a range of days by
+(site, day) (or by (job, day) for one site's page), one index range scan over
+`backup_entries.cycle` (migration 0006), never one query per cell or per job. The index page
+runs it for today only and keeps the past days' part of each row (`Stretch`) in `pastdays`.
+What a cell shows is decided here, in pure functions of those rows and `now`.
 """
 
 from __future__ import annotations

@@ -308,9 +308,9 @@ class WebApp:
         now = self.clock()
         views = self.store.job_states(now, last_success=False)
         instances = sorted({view.instance for view in views if view.instance})
+        past = self.past.rows(self.store, views, now)  # every site's: one set for all filters
         if instance is not None:
             views = [view for view in views if view.instance == instance]
-        past = self.past.rows(self.store, views, now)
         today = day_counts(self.store, window(now)[-1:])
         page = board(views, today, now, problems, past)
         return self._html(

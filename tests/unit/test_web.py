@@ -412,6 +412,7 @@ def test_instances_label_metrics_and_filter_the_page(world: World) -> None:
     assert b'href="/?problems=1&amp;instance=alpha"' in alpha
     _, _, problems = _call(app, "/?problems=1&instance=beta")
     assert b"Part-Dieu" not in problems
+    assert app.past.made == 1  # every filter's page shares the past days' cells
     _, _, metrics = _call(app, "/metrics")
     instances = {
         s.labels["instance"]
