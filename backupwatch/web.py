@@ -58,7 +58,7 @@ THREADS = 6  # requests served at once; more wait in waitress' queue, not in a t
 # Pages and scrapes are made one at a time, each reused for CACHE_FACTOR times what it cost to
 # make (at most CACHE_MAX seconds): however often clients ask, the listener's share of the
 # interpreter stays near 1/CACHE_FACTOR, and report processing keeps the rest.
-CACHE_FACTOR = 40
+CACHE_FACTOR = 20
 CACHE_MAX = 30.0
 CACHE_ENTRIES = 64
 GZIP_MIN_BYTES = 4096

@@ -239,7 +239,7 @@ def test_status_page_in_a_browser(world: WebWorld, browser: object, tmp_path: Pa
     assert world.daemon.ctl("ack", str(centre), "--reason", "disk ordered").returncode == 0
 
     def levers_shown() -> bool:
-        # A page is reused for 40 times what it cost to make (milliseconds here).
+        # A page is reused for 20 times what it cost to make (milliseconds here).
         browser.get(base + "/")
         return "paused" in browser.page_source and ">ack<" in browser.page_source
 

@@ -330,7 +330,7 @@ def test_renders_are_reused_for_a_multiple_of_their_cost() -> None:
 
     def make() -> Response:
         made.append(1)
-        time.sleep(0.01)  # reused for 40 times that at least: 0.4 s
+        time.sleep(0.01)  # reused for 20 times that at least: 0.2 s
         return Response("200 OK", b"page")
 
     first = renders.get("/", make)
