@@ -1,20 +1,22 @@
 """SPEC §12: the status page's grid, sites by UTC day, worst verdict per cell.
 
-The database does the aggregation: one statement per page groups every cycle of the window by
-(site, day) (or by (job, day) for one site's page), so the page costs one index range scan over
-`backup_entries.cycle` (migration 0006), never one query per cell or per job. What a cell
-shows is decided here, in pure functions of those rows and `now`.
+The database does the aggregation: one statement groups every cycle of a range of days by
+(site, day) (or by (job, day) for one site's page), one index range scan over
+`backup_entries.cycle` (migration 0006), never one query per cell or per job. The index page
+runs it for today only and keeps the past days' part of each row (`Stretch`) in `pastdays`.
+What a cell shows is decided here, in pure functions of those rows and `now`.
 """
 
 from __future__ import annotations
 
 import enum
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
+from markupsafe import escape
 from sqlalchemy import BigInteger, case, cast, func, select
 
 from backupwatch.enums import BackupEntryStatus, JobStatus
@@ -123,6 +125,11 @@ class Row:
     cells: list[Cell] = field(default_factory=list)
     cycles: int = 0
     ok: int = 0
+    html: str = ""  # the cells' markup (`cells_html`)
+
+    def show(self, found: Stretch) -> None:
+        self.cells, self.cycles, self.ok = found.cells, found.cycles, found.ok
+        self.html = found.html
 
     @property
     def current(self) -> Verdict | None:
@@ -240,9 +247,36 @@ def cells_for(
     counts: Sequence[DayCount], days: Sequence[date], pending: bool, name: str
 ) -> tuple[list[Cell], int, int]:
     """The row's cells (one per day), its cycles in the window and how many were OK."""
-    by_day = {c.day: c for c in counts}
+    found = stretch(counts, days, pending, name, today=days[-1])
+    return found.cells, found.cycles, found.ok
+
+
+@dataclass(frozen=True)
+class Stretch:
+    """A row's cells over consecutive days, with their markup and totals: the past days' part
+    of every row is kept between pages (`pastdays`), today's is made for each page."""
+
+    cells: list[Cell]
+    cycles: int
+    ok: int
+    html: str
+
+    def __add__(self, other: Stretch) -> Stretch:
+        return Stretch(
+            self.cells + other.cells,
+            self.cycles + other.cycles,
+            self.ok + other.ok,
+            self.html + other.html,
+        )
+
+
+def stretch(
+    counts: Iterable[DayCount], days: Sequence[date], pending: bool, name: str, today: date
+) -> Stretch:
+    """A row's cells for `days` (a cycle still awaited `today` shows as such there)."""
+    by_day = {c.day: c for c in counts if days[0] <= c.day <= days[-1]}
     cells = []
-    today = days[-1]
+    cycles = ok = 0
     for day in days:
         count = by_day.get(day)
         awaited = pending and day == today
@@ -251,9 +285,28 @@ def cells_for(
             verdict = Verdict.PENDING
         summary = _summary(tuple(count.counts.items()) if count else (), awaited)
         cells.append(Cell(day, verdict, f"{name} · {day.isoformat()}: {summary}"))
-    cycles = sum(c.cycles for c in counts)
-    ok = sum(c.ok for c in counts)
-    return cells, cycles, ok
+        if count is not None:
+            cycles += count.cycles
+            ok += count.ok
+    return Stretch(cells, cycles, ok, cells_html(cells, today))
+
+
+def cells_html(cells: Iterable[Cell], today: date) -> str:
+    """Day cells as markup, built here rather than in a template macro: 14,000 cells for
+    1,000 sites, where a macro call per cell costs more than the page's query. The title is
+    the one part that names what job files name: escaped."""
+    return "".join(
+        f"{(CELL_START_TODAY if cell.day == today else CELL_START)[cell.verdict]}"
+        f'data-day="{cell.day.isoformat()}" '
+        f'title="{escape(cell.title)}">{SYMBOLS[cell.verdict]}</td>'
+        for cell in cells
+    )
+
+
+CELL_START = {v: f'<td class="cell v-{CSS[v]}" data-verdict="{v.name}" ' for v in Verdict}
+CELL_START_TODAY = {
+    v: f'<td class="cell v-{CSS[v]} today" data-verdict="{v.name}" ' for v in Verdict
+}
 
 
 @functools.lru_cache(maxsize=4096)
@@ -292,21 +345,24 @@ def board(
     counts: dict[tuple[Any, ...], list[DayCount]],
     now: datetime,
     problems_only: bool = False,
+    past: Mapping[tuple[str, ...], Stretch] | None = None,
 ) -> Board:
-    """The grid from the job rows (`status`'s) and the page's one aggregated query."""
+    """The grid from the job rows (`status`'s) and the page's aggregated query: `counts` over
+    the whole window, or over today only with the past days' part of each row in `past`."""
     days = window(now)
-    sites: dict[tuple[str, str, str], list[JobView]] = {}
-    for view in views:
-        if view.active:
-            sites.setdefault((view.company_name, view.city, view.neighborhood), []).append(view)
+    today = days[-1]
+    sites = sites_of(views)
     companies: dict[str, list[Row]] = {}
     shown = 0
     for key, jobs in sites.items():
         name = "/".join(key)
         row = Row(key, name, jobs)
-        row.cells, row.cycles, row.ok = cells_for(
-            counts.get(key, []), days, pending_today(jobs, now), name
-        )
+        pending = pending_today(jobs, now)
+        if past is None:
+            row.show(stretch(counts.get(key, ()), days, pending, name, today))
+        else:
+            head = past.get(key) or stretch((), days[:-1], False, name, today)
+            row.show(head + stretch(counts.get(key, ()), days[-1:], pending, name, today))
         if problems_only and not row.problem:
             companies.setdefault(key[0], [])
             continue
@@ -322,6 +378,15 @@ def board(
     )
 
 
+def sites_of(views: Iterable[JobView]) -> dict[tuple[str, str, str], list[JobView]]:
+    """The active jobs per site, in the views' order."""
+    sites: dict[tuple[str, str, str], list[JobView]] = {}
+    for view in views:
+        if view.active:
+            sites.setdefault((view.company_name, view.city, view.neighborhood), []).append(view)
+    return sites
+
+
 def site_rows(
     jobs: Sequence[JobView], counts: dict[tuple[Any, ...], list[DayCount]], now: datetime
 ) -> list[Row]:
@@ -330,9 +395,8 @@ def site_rows(
     rows = []
     for job in jobs:
         row = Row((str(job.id),), job.database_name, [job])
-        row.cells, row.cycles, row.ok = cells_for(
-            counts.get((job.id,), []), days, pending_today([job], now), job.database_name
-        )
+        found = counts.get((job.id,), ())
+        row.show(stretch(found, days, pending_today([job], now), job.database_name, days[-1]))
         rows.append(row)
     return rows
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -23,6 +23,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -214,46 +215,110 @@ class StoreCollector(Collector):
         yield pending
 
 
+class Rendered(Metric):
+    """A family whose sample lines are made already, in the text format's exact syntax.
+
+    prometheus_client formats a sample in ~15 µs (a label name check and three escapes per
+    label, each time): 30,000 per-job samples took most of a 10,000-job scrape. Rendered
+    families are written as they are by `exposition` (never expose a registry holding them with
+    `generate_latest`, which would print their HELP and TYPE lines only)."""
+
+    def __init__(self, name: str, documentation: str, typ: str, lines: list[str]) -> None:
+        super().__init__(name, documentation, typ)
+        self.lines = lines
+
+
+class _Single(Collector):
+    """One family, for prometheus_client's formatting of the families not `Rendered`."""
+
+    def __init__(self, metric: Metric) -> None:
+        self._metric = metric
+
+    def collect(self) -> Iterator[Metric]:
+        yield self._metric
+
+
+def exposition(source: Collector) -> bytes:
+    """The text format 0.0.4 of `source`'s families (prometheus_client's `generate_latest`,
+    except that `Rendered` families are written as made)."""
+    parts: list[str] = []
+    for metric in source.collect():
+        if isinstance(metric, Rendered):
+            help_text = metric.documentation.replace("\\", r"\\").replace("\n", r"\n")
+            parts.append(f"# HELP {metric.name} {help_text}\n# TYPE {metric.name} {metric.type}\n")
+            parts.extend(metric.lines)
+        else:
+            parts.append(generate_latest(_Single(metric)).decode())
+    return "".join(parts).encode()
+
+
+def _label(value: str) -> str:
+    """A label value as the text format quotes it (prometheus_client's escaping)."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
 def _per_job(views: list[JobView]) -> Iterator[Metric]:
-    status = GaugeMetricFamily(
+    """The four per-job families, each job's label set made once for all of them (labels in
+    name order, values as `floatToGoString` writes them: what `generate_latest` would print)."""
+    status: list[str] = []
+    last: list[str] = []
+    deadline: list[str] = []
+    paused: list[str] = []
+    values: dict[float, str] = {}  # many jobs share a deadline: formatted once
+
+    def number(instant: datetime) -> str:
+        seconds = instant.timestamp()
+        found = values.get(seconds)
+        if found is None:
+            # prometheus_client leaves it unannotated; it returns the Go-style float text
+            found = values[seconds] = str(floatToGoString(seconds))  # type: ignore[no-untyped-call]
+        return found
+
+    for view in views:
+        labels = (
+            f'city="{_label(view.city)}",company="{_label(view.company_name)}",'
+            f'database="{_label(view.database_name)}",instance="{_label(view.instance or "")}",'
+            f'neighborhood="{_label(view.neighborhood)}"'
+        )
+        status.append(
+            f'backupwatch_job_status{{{labels},status="{view.current_status.value}"}} 1.0\n'
+        )
+        if view.last_success_at is not None:
+            last.append(
+                f"backupwatch_job_last_success_timestamp_seconds{{{labels}}} "
+                f"{number(view.last_success_at)}\n"
+            )
+        if view.next_deadline is not None:
+            deadline.append(
+                f"backupwatch_job_next_deadline_timestamp_seconds{{{labels}}} "
+                f"{number(view.next_deadline)}\n"
+            )
+        if view.paused:
+            paused.append(f"backupwatch_job_paused{{{labels}}} 1.0\n")
+    yield Rendered(
         "backupwatch_job_status",
         "1 for each active job, labelled with its current status.",
-        labels=[*JOB_LABELS, "status"],
+        "gauge",
+        status,
     )
-    last = GaugeMetricFamily(
+    yield Rendered(
         "backupwatch_job_last_success_timestamp_seconds",
         "The agent's time of the job's newest successful backup (Unix time).",
-        labels=list(JOB_LABELS),
+        "gauge",
+        last,
     )
-    deadline = GaugeMetricFamily(
+    yield Rendered(
         "backupwatch_job_next_deadline_timestamp_seconds",
         "When the job's next expected cycle closes (Unix time); absent when none is expected.",
-        labels=list(JOB_LABELS),
+        "gauge",
+        deadline,
     )
-    paused = GaugeMetricFamily(
+    yield Rendered(
         "backupwatch_job_paused",
         "1 for each paused job (absent when not paused: 10,000 zeros would cost every scrape).",
-        labels=list(JOB_LABELS),
+        "gauge",
+        paused,
     )
-    for view in views:
-        labels = [
-            view.company_name,
-            view.city,
-            view.neighborhood,
-            view.database_name,
-            view.instance or "",
-        ]
-        status.add_metric([*labels, view.current_status.value], 1)
-        if view.last_success_at is not None:
-            last.add_metric(labels, view.last_success_at.timestamp())
-        if view.next_deadline is not None:
-            deadline.add_metric(labels, view.next_deadline.timestamp())
-        if view.paused:
-            paused.add_metric(labels, 1)
-    yield status
-    yield last
-    yield deadline
-    yield paused
 
 
 def registry(

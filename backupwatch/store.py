@@ -1015,29 +1015,33 @@ class Store:
             rows = connection.execute(query).all()
         views = []
         for row in rows:
-            paused = Pause(row.paused_at, row.paused_until).covers(now)
-            status, unchanged = GRADES.get(row.grade, (None, False))
+            # By position: 10,000 rows for each scrape and page, where a name lookup per column
+            # and a Pause per job showed in the profile.
+            ident, company, city, neighborhood, database, agent, deposit, frequency = row[:8]
+            deadline, paused_at, paused_until, reason, acked_at, ack_reason, instance = row[8:15]
+            paused = paused_at is not None and Pause(paused_at, paused_until).covers(now)
+            status, unchanged = _STATES.get(row[15], _NO_STATE)
             views.append(
                 JobView(
-                    id=row.id,
-                    company_name=row.company_name,
-                    city=row.city,
-                    neighborhood=row.neighborhood,
-                    database_name=row.database_name,
-                    agent_id=row.agent_id,
-                    deposit_path=row.deposit_path,
-                    frequency=row.frequency,
+                    id=ident,
+                    company_name=company,
+                    city=city,
+                    neighborhood=neighborhood,
+                    database_name=database,
+                    agent_id=agent,
+                    deposit_path=deposit,
+                    frequency=frequency,
                     active=True,
-                    current_status=JobStatus.from_entry(status),
-                    last_success_at=row.success if last_success else None,
-                    next_deadline=row.next_deadline_at,
+                    current_status=status,
+                    last_success_at=row[16] if last_success else None,
+                    next_deadline=deadline,
                     paused=paused,
-                    paused_until=row.paused_until if paused else None,
-                    pause_reason=row.pause_reason if paused else None,
-                    acked_at=row.acked_at,
-                    ack_reason=row.ack_reason,
+                    paused_until=paused_until if paused else None,
+                    pause_reason=reason if paused else None,
+                    acked_at=acked_at,
+                    ack_reason=ack_reason,
                     unchanged=unchanged,
-                    instance=row.instance,
+                    instance=instance,
                 )
             )
         return views
@@ -2023,6 +2027,13 @@ GRADES: dict[int, tuple[BackupEntryStatus, bool]] = {
         + [(status, False) for status in BackupEntryStatus if status != BackupEntryStatus.SUCCESS]
     )
 }
+
+
+# `job_states`: a grade as the job's current status (None: the job has no entry yet).
+_STATES: dict[int, tuple[JobStatus, bool]] = {
+    n: (JobStatus.from_entry(status), unchanged) for n, (status, unchanged) in GRADES.items()
+}
+_NO_STATE = (JobStatus.UNKNOWN, False)
 
 
 def _current_grade() -> Any:

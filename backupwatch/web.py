@@ -27,8 +27,7 @@ from urllib.parse import parse_qs, quote, unquote, urlencode
 
 import structlog
 from jinja2 import Environment, PackageLoader, select_autoescape
-from markupsafe import Markup, escape
-from prometheus_client import generate_latest
+from markupsafe import Markup
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
@@ -37,7 +36,6 @@ from backupwatch import __version__
 from backupwatch.config import parse_listen
 from backupwatch.enums import JobStatus
 from backupwatch.grid import (
-    CSS,
     SYMBOLS,
     Row,
     Verdict,
@@ -47,7 +45,10 @@ from backupwatch.grid import (
     verdict_of,
     window,
 )
-from backupwatch.metrics import Instruments, Runtime, registry
+from backupwatch.metrics import Instruments, Runtime, exposition, registry
+from backupwatch.pastdays import PastDays
+from backupwatch.ratelimit import Limiter
+from backupwatch.siterow import site_row, site_url
 from backupwatch.store import BackupEntry, ExpectedBackupJob, Store
 from backupwatch.timeutil import format_z
 
@@ -171,12 +172,15 @@ class WebApp:
         clock: Callable[[], datetime],
         per_job: Callable[[], bool],
         instruments: Instruments,
+        limiter: Limiter | None = None,
     ) -> None:
         self.store = store
+        self.limiter = limiter or Limiter(waiters=THREADS - 2)
         self.source = source
         self.clock = clock
         self.registry = registry(store, clock, per_job, source.runtime, instruments)
         self.renders = Renders()
+        self.past = PastDays()
         self.templates = Environment(
             loader=PackageLoader("backupwatch", "templates"),
             autoescape=select_autoescape(default=True, default_for_string=True),
@@ -193,6 +197,7 @@ class WebApp:
             site_url=site_url,
             entry_status=JobStatus.from_entry,
             row_cells=row_cells,
+            site_row=site_row,
         )
         self.css = resources.files("backupwatch").joinpath("static/style.css").read_bytes()
 
@@ -221,6 +226,10 @@ class WebApp:
         segments = _segments(environ)
         if segments is None:
             return text("400 Bad Request", "not a path this server answers")
+        if segments != ["healthz"] and "REMOTE_ADDR" in environ:
+            refused = self._throttle(str(environ["REMOTE_ADDR"]))
+            if refused is not None:
+                return refused
         query = parse_qs(query_string, max_num_fields=20)
         try:
             return self.route(segments, query)
@@ -231,6 +240,23 @@ class WebApp:
         except Exception:
             log.exception("web.internal_error", path="/".join(segments))
             return text("500 Internal Server Error", "internal error (see the daemon's log)")
+
+    def _throttle(self, client: str) -> Response | None:
+        """`client`'s token (`ratelimit`): None once it has one, else the 429 answer. Only
+        requests through a socket (with a peer address) are counted; `/healthz` never is."""
+        decision = self.limiter.admit(client)
+        if decision.refused:
+            return text(
+                "429 Too Many Requests",
+                "too many requests from this address: retry later",
+                ("Retry-After", str(decision.retry_after)),
+            )
+        if decision.wait > 0:
+            try:
+                time.sleep(decision.wait)  # this thread only, without the GIL
+            finally:
+                self.limiter.waited()
+        return None
 
     def route(self, segments: list[str], query: dict[str, list[str]]) -> Response:
         match segments:
@@ -275,17 +301,18 @@ class WebApp:
 
     def metrics(self) -> Response:
         # 0.0.4: the text format every Prometheus version reads
-        return Response("200 OK", generate_latest(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
+        return Response("200 OK", exposition(self.registry), CONTENT_TYPE_PLAIN_0_0_4)
 
     def index(self, problems: bool, instance: str | None = None) -> Response:
         """The grid; `instance` (SPEC §15) keeps one daemon instance's jobs."""
         now = self.clock()
         views = self.store.job_states(now, last_success=False)
         instances = sorted({view.instance for view in views if view.instance})
+        past = self.past.rows(self.store, views, now)  # every site's: one set for all filters
         if instance is not None:
             views = [view for view in views if view.instance == instance]
-        counts = day_counts(self.store, window(now))
-        page = board(views, counts, now, problems)
+        today = day_counts(self.store, window(now)[-1:])
+        page = board(views, today, now, problems, past)
         return self._html(
             "index.html",
             board=page,
@@ -345,23 +372,9 @@ class WebApp:
 
 
 def row_cells(row: Row) -> Markup:
-    """A grid row's day cells, built here rather than in a template macro: 14,000 cells for
-    1,000 sites, where a macro call per cell costs more than the page's query."""
-    last = len(row.cells) - 1
-    parts = []
-    for n, cell in enumerate(row.cells):
-        start = CELL_START_TODAY if n == last else CELL_START
-        parts.append(
-            f'{start[cell.verdict]}data-day="{cell.day.isoformat()}" '
-            f'title="{escape(cell.title)}">{SYMBOLS[cell.verdict]}</td>'
-        )
-    return Markup("".join(parts))  # noqa: S704 - every variable part above is escaped or ours
-
-
-CELL_START = {v: f'<td class="cell v-{CSS[v]}" data-verdict="{v.name}" ' for v in Verdict}
-CELL_START_TODAY = {
-    v: f'<td class="cell v-{CSS[v]} today" data-verdict="{v.name}" ' for v in Verdict
-}
+    """A grid row's day cells: markup made by `grid.cells_html`, where every variable part is
+    escaped or ours."""
+    return Markup(row.html)  # noqa: S704 - escaped where it was made
 
 
 def _accepts_gzip(header: str) -> bool:
@@ -380,10 +393,6 @@ def _index_url(problems: bool, instance: str | None) -> str:
     if instance is not None:
         query["instance"] = instance
     return "/?" + urlencode(query) if query else "/"
-
-
-def site_url(company: str, city: str, neighborhood: str) -> str:
-    return "/site/" + "/".join(quote(part, safe="") for part in (company, city, neighborhood))
 
 
 def _segments(environ: Mapping[str, Any]) -> list[str] | None:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
 import random
 import sys
 import threading
@@ -54,6 +55,7 @@ from backupwatch.control import call
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.jobs import load_jobs
 from backupwatch.metrics import Instruments, Runtime
+from backupwatch.pastdays import PastDays
 from backupwatch.store import BackupEntry, Store
 from backupwatch.web import WebApp
 
@@ -130,14 +132,19 @@ class Idle:
         return Runtime()
 
 
-def server_times(app: WebApp, path: str, runs: int) -> tuple[list[float], list[float]]:
-    """Wall and CPU (this thread: Python, SQLite, psycopg2's side) seconds per request."""
+def server_times(
+    app: WebApp, path: str, runs: int, cold: bool = False
+) -> tuple[list[float], list[float]]:
+    """Wall and CPU (this thread: Python, SQLite, psycopg2's side) seconds per request;
+    `cold`: the page's past days made again for each (as after a late report for one)."""
     times = []
     cpu = []
     path, _, query = path.partition("?")
     environ = {"REQUEST_METHOD": "GET", "REQUEST_URI": path, "QUERY_STRING": query}
     status: list[str] = []
     for _ in range(runs + 1):
+        if cold:
+            app.past = PastDays()
         started, started_cpu = time.perf_counter(), time.thread_time()
         body = b"".join(app(environ, lambda s, h: status.append(s)))
         times.append(time.perf_counter() - started)
@@ -147,12 +154,14 @@ def server_times(app: WebApp, path: str, runs: int) -> tuple[list[float], list[f
     return times[1:], cpu[1:]  # the first compiles the templates too
 
 
-def in_process(config: Path, path: str, runs: int) -> tuple[list[float], list[float]]:
+def in_process(
+    config: Path, path: str, runs: int, cold: bool = False
+) -> tuple[list[float], list[float]]:
     settings = load_settings(config, {})
     store = Store(settings.database_url, create=False)
     try:
         app = WebApp(store, Idle(), lambda: datetime.now(UTC), lambda: True, Instruments())
-        return server_times(app, path, runs)
+        return server_times(app, path, runs, cold)
     finally:
         store.dispose()
 
@@ -177,15 +186,18 @@ class Scraper:
         self.interval = interval
         self.stopping = threading.Event()
         self.fetched = 0
+        self.refused = 0  # 429 answers (the listener's per-client limit)
         self.threads = [threading.Thread(target=self._run, args=(p,)) for p in paths]
 
     def _run(self, path: str) -> None:
         while not self.stopping.is_set():
             connection = http.client.HTTPConnection(self.host, self.port, timeout=30)
             connection.request("GET", path, headers={"Accept-Encoding": "gzip"})  # as Prometheus
-            connection.getresponse().read()
+            response = connection.getresponse()
+            response.read()
             connection.close()
             self.fetched += 1
+            self.refused += response.status == 429
             self.stopping.wait(self.interval)
 
     def __enter__(self) -> Scraper:
@@ -234,29 +246,29 @@ def throughput(
     reports: int,
     sites: int,
     interval: float,
-) -> list[tuple[str, float, int]]:
+) -> list[tuple[str, float, int, int]]:
     text = config.read_text().replace('http_listen = ""', 'http_listen = "127.0.0.1:0"')
     config.write_text(text)
     socket_path = base / "control.sock"
     daemon = BenchDaemon(config, run_dir, base / "daemon.log")
     daemon.start(timeout=600)
-    results: list[tuple[str, float, int]] = []
+    results: list[tuple[str, float, int, int]] = []
     try:
         host, port = call(socket_path, "status")["http"].rsplit(":", 1)
         site = 0
         for _ in range(bursts):
             wait_quiet(timeout=60)
-            results.append(("no client", burst(base, socket_path, site, reports, sites), 0))
+            results.append(("no client", burst(base, socket_path, site, reports, sites), 0, 0))
             site += reports
             wait_quiet(timeout=60)
             with Scraper(host, int(port), ["/metrics", "/"], interval) as scraper:
                 while scraper.fetched < 2:  # clients already at it when the reports come
                     time.sleep(0.1)
-                before = scraper.fetched
+                before, refused = scraper.fetched, scraper.refused
                 rate = burst(base, socket_path, site, reports, sites)
-                fetched = scraper.fetched - before
+                fetched, refused = scraper.fetched - before, scraper.refused - refused
             how = f"every {interval:g} s" if interval else "back to back"
-            results.append((f"scraping /metrics and / {how}", rate, fetched))
+            results.append((f"scraping /metrics and / {how}", rate, fetched, refused))
             site += reports
     finally:
         daemon.stop()
@@ -284,12 +296,15 @@ def main() -> None:
         )
         try:
             wait_quiet(timeout=120)
+            print(f"load average: {os.getloadavg()}")
             print(f"\n**{args.database}**, server time in-process, first call left out\n")
             print("| request | runs | p50 | p99 | max | CPU p50 |")
             print("| --- | ---: | ---: | ---: | ---: | ---: |")
             jobs = args.page_sites * len(DATABASES)
             label = f"`/`, {args.page_sites} sites, {jobs} jobs, {DAYS} days"
             print(row(label, in_process(page_config, "/", args.runs)))
+            label = "`/`, same, its past days made again for each (a late entry)"
+            print(row(label, in_process(page_config, "/", args.runs, cold=True)))
             label = f"`/?problems=1`, {args.page_sites} sites"
             print(row(label, in_process(page_config, "/?problems=1", args.runs)))
             jobs = args.metrics_sites * len(DATABASES)
@@ -305,14 +320,15 @@ def main() -> None:
                 args.scrape_interval,
             )
             print(f"\n**report throughput**, {args.reports} reports x 3 databases per burst\n")
-            print("| burst | reports/s | scrapes during the burst |")
-            print("| --- | ---: | ---: |")
-            for label, rate, fetched in results:
-                print(f"| {label} | {rate:.1f} | {fetched} |")
-            plain = [r for label, r, _ in results if label == "no client"]
-            scraped = [r for label, r, _ in results if label != "no client"]
+            print("| burst | reports/s | requests during the burst | of which 429 |")
+            print("| --- | ---: | ---: | ---: |")
+            for label, rate, fetched, refused in results:
+                print(f"| {label} | {rate:.1f} | {fetched} | {refused} |")
+            plain = [r for label, r, _, _ in results if label == "no client"]
+            scraped = [r for label, r, _, _ in results if label != "no client"]
             ratio = (sum(scraped) / len(scraped)) / (sum(plain) / len(plain))
             print(f"\nratio (mean with scraping / mean without): **{ratio:.2f}**")
+            print(f"load average at the end: {os.getloadavg()}")
         finally:
             page_db.drop()
             metrics_db.drop()

@@ -4,6 +4,7 @@ and the waitress server's start and stop (the real daemon is in tests/integratio
 from __future__ import annotations
 
 import gzip
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -12,14 +13,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import select
+from prometheus_client.registry import Collector
+from sqlalchemy import delete, select
 from support import World, job_block, write_config
 
+from backupwatch import metrics
 from backupwatch.config import ConfigError, load_settings, parse_listen
 from backupwatch.enums import BackupEntryStatus, JobStatus
 from backupwatch.grid import DayCount, Verdict, board, cells_for, day_counts, window
 from backupwatch.metrics import Instruments, Runtime
+from backupwatch.ratelimit import Decision, Limiter
 from backupwatch.store import BackupEntry, ExpectedBackupJob, JobView, Store
 from backupwatch.web import Renders, Response, WebApp, WebServer
 
@@ -406,6 +412,7 @@ def test_instances_label_metrics_and_filter_the_page(world: World) -> None:
     assert b'href="/?problems=1&amp;instance=alpha"' in alpha
     _, _, problems = _call(app, "/?problems=1&instance=beta")
     assert b"Part-Dieu" not in problems
+    assert app.past.made == 1  # every filter's page shares the past days' cells
     _, _, metrics = _call(app, "/metrics")
     instances = {
         s.labels["instance"]
@@ -414,3 +421,148 @@ def test_instances_label_metrics_and_filter_the_page(world: World) -> None:
         for s in f.samples
     }
     assert instances == {"alpha", "beta"}
+
+
+def _cell(body: bytes, site: str, day: date) -> str:
+    """The verdict shown in `site`'s row for `day`."""
+    row = body.split(f'data-site="{site}"'.encode(), 1)[1].split(b"</tr>", 1)[0]
+    found = re.search(rb'data-verdict="(\w+)" data-day="' + day.isoformat().encode(), row)
+    assert found is not None
+    return found.group(1).decode()
+
+
+def _rows_html(world: World, app: WebApp | None) -> list[str]:
+    """Every row's cells, from the past days `app` keeps (or, without, from one query)."""
+    views = world.store.job_states(NOW, last_success=False)
+    if app is None:
+        page = board(views, day_counts(world.store, window(NOW)), NOW)
+    else:
+        today = day_counts(world.store, window(NOW)[-1:])
+        page = board(views, today, NOW, past=app.past.rows(world.store, views, NOW))
+    return [row.html for company in page.companies for row in company.rows]
+
+
+def test_past_days_are_kept_until_their_entries_change(world: World) -> None:
+    app, _ = _app(world)
+    sales = _ids(world)["ACME/Lyon/Part-Dieu/sales"]
+    site, past = "ACME/Lyon/Part-Dieu", date(2026, 11, 25)
+
+    def page() -> bytes:
+        app.renders.clear()
+        status, _, body = _call(app, "/")
+        assert status == "200 OK"
+        assert _rows_html(world, app) == _rows_html(world, None)  # what a fresh page shows
+        return body
+
+    assert _cell(page(), site, past) == "NONE"
+    made = app.past.made
+    assert _cell(page(), site, past) == "NONE"
+    assert app.past.made == made  # nothing changed: the past days were reused
+    _entry(world.store, sales, NOW - timedelta(hours=1), BackupEntryStatus.FAILED)
+    assert _cell(page(), site, NOW.date()) == "FAILED"  # today is read for every page
+    assert app.past.made == made
+    _entry(world.store, sales, datetime(2026, 11, 25, 13, tzinfo=UTC), BackupEntryStatus.MISSING)
+    assert _cell(page(), site, past) == "MISSING"  # a late MISSING flag of a past day
+    _entry(world.store, sales, datetime(2026, 11, 25, 13, tzinfo=UTC), BackupEntryStatus.SUCCESS)
+    assert _cell(page(), site, past) == "OK"  # the report came after all
+    with world.store.session() as session:
+        session.execute(delete(BackupEntry).where(BackupEntry.cycle < NOW - timedelta(days=1)))
+    assert _cell(page(), site, past) == "NONE"  # history retention removed them
+    assert app.past.made == made + 3
+
+
+def test_per_job_series_are_what_prometheus_client_would_print() -> None:
+    """The per-job families are written by backupwatch (`Rendered`): byte for byte what
+    prometheus_client's own families and `generate_latest` make, odd names included."""
+    views = [
+        _view(1, JobStatus.OK, last_success_at=NOW - timedelta(hours=3, microseconds=5)),
+        _view(2, JobStatus.FAILED, company_name='Q"uo\\te', city="New\nline", paused=True),
+        _view(3, JobStatus.UNKNOWN, neighborhood="<i>Ü & Co", instance="east", next_deadline=None),
+    ]
+    expected = CollectorRegistry(auto_describe=False)
+    ours = CollectorRegistry(auto_describe=False)
+
+    class Families(Collector):
+        def __init__(self, families: list[Metric]) -> None:
+            self.families = families
+
+        def collect(self) -> Iterator[Metric]:
+            yield from self.families
+
+    labels = ["company", "city", "neighborhood", "database", "instance"]
+    status = GaugeMetricFamily("backupwatch_job_status", "", labels=[*labels, "status"])
+    last = GaugeMetricFamily("backupwatch_job_last_success_timestamp_seconds", "", labels=labels)
+    deadline = GaugeMetricFamily(
+        "backupwatch_job_next_deadline_timestamp_seconds", "", labels=labels
+    )
+    paused = GaugeMetricFamily("backupwatch_job_paused", "", labels=labels)
+    for v in views:
+        values = [v.company_name, v.city, v.neighborhood, v.database_name, v.instance or ""]
+        status.add_metric([*values, v.current_status.value], 1)
+        if v.last_success_at:
+            last.add_metric(values, v.last_success_at.timestamp())
+        if v.next_deadline:
+            deadline.add_metric(values, v.next_deadline.timestamp())
+        if v.paused:
+            paused.add_metric(values, 1)
+    rendered = list(metrics._per_job(views))
+    for family, mine in zip([status, last, deadline, paused], rendered, strict=True):
+        family.documentation = mine.documentation
+    expected.register(Families([status, last, deadline, paused]))
+    ours.register(Families(rendered))
+    assert metrics.exposition(ours) == generate_latest(expected)
+    assert b'company="Q\\"uo\\\\te",database="db2"' in metrics.exposition(ours)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_limiter_slows_a_client_down_then_refuses_it() -> None:
+    clock = Clock()
+    limiter = Limiter(rate=2.0, burst=3, max_wait=1.0, waiters=1, clock=clock)
+    assert [limiter.admit("a").wait for _ in range(3)] == [0.0, 0.0, 0.0]  # the burst
+    assert limiter.admit("b") == Decision()  # another client has its own bucket
+    assert limiter.admit("a") == Decision(wait=0.5)  # its next token, in half a second
+    refused = limiter.admit("a")  # the one waiting slot is taken
+    assert refused.refused
+    assert refused.retry_after == 1
+    limiter.waited()
+    assert limiter.admit("a") == Decision(wait=1.0)
+    limiter.waited()
+    assert limiter.admit("a").retry_after == 2  # over a second to wait: refused, not held
+    clock.now += 1.0  # two tokens back: the two reserved ones are paid for
+    assert limiter.admit("a") == Decision(wait=0.5)
+    limiter.waited()
+    clock.now += 60
+    assert limiter.admit("a") == Decision()  # refilled up to the burst, no more
+    assert [limiter.admit("a").wait for _ in range(2)] == [0.0, 0.0]
+    assert limiter.admit("a").wait == 0.5
+
+
+def test_a_client_over_its_rate_is_answered_429_but_healthz_never(world: World) -> None:
+    source = FakeSource()
+    clock = Clock()
+    limiter = Limiter(rate=1.0, burst=2, max_wait=0.0, clock=clock)
+    app = WebApp(world.store, source, lambda: NOW, lambda: True, Instruments(), limiter)
+
+    def get(path: str, peer: str = "192.0.2.1") -> tuple[str, dict[str, str]]:
+        environ = {"REQUEST_METHOD": "GET", "REQUEST_URI": path, "REMOTE_ADDR": peer}
+        found: dict[str, Any] = {}
+        b"".join(app(environ, lambda s, h: found.update(status=s, headers=dict(h))))
+        return found["status"], found["headers"]
+
+    assert get("/metrics")[0] == "200 OK"
+    assert get("/")[0] == "200 OK"
+    status, headers = get("/api/status")
+    assert status == "429 Too Many Requests"
+    assert headers["Retry-After"] == "1"
+    assert [get("/healthz")[0] for _ in range(10)] == ["200 OK"] * 10
+    assert get("/", peer="192.0.2.2")[0] == "200 OK"  # another client is not held back
+    assert _call(app, "/")[0] == "200 OK"  # in-process (no peer): not counted
+    clock.now += 1
+    assert get("/static/style.css")[0] == "200 OK"
