@@ -9,7 +9,6 @@ several daemons sharing one database never flag the same cycle twice.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -63,6 +62,7 @@ from backupwatch.alerting import (
     transition,
 )
 from backupwatch.enums import WEEKDAYS, BackupEntryStatus, BackupFrequency, JobStatus
+from backupwatch.jobrecord import JobRecord
 from backupwatch.jobs import JobSpec
 from backupwatch.missing import (
     Change,
@@ -89,6 +89,8 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# What the sync takes: the reference model (tools, tests) or the daemon's compact record.
+AnySpec = JobSpec | JobRecord
 READ_ONLY = "backupwatch_read_only"  # execution option: a SQLite reader skips BEGIN IMMEDIATE
 
 
@@ -457,7 +459,7 @@ class Store:
     # ------------------------------------------------------------------- jobs
 
     def sync_jobs(
-        self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
+        self, specs: Sequence[AnySpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
         """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones.
 
@@ -473,7 +475,7 @@ class Store:
         return result
 
     def _sync_once(
-        self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
+        self, specs: Sequence[AnySpec], default_window_minutes: int, now: datetime
     ) -> SyncResult:
         """One transaction, streamed: the jobs in the database are compared by a compact
         fingerprint, new ones inserted and changed ones loaded in batches of SYNC_BATCH, so
@@ -488,21 +490,26 @@ class Store:
             batch = _SyncBatch(session, now, result)
             seen: set[JobKey] = set()
             for spec in specs:
-                seen.add(spec.key)
-                columns = _spec_columns(spec, default_window_minutes)
-                mine = known.get(spec.key)
-                if mine is None and spec.key in others:
-                    job = self._take_over(session, others[spec.key], spec, result)
+                key = spec.key
+                seen.add(key)
+                mine = known.get(key)
+                if mine is None and key in others:
+                    columns = _spec_columns(spec, default_window_minutes)
+                    job = self._take_over(session, others[key], spec, result)
                     if job is not None and _apply_spec(
                         job, spec.active, columns, now, result.schedule_changes
                     ):
                         result.changed += 1
                 elif mine is None:
+                    columns = _spec_columns(spec, default_window_minutes)
                     batch.add(_new_row(spec, columns, now, me))
-                elif mine.fingerprint != _fingerprint(spec.active, columns):
-                    batch.change(mine.id, spec.active, columns)
-                elif mine.source != columns["config_source"]:
-                    batch.move(mine.id, columns["config_source"])
+                else:
+                    values = _config_values(spec, default_window_minutes)
+                    if mine.fingerprint != _fingerprint(spec.active, values):
+                        columns = _spec_columns(spec, default_window_minutes)
+                        batch.change(mine.id, spec.active, columns)
+                    elif mine.source != spec.source:
+                        batch.move(mine.id, spec.source)
             batch.flush()
             gone = [m.id for key, m in known.items() if key not in seen and m.active]
             for start in range(0, len(gone), SYNC_BATCH):
@@ -513,7 +520,6 @@ class Store:
     def _known_jobs(self, session: Session) -> dict[JobKey, _Known]:
         """This instance's jobs as the sync compares them: id, fingerprint, source, active."""
         j = ExpectedBackupJob
-        names = [name for name in SPEC_COLUMNS if name != "config_source"]
         query = select(
             j.id,
             j.company_name,
@@ -522,16 +528,15 @@ class Store:
             j.database_name,
             j.active,
             j.config_source,
-            *(getattr(j, name) for name in names),
+            *(getattr(j, name) for name in FINGERPRINTED),
         )
         if self.instance is not None:
             query = query.where(j.instance == self.instance)
         known: dict[JobKey, _Known] = {}
         for row in session.execute(query.execution_options(yield_per=SYNC_BATCH)):
-            values = row._mapping
-            columns = {name: values[name] for name in names}
-            known[(row.company_name, row.city, row.neighborhood, row.database_name)] = _Known(
-                row.id, _fingerprint(row.active, columns), row.config_source, row.active
+            values = tuple(row)
+            known[values[1:5]] = _Known(
+                row.id, _fingerprint(row.active, values[7:]), row.config_source, row.active
             )
         return known
 
@@ -569,7 +574,7 @@ class Store:
         }
 
     def _take_over(
-        self, session: Session, owned: _Owned, spec: JobSpec, result: SyncResult
+        self, session: Session, owned: _Owned, spec: AnySpec, result: SyncResult
     ) -> ExpectedBackupJob | None:
         """A job another instance defines too: its while active there (a conflict said, not
         settled by whoever syncs last); an inactive one (moved hosts) becomes this one's."""
@@ -594,8 +599,10 @@ class Store:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
             return list(session.scalars(self._own(query)))
 
-    def active_job_rows(self) -> list[Any]:
-        """What the registry needs of this instance's active jobs, as plain rows."""
+    def iter_active_job_rows(self) -> Iterator[Any]:
+        """What the registry needs of this instance's active jobs, as plain rows, streamed
+        (`pipeline.registry_of` reads them by position: id, the four names, agent_id,
+        deposit_path, final template, previous schedules, archive_test, SCHEDULE_COLUMNS)."""
         j = ExpectedBackupJob
         query = select(
             j.id,
@@ -611,7 +618,8 @@ class Store:
             *(getattr(j, name) for name in SCHEDULE_COLUMNS),
         ).where(j.active.is_(True))
         with self.reader.begin() as connection:
-            return list(connection.execute(self._own(query)))
+            query = self._own(query).execution_options(yield_per=SYNC_BATCH)
+            yield from connection.execute(query)
 
     def _own(self, query: Select[_Row]) -> Select[_Row]:
         """`query` narrowed to this daemon's instance (SPEC §15), when it has one."""
@@ -1629,30 +1637,41 @@ SCHEDULE_COLUMNS = (
 )
 
 
-def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
+def _spec_columns(spec: AnySpec, default_window_minutes: int) -> dict[str, Any]:
+    columns = dict(zip(FINGERPRINTED, _config_values(spec, default_window_minutes), strict=True))
+    channels = columns["alert_channels"]
+    columns["alert_channels"] = list(channels) if channels else None
+    columns["config_source"] = spec.source
+    return columns
+
+
+def _config_values(spec: AnySpec, default_window_minutes: int) -> tuple[Any, ...]:
+    """The configured columns but the source, in `FINGERPRINTED` order (the channels as a
+    tuple: what `_fingerprint` hashes)."""
     days = None
     if spec.days_of_week is not None:
         days = ",".join(str(d) for d in sorted(spec.days_of_week))
-    return {
-        "frequency": spec.frequency,
-        "expected_hour_utc": spec.expected_hour_utc,
-        "expected_minute_utc": spec.expected_minute_utc,
-        "days_of_week": days,
-        "day_of_month": spec.day_of_month,
-        "expected_date": spec.expected_date,
-        "collection_window_minutes": spec.collection_window_minutes,
-        "window_minutes": spec.collection_window_minutes or default_window_minutes,
-        "agent_id": spec.agent_id,
-        "deposit_path": str(spec.deposit_relpath),
-        "agent_deposit_path_template": spec.agent_deposit_path_template,
-        "final_storage_path_template": spec.final_storage_path_template,
-        "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
-        "archive_test": spec.archive_test,
-        "keep_daily": spec.keep_daily,
-        "keep_weekly": spec.keep_weekly,
-        "keep_monthly": spec.keep_monthly,
-        "config_source": spec.source,
-    }
+    # A record's deposit path was rendered once, when its file was read.
+    deposit = spec.deposit_path if isinstance(spec, JobRecord) else str(spec.deposit_relpath)
+    return (
+        spec.frequency,
+        spec.expected_hour_utc,
+        spec.expected_minute_utc,
+        days,
+        spec.day_of_month,
+        spec.expected_date,
+        spec.collection_window_minutes,
+        spec.collection_window_minutes or default_window_minutes,
+        spec.agent_id,
+        deposit,
+        spec.agent_deposit_path_template,
+        spec.final_storage_path_template,
+        spec.alert_channels or None,
+        spec.archive_test,
+        spec.keep_daily,
+        spec.keep_weekly,
+        spec.keep_monthly,
+    )
 
 
 SPEC_COLUMNS = (
@@ -1678,18 +1697,28 @@ SPEC_COLUMNS = (
 SYNC_BATCH = 1000  # rows per INSERT / UPDATE batch and per batch of changed jobs loaded
 
 
-def _fingerprint(active: bool, columns: Mapping[str, Any]) -> bytes:
-    """What the sync compares a configured job by (16 bytes): every configured column but
-    its source, and whether it is active. The same values give the same bytes on both sides:
-    enums, dates and JSON lists come back from the database as the spec gives them."""
-    values = [active, *(columns[name] for name in SPEC_COLUMNS if name != "config_source")]
-    return hashlib.blake2b(repr(values).encode(), digest_size=16).digest()
+FINGERPRINTED = SPEC_COLUMNS[:-1]  # all but config_source: a moved job is the same job
+_CHANNELS_AT = FINGERPRINTED.index("alert_channels")
+
+
+def _fingerprint(active: bool, values: tuple[Any, ...]) -> int:
+    """What the sync compares a configured job by: whether it is active and every configured
+    column but its source (`FINGERPRINTED` order), as Python's 64-bit hash. It is compared
+    within one sync and never stored, and it only decides which jobs to load and compare
+    column by column (`_apply_spec`); two different configurations hashing alike (2**-64)
+    would leave one job's edit unsynced until its next change. The same values give the same
+    hash on both sides: enums, dates and JSON lists come back from the database as the spec
+    gives them (the channels list made a tuple)."""
+    channels = values[_CHANNELS_AT]
+    if channels is not None and not isinstance(channels, tuple):
+        values = (*values[:_CHANNELS_AT], tuple(channels), *values[_CHANNELS_AT + 1 :])
+    return hash((active, values))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Known:
     id: int
-    fingerprint: bytes
+    fingerprint: int
     source: str | None
     active: bool
 
@@ -1751,7 +1780,7 @@ class _SyncBatch:
 
 
 def _new_row(
-    spec: JobSpec, columns: dict[str, Any], now: datetime, instance: str | None
+    spec: AnySpec, columns: dict[str, Any], now: datetime, instance: str | None
 ) -> dict[str, Any]:
     """A new job as the row an insert takes: `_new_job`'s values without an ORM object."""
     cursor = Cursor(None, None)
@@ -1806,7 +1835,7 @@ def _deactivate_ids(session: Session, ids: Sequence[int], now: datetime) -> None
     )
 
 
-def _new_job(spec: JobSpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
+def _new_job(spec: AnySpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
     job = ExpectedBackupJob(
         company_name=spec.company_name,
         city=spec.city,
