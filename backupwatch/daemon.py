@@ -42,6 +42,7 @@ from backupwatch.config import (
 )
 from backupwatch.control import ControlError, ControlServer, Handler
 from backupwatch.delivery import DeliveryLoop
+from backupwatch.jobdelta import Synced, resync, synced
 from backupwatch.jobfiles import JobReader
 from backupwatch.jobrecord import JobRecord
 from backupwatch.jobs import JobSpec, unread_job_files
@@ -56,7 +57,7 @@ from backupwatch.promotion import clean_temps
 from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
 from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
-from backupwatch.scan import misplaced_reports, pending_reports
+from backupwatch.scan import misplaced_reports, pending_reports, reports_in
 from backupwatch.sites import PathKind, Registry, normalize
 from backupwatch.store import ExpectedBackupJob, InstanceConflict, Store
 from backupwatch.timer import MissingTimer
@@ -96,8 +97,10 @@ class Daemon:
     ) -> None:
         self.settings = settings
         self.specs = specs
-        # What read `specs`: a reload reads again only the files and tables that changed.
+        # What read `specs`: a reload reads again only the files and tables that changed,
+        # and syncs only the jobs that differ from those of the last sync.
         self.reader = reader or JobReader()
+        self.synced: Synced | None = None
         self.environ = environ
         self.clock = clock
         self.notifier = Notifier(environ)
@@ -169,10 +172,10 @@ class Daemon:
         self._note_unread_job_files(self.settings)
         # The specs are needed for this sync only: release them (the reader keeps its records).
         specs, self.specs = self.specs, []
+        window = self.settings.scanner_report_collection_window_minutes
         with heap.collector_paused():
-            result = self.store.sync_jobs(
-                specs, self.settings.scanner_report_collection_window_minutes, self.clock()
-            )
+            result = self.store.sync_jobs(specs, window, self.clock())
+            self.synced = synced(specs, window, self.settings.archive_test, result.conflict_keys)
             del specs
             registry = self._registry()
         log.info(
@@ -536,6 +539,13 @@ class Daemon:
         log.info("rescan.done", queued=queued)
         return {"ok": True, "queued": queued}
 
+    def _scan_folders(self, folders: list[Path]) -> None:
+        """`rescan` of these deposit folders only (not counted as a reconciliation scan)."""
+        queued = sum(1 for path in reports_in(folders) if self.queue.put(path))
+        for path, classified in misplaced_reports(self.ctx.registry, folders):
+            self._note_misplaced(path, classified.why or "")
+        log.info("rescan.done", queued=queued, folders=len(folders))
+
     def reload(self) -> dict[str, Any]:
         """SIGHUP / `backupwatchctl reload`: all or nothing; what fails changes nothing."""
         self.notifier.reloading()
@@ -555,12 +565,10 @@ class Daemon:
         needs_restart = self._restart_changes(settings)
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
         try:
-            with heap.collector_paused():
-                result = self.store.sync_jobs(
-                    specs, settings.scanner_report_collection_window_minutes, self.clock()
-                )
-                del specs
-                registry = registry_of(settings, self.store)
+            resynced = resync(
+                self.store, settings, specs, self.synced, self.ctx.registry, self.clock()
+            )
+            del specs
         except InstanceConflict as exc:
             log.error("reload.instance_conflict", error=str(exc))
             return {"ok": False, "error": str(exc)}
@@ -572,13 +580,16 @@ class Daemon:
                 "error": f"cannot reach the database ({detail}); "
                 "the daemon keeps its previous configuration",
             }
-        self.settings = settings
+        self.settings, self.synced, result = settings, resynced.synced, resynced.result
         self.store.routing = settings.alerts.routing()
         self.delivery.configure(settings.alerts)
-        self.ctx = Context(self.store, settings, registry, self.beat, self.arrivals)
+        self.ctx = Context(self.store, settings, resynced.registry, self.beat, self.arrivals)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
-        self.rescan()
+        if resynced.folders is None:
+            self.rescan()
+        else:  # only the sites the reload changed: the others' reports mean what they meant
+            self._scan_folders(resynced.folders)
         self._note_conflicts(result.conflicts)
         log.info(
             "reload.done",

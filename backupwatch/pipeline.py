@@ -19,7 +19,7 @@ import enum
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
@@ -64,8 +64,9 @@ from backupwatch.report import (
     size_problem,
 )
 from backupwatch.schedule import Schedule
-from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
+from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site, normalize
 from backupwatch.store import (
+    JobKey,
     NewEntry,
     ProcessedReportRecord,
     Store,
@@ -174,9 +175,38 @@ def registry_of(settings: Settings, store: Store) -> Registry:
     consult, read as plain rows streamed from the database (no ORM object per job), with the
     strings and schedules that many jobs share held once. A job's own `archive_test` wins over
     the config's (SPEC §13)."""
+    entries = _job_refs(settings, store.iter_active_job_rows())
+    return Registry.build(settings.backup_storage_root, entries)
+
+
+def registry_updated(
+    old: Registry, settings: Settings, store: Store, keys: Collection[JobKey]
+) -> Registry:
+    """`registry_of` after a partial sync: the jobs of `keys` read again, every other site
+    kept as it is (a reload that changed one job rebuilt 30,000 sites before)."""
+    keys = set(keys)
+    touched: dict[Path, list[JobRef]] = {}
+    for folder, site in old.sites.items():
+        if any(job.names in keys for job in site.jobs):
+            touched[folder] = [job for job in site.jobs if job.names not in keys]
+    sites = dict(old.sites)
+    for relpath, ref in _job_refs(settings, store.iter_active_job_rows(sorted(keys))):
+        folder = normalize(settings.backup_storage_root / relpath)
+        if folder not in touched:
+            touched[folder] = list(sites[folder].jobs) if folder in sites else []
+        touched[folder].append(ref)
+    for folder, jobs in touched.items():
+        if jobs:
+            sites[folder] = Site(folder, tuple(sorted(jobs, key=lambda job: job.id)))
+        else:
+            del sites[folder]
+    return Registry(root=old.root, sites=sites)
+
+
+def _job_refs(settings: Settings, rows: Iterable[Any]) -> Iterator[tuple[str, JobRef]]:
+    """(deposit path, JobRef) of each row of `Store.iter_active_job_rows`."""
     schedules: dict[tuple[Any, ...], Schedule] = {}
-    entries = []
-    for row in store.iter_active_job_rows():
+    for row in rows:
         values = tuple(row)
         when = values[10:]
         schedule = schedules.get(when)
@@ -191,8 +221,7 @@ def registry_of(settings: Settings, store: Store) -> Registry:
             previous=eras_from_json(values[8]) if values[8] else (),
             archive_test=settings.archive_test if values[9] is None else values[9],
         )
-        entries.append((intern(values[6]), ref))
-    return Registry.build(settings.backup_storage_root, entries)
+        yield intern(values[6]), ref
 
 
 # ------------------------------------------------------------------------- reading

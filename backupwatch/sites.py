@@ -180,6 +180,13 @@ def _report_like_folder(name: str) -> bool:
     return name != LOG_DIR and name.lower() in REPORT_LIKE_FOLDERS
 
 
+def changed_folders(old: Registry, new: Registry) -> list[Path]:
+    """The deposit folders whose site differs between two registries (added, removed, or
+    with other jobs): `registry_updated` keeps the very same `Site` for the others."""
+    folders = [f for f, site in new.sites.items() if old.sites.get(f) is not site]
+    return folders + [f for f in old.sites if f not in new.sites]
+
+
 def normalize(path: Path) -> Path:
     """Lexical normalisation only: symlinks are never resolved, so none can redirect us."""
     return Path(os.path.normpath(path))

@@ -44,6 +44,7 @@ from sqlalchemy import (
     select,
     text,
     true,
+    tuple_,
     union_all,
     update,
 )
@@ -459,23 +460,35 @@ class Store:
     # ------------------------------------------------------------------- jobs
 
     def sync_jobs(
-        self, specs: Sequence[AnySpec], default_window_minutes: int, now: datetime
+        self,
+        specs: Sequence[AnySpec],
+        default_window_minutes: int,
+        now: datetime,
+        gone: Sequence[JobKey] | None = None,
     ) -> SyncResult:
         """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones.
+
+        With `gone`, a partial sync, for a reload that knows what changed since its last sync:
+        only `specs` (new and edited jobs) and the keys in `gone` (removed ones) are compared
+        with the database, and every other job is taken to be as that sync left it.
 
         Two daemons starting together may both insert a new job; the loser's unique-constraint
         error means the row now exists, so one more pass (which updates it instead) settles it.
         """
         try:
-            result = self._sync_once(specs, default_window_minutes, now)
+            result = self._sync_once(specs, default_window_minutes, now, gone)
         except IntegrityError:
-            result = self._sync_once(specs, default_window_minutes, now)
+            result = self._sync_once(specs, default_window_minutes, now, gone)
         for change in result.schedule_changes:
             change.log()
         return result
 
     def _sync_once(
-        self, specs: Sequence[AnySpec], default_window_minutes: int, now: datetime
+        self,
+        specs: Sequence[AnySpec],
+        default_window_minutes: int,
+        now: datetime,
+        gone: Sequence[JobKey] | None,
     ) -> SyncResult:
         """One transaction, streamed: the jobs in the database are compared by a compact
         fingerprint, new ones inserted and changed ones loaded in batches of SYNC_BATCH, so
@@ -485,8 +498,9 @@ class Store:
         with self.session() as session:
             if me is not None:
                 self._adopt(session, me)
-            known = self._known_jobs(session)
-            others = self._other_instances(session, me)
+            scope = None if gone is None else [*(spec.key for spec in specs), *gone]
+            known = self._known_jobs(session, scope)
+            others = self._other_instances(session, me, scope)
             batch = _SyncBatch(session, now, result)
             seen: set[JobKey] = set()
             for spec in specs:
@@ -511,14 +525,15 @@ class Store:
                     elif mine.source != spec.source:
                         batch.move(mine.id, spec.source)
             batch.flush()
-            gone = [m.id for key, m in known.items() if key not in seen and m.active]
-            for start in range(0, len(gone), SYNC_BATCH):
-                _deactivate_ids(session, gone[start : start + SYNC_BATCH], now)
-            result.deactivated = len(gone)
+            ids = [m.id for key, m in known.items() if key not in seen and m.active]
+            for start in range(0, len(ids), SYNC_BATCH):
+                _deactivate_ids(session, ids[start : start + SYNC_BATCH], now)
+            result.deactivated = len(ids)
         return result
 
-    def _known_jobs(self, session: Session) -> dict[JobKey, _Known]:
-        """This instance's jobs as the sync compares them: id, fingerprint, source, active."""
+    def _known_jobs(self, session: Session, scope: Sequence[JobKey] | None) -> dict[JobKey, _Known]:
+        """This instance's jobs as the sync compares them: id, fingerprint, source, active;
+        only those of `scope` when there is one."""
         j = ExpectedBackupJob
         query = select(
             j.id,
@@ -533,11 +548,12 @@ class Store:
         if self.instance is not None:
             query = query.where(j.instance == self.instance)
         known: dict[JobKey, _Known] = {}
-        for row in session.execute(query.execution_options(yield_per=SYNC_BATCH)):
-            values = tuple(row)
-            known[values[1:5]] = _Known(
-                row.id, _fingerprint(row.active, values[7:]), row.config_source, row.active
-            )
+        for part in _scoped(query, scope):
+            for row in session.execute(part.execution_options(yield_per=SYNC_BATCH)):
+                values = tuple(row)
+                known[values[1:5]] = _Known(
+                    row.id, _fingerprint(row.active, values[7:]), row.config_source, row.active
+                )
         return known
 
     def _adopt(self, session: Session, me: str) -> None:
@@ -556,21 +572,22 @@ class Store:
                 "daemons on one database, use PostgreSQL (SPEC §15)"
             )
 
-    def _other_instances(self, session: Session, me: str | None) -> dict[JobKey, _Owned]:
+    def _other_instances(
+        self, session: Session, me: str | None, scope: Sequence[JobKey] | None
+    ) -> dict[JobKey, _Owned]:
         """The keys of other instances' jobs (a job key is unique across instances)."""
         if me is None:
             return {}
         j = ExpectedBackupJob
-        rows = session.execute(
-            select(
-                j.id, j.company_name, j.city, j.neighborhood, j.database_name, j.instance, j.active
-            ).where(j.instance != me)
-        )
+        query = select(
+            j.id, j.company_name, j.city, j.neighborhood, j.database_name, j.instance, j.active
+        ).where(j.instance != me)
         return {
             (r.company_name, r.city, r.neighborhood, r.database_name): _Owned(
                 r.id, str(r.instance), r.active
             )
-            for r in rows
+            for part in _scoped(query, scope)
+            for r in session.execute(part)
         }
 
     def _take_over(
@@ -586,6 +603,7 @@ class Store:
             )
             log.warning("job.owned_elsewhere", job=label, instance=owned.instance)
             result.conflicts.append(text)
+            result.conflict_keys.append(spec.key)
             return None
         job = session.get(ExpectedBackupJob, owned.id)
         assert job is not None
@@ -599,7 +617,7 @@ class Store:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
             return list(session.scalars(self._own(query)))
 
-    def iter_active_job_rows(self) -> Iterator[Any]:
+    def iter_active_job_rows(self, scope: Sequence[JobKey] | None = None) -> Iterator[Any]:
         """What the registry needs of this instance's active jobs, as plain rows, streamed
         (`pipeline.registry_of` reads them by position: id, the four names, agent_id,
         deposit_path, final template, previous schedules, archive_test, SCHEDULE_COLUMNS)."""
@@ -618,8 +636,8 @@ class Store:
             *(getattr(j, name) for name in SCHEDULE_COLUMNS),
         ).where(j.active.is_(True))
         with self.reader.begin() as connection:
-            query = self._own(query).execution_options(yield_per=SYNC_BATCH)
-            yield from connection.execute(query)
+            for part in _scoped(self._own(query), scope):
+                yield from connection.execute(part.execution_options(yield_per=SYNC_BATCH))
 
     def _own(self, query: Select[_Row]) -> Select[_Row]:
         """`query` narrowed to this daemon's instance (SPEC §15), when it has one."""
@@ -1220,6 +1238,7 @@ class SyncResult:
     schedule_changes: list[ScheduleChange] = dataclasses.field(default_factory=list)
     # SPEC §15: jobs this instance defines but another instance owns (active there): not synced.
     conflicts: list[str] = dataclasses.field(default_factory=list)
+    conflict_keys: list[JobKey] = dataclasses.field(default_factory=list)  # a reload asks again
 
 
 class InstanceConflict(Exception):
@@ -1615,6 +1634,20 @@ class _Changes:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+SCOPE_BATCH = 500  # job keys per `IN` of a partial sync's queries
+
+
+def _scoped(query: Any, scope: Sequence[JobKey] | None) -> Iterator[Any]:
+    """`query`, or its parts narrowed to the keys of `scope`, a batch of keys at a time."""
+    if scope is None:
+        yield query
+        return
+    j = ExpectedBackupJob
+    key = tuple_(j.company_name, j.city, j.neighborhood, j.database_name)
+    for start in range(0, len(scope), SCOPE_BATCH):
+        yield query.where(key.in_(scope[start : start + SCOPE_BATCH]))
 
 
 def job_key(job: ExpectedBackupJob) -> tuple[str, str, str, str]:
