@@ -191,7 +191,9 @@ class Daemon:
         self.watcher.start()
         self.pool.start()
         self._set_phase("processing the reports waiting in the deposit folders")
-        self.rescan()
+        # SPEC §7 wants the waiting reports processed before READY; the warnings about files
+        # that are never read (misplaced) are not part of that, and come with the first tick.
+        self.rescan(misplaced=False)
         while not self.queue.wait_idle(timeout=1.0):
             if self.stopping:
                 return
@@ -363,8 +365,10 @@ class Daemon:
         return healthy
 
     def _repair_after_crash(self) -> None:
-        """Once, after READY: what a crash can leave half-done that nothing else revisits."""
+        """Once, after READY: what a crash can leave half-done that nothing else revisits,
+        and the start's warnings about misplaced reports (its scan left them for now)."""
         self.repairs_done = True
+        self._note_all_misplaced()
         temps = clean_temps(self.ctx.temp_root, self.store.report_processed)
         folders = {site.folder for site in self.ctx.registry.sites.values()}
         fixed = [repair(folder) for folder in folders]
@@ -525,8 +529,9 @@ class Daemon:
 
     # ------------------------------------------------------------ operations
 
-    def rescan(self) -> dict[str, Any]:
-        """Queue every report waiting on disk; returns how many were queued."""
+    def rescan(self, misplaced: bool = True) -> dict[str, Any]:
+        """Queue every report waiting on disk (and warn about misplaced ones, unless told
+        not to); returns how many were queued."""
         self.queue.needs_rescan.clear()
         self.last_rescan = time.monotonic()
         self.rescans += 1
@@ -534,10 +539,14 @@ class Daemon:
         for path in pending_reports(self.ctx.registry):
             if self.queue.put(path):
                 queued += 1
-        for path, classified in misplaced_reports(self.ctx.registry):
-            self._note_misplaced(path, classified.why or "")
+        if misplaced:
+            self._note_all_misplaced()
         log.info("rescan.done", queued=queued)
         return {"ok": True, "queued": queued}
+
+    def _note_all_misplaced(self) -> None:
+        for path, classified in misplaced_reports(self.ctx.registry):
+            self._note_misplaced(path, classified.why or "")
 
     def _scan_folders(self, folders: list[Path]) -> None:
         """`rescan` of these deposit folders only (not counted as a reconciliation scan)."""
