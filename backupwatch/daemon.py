@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -40,7 +40,7 @@ from backupwatch.config import (
     load_settings,
     load_settings_lenient,
 )
-from backupwatch.control import ControlError, ControlServer, Handler
+from backupwatch.control import ControlError, ControlServer, Handler, JsonArray
 from backupwatch.delivery import DeliveryLoop
 from backupwatch.jobdelta import Synced, resync, synced
 from backupwatch.jobfiles import JobReader
@@ -59,7 +59,7 @@ from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
 from backupwatch.scan import misplaced_reports, pending_reports, reports_in
 from backupwatch.sites import PathKind, Registry, normalize
-from backupwatch.store import ExpectedBackupJob, InstanceConflict, Store
+from backupwatch.store import ExpectedBackupJob, InstanceConflict, JobView, Store
 from backupwatch.timer import MissingTimer
 from backupwatch.timeutil import utc_now
 from backupwatch.watcher import DepositWatcher, EventKind, WorkQueue
@@ -227,8 +227,10 @@ class Daemon:
         self.web.start()
 
     def _set_phase(self, phase: str) -> None:
+        """Said to systemd (STATUS=) and logged: where a slow start spends its time."""
         self.phase = f"starting: {phase}"
         self.notifier.status(phase)
+        log.info("daemon.phase", phase=phase)
 
     def _prepare_roots(self) -> None:
         """Create the two storage roots if absent; a failure names the path, not just errno.
@@ -638,15 +640,22 @@ class Daemon:
         """
         answer = self._status()
         if request.get("jobs") and self.ready:
-            self._add_jobs(answer, self.store)
+            self._add_jobs(answer, self.store, streamed=True)
         if request.get("config_path") == str(self.settings.config_path):
             environ = request.get("environ")
             answer["file_check"] = self._check_file(environ if isinstance(environ, dict) else {})
         return answer
 
-    def _add_jobs(self, answer: dict[str, Any], store: Store) -> None:
+    def _add_jobs(self, answer: dict[str, Any], store: Store, streamed: bool = False) -> None:
+        """The job rows; `streamed`, a page at a time while the answer is sent (the control
+        socket), rather than all of them held at once (the HTTP listener's `/api/status`)."""
         try:
-            answer["jobs"] = [view.as_json() for view in store.job_views(self.clock())]
+            now = self.clock()
+            if streamed:
+                first = store.job_views(now, limit=STATUS_PAGE)
+                answer["jobs"] = JsonArray(_job_pages(store, now, first))
+            else:
+                answer["jobs"] = [view.as_json() for view in store.job_views(now)]
             answer["alerts"] = self.delivery.outbox.counts()
             since = self.clock() - REJECTED_WINDOW
             answer["rejected_sites"] = store.rejected_sites(since)
@@ -766,6 +775,22 @@ class RestartChange:
 
     def as_json(self) -> dict[str, str]:
         return {"key": self.key, "running": self.running, "file": self.file}
+
+
+STATUS_PAGE = 2_000  # job rows per page of a streamed `status` answer
+
+
+def _job_pages(store: Store, now: datetime, first: list[JobView]) -> Iterator[list[Any]]:
+    """`status` rows a page at a time, each page read when the previous one has been sent
+    (the first one is read before the answer starts, so that a database error is answered)."""
+    page = first
+    while True:
+        yield [view.as_json() for view in page]
+        if len(page) < STATUS_PAGE:
+            return
+        after = page[-1]
+        key = (after.company_name, after.city, after.neighborhood, after.database_name)
+        page = store.job_views(now, after=key, limit=STATUS_PAGE)
 
 
 def shown_setting(key: str, value: object) -> str:
