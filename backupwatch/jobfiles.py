@@ -16,6 +16,7 @@ the daemon reads through a `JobReader` instead, which gives the same jobs as `Jo
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 import tomllib
@@ -57,7 +58,7 @@ class _Read:
 
     stamp: Stamp | None
     preamble: str
-    tables: dict[str, JobRecord]
+    tables: dict[bytes, JobRecord]  # by the digest of the table's text
     records: list[JobRecord]
     errors: list[str]
 
@@ -136,21 +137,28 @@ def _fast(path: Path, text: str, stamp: Stamp | None, before: _Read | None) -> _
     if errors:
         return None
     known = before.tables if before is not None and before.preamble == cut.preamble else {}
-    tables: dict[str, JobRecord] = {}
+    tables: dict[bytes, JobRecord] = {}
     records: list[JobRecord] = []
     lines: dict[str, Line] = {}
     for number, table in enumerate(cut.tables, start=1):
         source = f"{path}: job #{number}"
-        record = known.get(table) or tables.get(table)
+        digest = _digest(table)
+        record = known.get(digest) or tables.get(digest)
         if record is None:
             record = _record(defaults, table, source, lines)
             if record is None:
                 return None
         elif record.source != source:
             record = record._replace(source=source)
-        tables[table] = record
+        tables[digest] = record
         records.append(record)
     return _Read(stamp, cut.preamble, tables, records, [])
+
+
+def _digest(table: str) -> bytes:
+    """A table's text as the key of its record: 16 bytes rather than the text (~90 bytes a
+    job); two different tables with one digest (2**-128) would share a record."""
+    return hashlib.blake2b(table.encode(), digest_size=16).digest()
 
 
 def _record(

@@ -16,6 +16,7 @@ Cutting is safe: a cut inside a multi-line string leaves the part before it unte
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 JOB_HEADER = "\n[[job]]"
@@ -34,15 +35,29 @@ _BLANK = re.compile(rf"[ \t]*{_COMMENT}")
 @dataclass(frozen=True, slots=True)
 class JobText:
     """A job file cut before each `[[job]]` header: what precedes the first one (the
-    `[defaults]` table and comments), and each job's text after its header."""
+    `[defaults]` table and comments), and each job's text after its header, cut one at a time
+    as they are read (100,000 of them at once were 14 MiB more at the peak of a reload)."""
 
     preamble: str
-    tables: list[str]
+    tables: Iterator[str]
 
 
 def split_jobs(text: str) -> JobText:
-    pieces = ("\n" + text).split(JOB_HEADER)
-    return JobText(pieces[0][1:], pieces[1:])
+    text = "\n" + text
+    first = text.find(JOB_HEADER)
+    if first < 0:
+        return JobText(text[1:], iter(()))
+    return JobText(text[1:first], _tables(text, first + len(JOB_HEADER)))
+
+
+def _tables(text: str, start: int) -> Iterator[str]:
+    while True:
+        end = text.find(JOB_HEADER, start)
+        if end < 0:
+            yield text[start:]
+            return
+        yield text[start:end]
+        start = end + len(JOB_HEADER)
 
 
 Line = tuple[str | None, object]  # (key, value), or (None, None) for a blank or comment

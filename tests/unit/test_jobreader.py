@@ -82,7 +82,7 @@ def test_a_plain_table_reads_as_tomllib_reads_it(lines: list[str], newline: str)
 def test_cutting_inside_a_multiline_string_falls_back() -> None:
     text = 'x = """\n[[job]]\n"""\n[[job]]\ncity = "a"\n'
     cut = split_jobs(text)
-    assert parse_table(cut.tables[0]) is None  # the string's end, cut from its start
+    assert parse_table(next(cut.tables)) is None  # the string's end, cut from its start
 
 
 # ------------------------------------------------------------------ validation without pydantic
@@ -202,3 +202,12 @@ def test_added_removed_and_broken_files(tmp_path: Path) -> None:
     same_as_reference(settings_for(folder), reader)
     (folder / "b.toml").write_text(jobs_text(2).replace("db1", "db0"))  # a duplicate
     same_as_reference(settings_for(folder), reader)
+
+
+@pytest.mark.parametrize(
+    "text", ["", "[[job]]", "[defaults]\n", "\n[[job]]\na = 1\n[[job]]\n", "x\n[[job]]\n[[job]]"]
+)
+def test_cutting_gives_every_table_as_splitting_would(text: str) -> None:
+    cut = split_jobs(text)
+    pieces = ("\n" + text).split("\n[[job]]")
+    assert (cut.preamble, list(cut.tables)) == (pieces[0][1:], pieces[1:])
