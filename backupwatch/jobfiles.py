@@ -57,7 +57,7 @@ class _Read:
     text and its tables' texts with their records (empty when it went the slow way)."""
 
     stamp: Stamp | None
-    preamble: str
+    preamble: bytes
     tables: dict[bytes, JobRecord]  # by the digest of the table's text
     records: list[JobRecord]
     errors: list[str]
@@ -112,23 +112,23 @@ def _read_file(path: Path, before: _Read | None) -> _Read:
     if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RACY_NS:
         stamp = None  # not trusted next time: read again
     try:
-        text = path.read_bytes().decode("utf-8")
-    except (OSError, UnicodeDecodeError):
+        data = path.read_bytes()
+    except OSError:
         return _slow(path, stamp)
-    return _fast(path, text, stamp, before) or _slow(path, stamp)
+    return _fast(path, data, stamp, before) or _slow(path, stamp)
 
 
 def _slow(path: Path, stamp: Stamp | None) -> _Read:
     specs, errors = load_file(path)
-    return _Read(stamp, "", {}, [JobRecord.of(spec) for spec in specs], errors)
+    return _Read(stamp, b"", {}, [JobRecord.of(spec) for spec in specs], errors)
 
 
-def _fast(path: Path, text: str, stamp: Stamp | None, before: _Read | None) -> _Read | None:
+def _fast(path: Path, data: bytes, stamp: Stamp | None, before: _Read | None) -> _Read | None:
     """The file's records through the shortcuts, or None when any part needs `load_file`."""
-    cut = split_jobs(text)
+    cut = split_jobs(data)
     try:
-        document = tomllib.loads(cut.preamble)
-    except tomllib.TOMLDecodeError:
+        document = tomllib.loads(cut.preamble.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError):
         return None
     if not document.keys() <= {"defaults"}:
         return None
@@ -145,7 +145,7 @@ def _fast(path: Path, text: str, stamp: Stamp | None, before: _Read | None) -> _
         digest = _digest(table)
         record = known.get(digest) or tables.get(digest)
         if record is None:
-            record = _record(defaults, table, source, lines)
+            record = _record(defaults, table, source, lines)  # a table new since the last read
             if record is None:
                 return None
         elif record.source != source:
@@ -155,16 +155,20 @@ def _fast(path: Path, text: str, stamp: Stamp | None, before: _Read | None) -> _
     return _Read(stamp, cut.preamble, tables, records, [])
 
 
-def _digest(table: str) -> bytes:
+def _digest(table: bytes) -> bytes:
     """A table's text as the key of its record: 16 bytes rather than the text (~90 bytes a
     job); two different tables with one digest (2**-128) would share a record."""
-    return hashlib.blake2b(table.encode(), digest_size=16).digest()
+    return hashlib.blake2b(table, digest_size=16).digest()
 
 
 def _record(
-    defaults: dict[str, object], table: str, source: str, lines: dict[str, Line]
+    defaults: dict[str, object], table: bytes, source: str, lines: dict[str, Line]
 ) -> JobRecord | None:
-    raw = parse_table(table, lines)
+    try:
+        text = table.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    raw = parse_table(text, lines)
     if raw is None or not raw.keys() <= JOB_KEYS:
         return None
     return quick_record(_effective_values(defaults, raw), source)
