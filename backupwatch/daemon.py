@@ -209,7 +209,6 @@ class Daemon:
         log.info(
             "daemon.ready", version=__version__, pid=os.getpid(), sites=len(self.ctx.registry.sites)
         )
-        heap.settle()
 
     def _start_web(self) -> None:
         """SPEC §12: listen now, so that a port already taken stops the start at once, with
@@ -855,6 +854,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.request_stop()
         daemon.shutdown()
         return 1
+    heap.settle()  # here, not in `start`: a test process that starts daemons keeps its collector
     return daemon.run()
 
 
