@@ -651,8 +651,9 @@ class Daemon:
         try:
             now = self.clock()
             if streamed:
-                first = store.job_views(now, limit=STATUS_PAGE)
-                answer["jobs"] = JsonArray(_job_pages(store, now, first))
+                ids = store.job_ids()
+                first = store.job_views(now, ExpectedBackupJob.id.in_(ids[:STATUS_PAGE]))
+                answer["jobs"] = JsonArray(_job_pages(store, now, ids, first))
             else:
                 answer["jobs"] = [view.as_json() for view in store.job_views(now)]
             answer["alerts"] = self.delivery.outbox.counts()
@@ -776,20 +777,20 @@ class RestartChange:
         return {"key": self.key, "running": self.running, "file": self.file}
 
 
-STATUS_PAGE = 2_000  # job rows per page of a streamed `status` answer
+STATUS_PAGE = 2_000  # job rows per page of a streamed `status` answer (an `IN` of ids)
 
 
-def _job_pages(store: Store, now: datetime, first: list[JobView]) -> Iterator[list[Any]]:
+def _job_pages(
+    store: Store, now: datetime, ids: list[int], first: list[JobView]
+) -> Iterator[list[Any]]:
     """`status` rows a page at a time, each page read when the previous one has been sent
-    (the first one is read before the answer starts, so that a database error is answered)."""
-    page = first
-    while True:
-        yield [view.as_json() for view in page]
-        if len(page) < STATUS_PAGE:
-            return
-        after = page[-1]
-        key = (after.company_name, after.city, after.neighborhood, after.database_name)
-        page = store.job_views(now, after=key, limit=STATUS_PAGE)
+    (the first one is read before the answer starts, so that a database error is answered).
+    Pages of ids taken in job order keep the rows in job order; a job removed meanwhile is
+    left out, one added meanwhile comes with the next `status`."""
+    yield [view.as_json() for view in first]
+    for start in range(STATUS_PAGE, len(ids), STATUS_PAGE):
+        page = ids[start : start + STATUS_PAGE]
+        yield [view.as_json() for view in store.job_views(now, ExpectedBackupJob.id.in_(page))]
 
 
 def shown_setting(key: str, value: object) -> str:
