@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -31,7 +31,7 @@ import structlog
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
-from backupwatch import __version__
+from backupwatch import __version__, heap
 from backupwatch.arrivals import Arrivals, Waiting
 from backupwatch.config import (
     ConfigError,
@@ -40,9 +40,12 @@ from backupwatch.config import (
     load_settings,
     load_settings_lenient,
 )
-from backupwatch.control import ControlError, ControlServer, Handler
+from backupwatch.control import ControlError, ControlServer, Handler, JsonArray
 from backupwatch.delivery import DeliveryLoop
-from backupwatch.jobs import JobSpec, load_jobs, unread_job_files
+from backupwatch.jobdelta import Synced, resync, synced
+from backupwatch.jobfiles import JobReader
+from backupwatch.jobrecord import JobRecord
+from backupwatch.jobs import JobSpec, unread_job_files
 from backupwatch.logsetup import LogTarget, configure_logging, resolve_target
 from backupwatch.metrics import Instruments, Runtime
 from backupwatch.names import display_name
@@ -54,9 +57,9 @@ from backupwatch.promotion import clean_temps
 from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
 from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
-from backupwatch.scan import misplaced_reports, pending_reports
+from backupwatch.scan import misplaced_reports, pending_reports, reports_in
 from backupwatch.sites import PathKind, Registry, normalize
-from backupwatch.store import ExpectedBackupJob, InstanceConflict, Store
+from backupwatch.store import ExpectedBackupJob, InstanceConflict, JobView, Store
 from backupwatch.timer import MissingTimer
 from backupwatch.timeutil import utc_now
 from backupwatch.watcher import DepositWatcher, EventKind, WorkQueue
@@ -87,12 +90,17 @@ class Daemon:
     def __init__(
         self,
         settings: Settings,
-        specs: list[JobSpec],
+        specs: Sequence[JobSpec | JobRecord],
         environ: Mapping[str, str],
         clock: Callable[[], datetime] = utc_now,
+        reader: JobReader | None = None,
     ) -> None:
         self.settings = settings
         self.specs = specs
+        # What read `specs`: a reload reads again only the files and tables that changed,
+        # and syncs only the jobs that differ from those of the last sync.
+        self.reader = reader or JobReader()
+        self.synced: Synced | None = None
         self.environ = environ
         self.clock = clock
         self.notifier = Notifier(environ)
@@ -162,12 +170,14 @@ class Daemon:
         self.store.migrate()
         self._set_phase("syncing the jobs")
         self._note_unread_job_files(self.settings)
-        # The job models are needed for this sync only: release them (30,000 jobs ≈ 110 MiB).
+        # The specs are needed for this sync only: release them (the reader keeps its records).
         specs, self.specs = self.specs, []
-        result = self.store.sync_jobs(
-            specs, self.settings.scanner_report_collection_window_minutes, self.clock()
-        )
-        del specs
+        window = self.settings.scanner_report_collection_window_minutes
+        with heap.collector_paused():
+            result = self.store.sync_jobs(specs, window, self.clock())
+            self.synced = synced(specs, window, self.settings.archive_test, result.conflict_keys)
+            del specs
+            registry = self._registry()
         log.info(
             "jobs.synced",
             instance=self.settings.instance,
@@ -176,12 +186,14 @@ class Daemon:
             deactivated=result.deactivated,
         )
         self._note_conflicts(result.conflicts)
-        self.ctx = Context(self.store, self.settings, self._registry(), self.beat, self.arrivals)
+        self.ctx = Context(self.store, self.settings, registry, self.beat, self.arrivals)
         self._set_phase("watching the deposit folders")
         self.watcher.start()
         self.pool.start()
         self._set_phase("processing the reports waiting in the deposit folders")
-        self.rescan()
+        # SPEC §7 wants the waiting reports processed before READY; the warnings about files
+        # that are never read (misplaced) are not part of that, and come with the first tick.
+        self.rescan(misplaced=False)
         while not self.queue.wait_idle(timeout=1.0):
             if self.stopping:
                 return
@@ -214,8 +226,10 @@ class Daemon:
         self.web.start()
 
     def _set_phase(self, phase: str) -> None:
+        """Said to systemd (STATUS=) and logged: where a slow start spends its time."""
         self.phase = f"starting: {phase}"
         self.notifier.status(phase)
+        log.info("daemon.phase", phase=phase)
 
     def _prepare_roots(self) -> None:
         """Create the two storage roots if absent; a failure names the path, not just errno.
@@ -352,8 +366,10 @@ class Daemon:
         return healthy
 
     def _repair_after_crash(self) -> None:
-        """Once, after READY: what a crash can leave half-done that nothing else revisits."""
+        """Once, after READY: what a crash can leave half-done that nothing else revisits,
+        and the start's warnings about misplaced reports (its scan left them for now)."""
         self.repairs_done = True
+        self._note_all_misplaced()
         temps = clean_temps(self.ctx.temp_root, self.store.report_processed)
         folders = {site.folder for site in self.ctx.registry.sites.values()}
         fixed = [repair(folder) for folder in folders]
@@ -514,8 +530,9 @@ class Daemon:
 
     # ------------------------------------------------------------ operations
 
-    def rescan(self) -> dict[str, Any]:
-        """Queue every report waiting on disk; returns how many were queued."""
+    def rescan(self, misplaced: bool = True) -> dict[str, Any]:
+        """Queue every report waiting on disk (and warn about misplaced ones, unless told
+        not to); returns how many were queued."""
         self.queue.needs_rescan.clear()
         self.last_rescan = time.monotonic()
         self.rescans += 1
@@ -523,10 +540,21 @@ class Daemon:
         for path in pending_reports(self.ctx.registry):
             if self.queue.put(path):
                 queued += 1
-        for path, classified in misplaced_reports(self.ctx.registry):
-            self._note_misplaced(path, classified.why or "")
+        if misplaced:
+            self._note_all_misplaced()
         log.info("rescan.done", queued=queued)
         return {"ok": True, "queued": queued}
+
+    def _note_all_misplaced(self) -> None:
+        for path, classified in misplaced_reports(self.ctx.registry):
+            self._note_misplaced(path, classified.why or "")
+
+    def _scan_folders(self, folders: list[Path]) -> None:
+        """`rescan` of these deposit folders only (not counted as a reconciliation scan)."""
+        queued = sum(1 for path in reports_in(folders) if self.queue.put(path))
+        for path, classified in misplaced_reports(self.ctx.registry, folders):
+            self._note_misplaced(path, classified.why or "")
+        log.info("rescan.done", queued=queued, folders=len(folders))
 
     def reload(self) -> dict[str, Any]:
         """SIGHUP / `backupwatchctl reload`: all or nothing; what fails changes nothing."""
@@ -539,7 +567,7 @@ class Daemon:
     def _reload(self) -> dict[str, Any]:
         try:
             settings = load_settings(self.settings.config_path, self.environ)
-            specs = load_jobs(settings)
+            specs = self.reader.load(settings)
         except ConfigError as exc:
             log.error("reload.invalid_config", errors=exc.errors)
             return {"ok": False, "error": str(exc)}
@@ -547,10 +575,10 @@ class Daemon:
         needs_restart = self._restart_changes(settings)
         settings = settings.model_copy(update={k: getattr(self.settings, k) for k in RESTART_KEYS})
         try:
-            result = self.store.sync_jobs(
-                specs, settings.scanner_report_collection_window_minutes, self.clock()
+            resynced = resync(
+                self.store, settings, specs, self.synced, self.ctx.registry, self.clock()
             )
-            registry = registry_of(settings, self.store)
+            del specs
         except InstanceConflict as exc:
             log.error("reload.instance_conflict", error=str(exc))
             return {"ok": False, "error": str(exc)}
@@ -562,13 +590,16 @@ class Daemon:
                 "error": f"cannot reach the database ({detail}); "
                 "the daemon keeps its previous configuration",
             }
-        self.settings = settings
+        self.settings, self.synced, result = settings, resynced.synced, resynced.result
         self.store.routing = settings.alerts.routing()
         self.delivery.configure(settings.alerts)
-        self.ctx = Context(self.store, settings, registry, self.beat, self.arrivals)
+        self.ctx = Context(self.store, settings, resynced.registry, self.beat, self.arrivals)
         self.timer.max_age = self.ctx.max_age
         self.timer.wake()
-        self.rescan()
+        if resynced.folders is None:
+            self.rescan()
+        else:  # only the sites the reload changed: the others' reports mean what they meant
+            self._scan_folders(resynced.folders)
         self._note_conflicts(result.conflicts)
         log.info(
             "reload.done",
@@ -608,15 +639,23 @@ class Daemon:
         """
         answer = self._status()
         if request.get("jobs") and self.ready:
-            self._add_jobs(answer, self.store)
+            self._add_jobs(answer, self.store, streamed=True)
         if request.get("config_path") == str(self.settings.config_path):
             environ = request.get("environ")
             answer["file_check"] = self._check_file(environ if isinstance(environ, dict) else {})
         return answer
 
-    def _add_jobs(self, answer: dict[str, Any], store: Store) -> None:
+    def _add_jobs(self, answer: dict[str, Any], store: Store, streamed: bool = False) -> None:
+        """The job rows; `streamed`, a page at a time while the answer is sent (the control
+        socket), rather than all of them held at once (the HTTP listener's `/api/status`)."""
         try:
-            answer["jobs"] = [view.as_json() for view in store.job_views(self.clock())]
+            now = self.clock()
+            if streamed:
+                ids = store.job_ids()
+                first = store.job_views(now, ExpectedBackupJob.id.in_(ids[:STATUS_PAGE]))
+                answer["jobs"] = JsonArray(_job_pages(store, now, ids, first))
+            else:
+                answer["jobs"] = [view.as_json() for view in store.job_views(now)]
             answer["alerts"] = self.delivery.outbox.counts()
             since = self.clock() - REJECTED_WINDOW
             answer["rejected_sites"] = store.rejected_sites(since)
@@ -738,6 +777,22 @@ class RestartChange:
         return {"key": self.key, "running": self.running, "file": self.file}
 
 
+STATUS_PAGE = 2_000  # job rows per page of a streamed `status` answer (an `IN` of ids)
+
+
+def _job_pages(
+    store: Store, now: datetime, ids: list[int], first: list[JobView]
+) -> Iterator[list[Any]]:
+    """`status` rows a page at a time, each page read when the previous one has been sent
+    (the first one is read before the answer starts, so that a database error is answered).
+    Pages of ids taken in job order keep the rows in job order; a job removed meanwhile is
+    left out, one added meanwhile comes with the next `status`."""
+    yield [view.as_json() for view in first]
+    for start in range(STATUS_PAGE, len(ids), STATUS_PAGE):
+        page = ids[start : start + STATUS_PAGE]
+        yield [view.as_json() for view in store.job_views(now, ExpectedBackupJob.id.in_(page))]
+
+
 def shown_setting(key: str, value: object) -> str:
     """A setting as it may be shown to an operator: a database URL without its password."""
     if key == "database_url":
@@ -784,11 +839,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(resolve_target(args.log_target, environ), args.log_level)
     try:
         settings = load_settings(default_config_path(args.config, environ), environ)
-        specs = load_jobs(settings)
+        reader = JobReader()
+        specs = reader.load(settings)
     except ConfigError as exc:
         print(f"backupwatchd: invalid configuration:\n{exc}", file=sys.stderr)
         return 1
-    daemon = Daemon(settings, specs, environ)
+    daemon = Daemon(settings, specs, environ, reader=reader)
     del specs  # the daemon drops them after its first sync; nothing else may keep them alive
     _install_signals(daemon)
     try:
@@ -799,6 +855,7 @@ def main(argv: list[str] | None = None) -> int:
         daemon.request_stop()
         daemon.shutdown()
         return 1
+    heap.settle()  # here, not in `start`: a test process that starts daemons keeps its collector
     return daemon.run()
 
 

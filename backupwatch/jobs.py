@@ -12,10 +12,10 @@ import functools
 import re
 import string
 import tomllib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any
+from typing import Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -62,6 +62,7 @@ REQUIRED_FOR: dict[str, frozenset[BackupFrequency]] = {
 _SAMPLE_CYCLE = datetime(2026, 11, 24, 13, 45, tzinfo=UTC)
 _SAMPLE_STAGED = "sales.sql.gz"
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_SLASH_OR_CONTROL = re.compile(r"[/\x00-\x1f]")
 _MAX_WINDOW_MINUTES = 100 * 366 * 24 * 60
 _FORMATTER = string.Formatter()
 
@@ -251,6 +252,21 @@ def _check_frequency_use(key: str, value: object, info: ValidationInfo) -> None:
     frequency = info.data.get("frequency")
     if not isinstance(frequency, BackupFrequency):
         return  # the frequency's own error is reported; guessing here would only add noise
+    check_frequency_use(key, value, frequency)
+
+
+def check_name(value: str) -> None:
+    """The names build paths and the `company/city/neighborhood/database` job reference."""
+    if not value:
+        raise ValueError("must not be empty")
+    if value != value.strip():
+        raise ValueError(f"{value!r} has leading or trailing spaces")
+    if _SLASH_OR_CONTROL.search(value):
+        raise ValueError(f"{value!r} must not contain '/' or control characters")
+
+
+def check_frequency_use(key: str, value: object, frequency: BackupFrequency) -> None:
+    """`_check_frequency_use` once the frequency is known to be valid."""
     if value is not None and frequency not in APPLIES_TO[key]:
         users = ", ".join(f for f in BackupFrequency if f in APPLIES_TO[key])
         raise ValueError(f"not used by {frequency} jobs (only by {users})")
@@ -311,13 +327,7 @@ class JobSpec(BaseModel):
     @field_validator(*IDENTITY_FIELDS, mode="after")
     @classmethod
     def _check_name(cls, value: str) -> str:
-        """The names build paths and the `company/city/neighborhood/database` job reference."""
-        if not value:
-            raise ValueError("must not be empty")
-        if value != value.strip():
-            raise ValueError(f"{value!r} has leading or trailing spaces")
-        if "/" in value or any(ord(char) < 32 for char in value):
-            raise ValueError(f"{value!r} must not contain '/' or control characters")
+        check_name(value)
         return value
 
     @field_validator("frequency", mode="before")
@@ -435,19 +445,34 @@ def read_jobs(settings: Settings) -> tuple[list[JobSpec], list[str]]:
     errors: list[str] = []
     specs: list[JobSpec] = []
     try:
-        files = _job_files(settings.jobs_path)
+        files = job_files(settings.jobs_path)
     except ConfigError as exc:
         return [], exc.errors
     for path in files:
-        file_specs, file_errors = _load_file(path)
+        file_specs, file_errors = load_file(path)
         specs.extend(file_specs)
         errors.extend(file_errors)
-    errors.extend(_duplicates(specs))
-    errors.extend(_unknown_channels(specs, settings))
+    errors.extend(cross_file_errors(specs, settings))
     return specs, errors
 
 
-def _unknown_channels(specs: list[JobSpec], settings: Settings) -> Iterator[str]:
+class Located(Protocol):
+    """What the checks across files need of a job: a `JobSpec` or a `jobrecord.JobRecord`."""
+
+    @property
+    def key(self) -> tuple[str, str, str, str]: ...
+    @property
+    def source(self) -> str: ...
+    @property
+    def alert_channels(self) -> tuple[str, ...] | None: ...
+
+
+def cross_file_errors(specs: Sequence[Located], settings: Settings) -> list[str]:
+    """What no single file shows: a job defined twice, a channel the config lacks."""
+    return [*_duplicates(specs), *_unknown_channels(specs, settings)]
+
+
+def _unknown_channels(specs: Sequence[Located], settings: Settings) -> Iterator[str]:
     """SPEC §10: a job routed to a channel `[alerts.channels]` does not define is an error."""
     known = settings.alerts.channel_names
     for spec in specs:
@@ -460,7 +485,7 @@ def _unknown_channels(specs: list[JobSpec], settings: Settings) -> Iterator[str]
             )
 
 
-def _job_files(jobs_path: Path) -> list[Path]:
+def job_files(jobs_path: Path) -> list[Path]:
     """One file, or a folder's `*.toml` in name order (hidden editor files skipped)."""
     try:
         if jobs_path.is_dir():
@@ -495,7 +520,7 @@ def unread_job_files(settings: Settings) -> list[str]:
     ]
 
 
-def _load_file(path: Path) -> tuple[list[JobSpec], list[str]]:
+def load_file(path: Path) -> tuple[list[JobSpec], list[str]]:
     try:
         document = tomllib.loads(path.read_bytes().decode("utf-8"))
     except OSError as exc:
@@ -593,9 +618,9 @@ def _describe(exc: ValidationError, label: str, inherited: set[str]) -> Iterator
         yield f"{label}: {key}: {message}"
 
 
-def _duplicates(specs: list[JobSpec]) -> Iterator[str]:
+def _duplicates(specs: Sequence[Located]) -> Iterator[str]:
     """SPEC §2: a job defined twice names both places, wherever they are."""
-    first: dict[tuple[str, str, str, str], JobSpec] = {}
+    first: dict[tuple[str, str, str, str], Located] = {}
     for spec in specs:
         earlier = first.setdefault(spec.key, spec)
         if earlier is not spec:

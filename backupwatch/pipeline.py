@@ -19,10 +19,11 @@ import enum
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path, PurePosixPath
+from sys import intern
 from typing import Any, Protocol
 
 import structlog
@@ -38,7 +39,7 @@ from backupwatch.fsutil import (
     read_capped,
     sha256_fd,
 )
-from backupwatch.jobs import IDENTITY_FIELDS, final_relpath
+from backupwatch.jobs import final_relpath
 from backupwatch.missing import eras_from_json
 from backupwatch.names import display_name
 from backupwatch.promotion import (
@@ -62,9 +63,10 @@ from backupwatch.report import (
     accept_report,
     size_problem,
 )
-from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site
+from backupwatch.schedule import Schedule
+from backupwatch.sites import ARCHIVE_DIR, JobRef, PathKind, Registry, Site, normalize
 from backupwatch.store import (
-    SCHEDULE_COLUMNS,
+    JobKey,
     NewEntry,
     ProcessedReportRecord,
     Store,
@@ -170,45 +172,56 @@ class Context:
 
 def registry_of(settings: Settings, store: Store) -> Registry:
     """The in-memory snapshot of this instance's active jobs that the workers and the watcher
-    consult, read as plain rows (no ORM object per job), with the strings and schedules that many
-    jobs share held once. A job's own `archive_test` wins over the config's (SPEC §13)."""
-    shared: dict[Any, Any] = {}
+    consult, read as plain rows streamed from the database (no ORM object per job), with the
+    strings and schedules that many jobs share held once. A job's own `archive_test` wins over
+    the config's (SPEC §13)."""
+    entries = _job_refs(settings, store.iter_active_job_rows())
+    return Registry.build(settings.backup_storage_root, entries)
 
-    def once(value: Any) -> Any:
-        return shared.setdefault(value, value)
 
-    entries = []
-    schedules: dict[tuple[Any, ...], Any] = {}
-    folders: dict[str, PurePosixPath] = {}
-    for row in store.active_job_rows():
-        values = row._mapping
-        when = tuple(values[name] for name in SCHEDULE_COLUMNS)
+def registry_updated(
+    old: Registry, settings: Settings, store: Store, keys: Collection[JobKey]
+) -> Registry:
+    """`registry_of` after a partial sync: the jobs of `keys` read again, every other site
+    kept as it is (a reload that changed one job rebuilt 30,000 sites before)."""
+    keys = set(keys)
+    touched: dict[Path, list[JobRef]] = {}
+    for folder, site in old.sites.items():
+        if any(job.names in keys for job in site.jobs):
+            touched[folder] = [job for job in site.jobs if job.names not in keys]
+    sites = dict(old.sites)
+    for relpath, ref in _job_refs(settings, store.iter_active_job_rows(sorted(keys))):
+        folder = normalize(settings.backup_storage_root / relpath)
+        if folder not in touched:
+            touched[folder] = list(sites[folder].jobs) if folder in sites else []
+        touched[folder].append(ref)
+    for folder, jobs in touched.items():
+        if jobs:
+            sites[folder] = Site(folder, tuple(sorted(jobs, key=lambda job: job.id)))
+        else:
+            del sites[folder]
+    return Registry(root=old.root, sites=sites)
+
+
+def _job_refs(settings: Settings, rows: Iterable[Any]) -> Iterator[tuple[str, JobRef]]:
+    """(deposit path, JobRef) of each row of `Store.iter_active_job_rows`."""
+    schedules: dict[tuple[Any, ...], Schedule] = {}
+    for row in rows:
+        values = tuple(row)
+        when = values[10:]
         schedule = schedules.get(when)
         if schedule is None:
-            schedule = schedules[when] = schedule_of(values)
-        folder = folders.get(row.deposit_path)
-        if folder is None:
-            folder = folders[row.deposit_path] = PurePosixPath(row.deposit_path)
-        fields = {
-            "company_name": once(row.company_name),
-            "city": once(row.city),
-            "neighborhood": once(row.neighborhood),
-            "database_name": once(row.database_name),
-            "agent_id": once(row.agent_id),
-        }
+            schedule = schedules[when] = schedule_of(row._mapping)
         ref = JobRef(
-            id=row.id,
-            label="/".join(fields[name] for name in IDENTITY_FIELDS),
-            agent_id=fields["agent_id"],
-            database_name=fields["database_name"],
+            id=values[0],
+            names=(intern(values[1]), intern(values[2]), intern(values[3]), intern(values[4])),
+            agent_id=intern(values[5]),
             schedule=schedule,
-            fields=fields,
-            final_storage_path_template=once(row.final_storage_path_template),
-            previous=eras_from_json(row.previous_schedules),
-            archive_test=settings.archive_test if row.archive_test is None else row.archive_test,
+            final_storage_path_template=intern(values[7]),
+            previous=eras_from_json(values[8]) if values[8] else (),
+            archive_test=settings.archive_test if values[9] is None else values[9],
         )
-        entries.append((folder, ref))
-    return Registry.build(settings.backup_storage_root, entries)
+        yield intern(values[6]), ref
 
 
 # ------------------------------------------------------------------------- reading

@@ -8,7 +8,7 @@ so its cost grows with the number of sites, not with the size of the deposits.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from backupwatch.sites import (
@@ -18,6 +18,7 @@ from backupwatch.sites import (
     Classified,
     PathKind,
     Registry,
+    Site,
     report_folders,
 )
 
@@ -28,6 +29,14 @@ def pending_reports(registry: Registry) -> Iterator[Path]:
         for folder in report_folders(site):
             yield from _json_files(folder)
     yield from _strays(registry)
+
+
+def reports_in(folders: Iterable[Path]) -> Iterator[Path]:
+    """The report files waiting in these folders and their `log/`: after a reload that
+    changed a few sites, the only folders whose reports may now mean something else."""
+    for folder in folders:
+        yield from _json_files(folder)
+        yield from _json_files(folder / LOG_DIR)
 
 
 def _json_files(folder: Path) -> Iterator[Path]:
@@ -66,11 +75,17 @@ def _walkable(name: str) -> bool:
     return name not in NEVER_SCANNED and not name.startswith(".")
 
 
-def misplaced_reports(registry: Registry) -> Iterator[tuple[Path, Classified]]:
+def misplaced_reports(
+    registry: Registry, folders: Iterable[Path] | None = None
+) -> Iterator[tuple[Path, Classified]]:
     """Files meant as reports that are never read where they lie (SPEC §3): `STATUS.JSON` in
     D or D/log, and `*.json` in D's `Log/`, `logs/`, `reports/`… Looks at D, D/log and those
-    few folders only, never into staged data."""
-    for site in registry.sites.values():
+    few folders only, never into staged data; only at the sites of `folders` when given."""
+    if folders is None:
+        sites: Iterable[Site] = registry.sites.values()
+    else:
+        sites = [site for site in map(registry.sites.get, folders) if site is not None]
+    for site in sites:
         for folder in (*report_folders(site), *_report_like_subfolders(site.folder)):
             for path in _files(folder):
                 classified = registry.classify(path)

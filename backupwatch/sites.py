@@ -25,17 +25,37 @@ NEVER_SCANNED = frozenset({ARCHIVE_DIR, REJECTED_DIR})
 
 @dataclass(frozen=True, slots=True)
 class JobRef:
-    """What the pipeline needs of one active job."""
+    """What the pipeline needs of one active job, in slots (~170 bytes with its names tuple;
+    the strings are shared with the other jobs of its site): the registry holds one per job,
+    100,000 of them at scale, so the label and the template fields are built when asked."""
 
     id: int
-    label: str
+    names: tuple[str, str, str, str]  # company_name, city, neighborhood, database_name
     agent_id: str
-    database_name: str
     schedule: Schedule
-    fields: Mapping[str, str]
     final_storage_path_template: str
     previous: tuple[Era, ...] = ()  # replaced schedules whose cycles are still owed
     archive_test: bool = True  # SPEC §13: decompress .gz/.zst/.xz/.bz2 while hashing
+
+    @property
+    def database_name(self) -> str:
+        return self.names[3]
+
+    @property
+    def label(self) -> str:
+        return "/".join(self.names)
+
+    @property
+    def fields(self) -> dict[str, str]:
+        """The values of the placeholders of its final storage path template."""
+        company_name, city, neighborhood, database_name = self.names
+        return {
+            "company_name": company_name,
+            "city": city,
+            "neighborhood": neighborhood,
+            "database_name": database_name,
+            "agent_id": self.agent_id,
+        }
 
     def cycle_for(self, t: datetime) -> datetime | None:
         """The cycle a report made at t belongs to (`missing.assign_cycle`), or None."""
@@ -85,9 +105,9 @@ class Registry:
     sites: Mapping[Path, Site] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, root: Path, jobs: Iterable[tuple[PurePosixPath, JobRef]]) -> Registry:
+    def build(cls, root: Path, jobs: Iterable[tuple[PurePosixPath | str, JobRef]]) -> Registry:
         grouped: dict[Path, list[JobRef]] = {}
-        folders: dict[PurePosixPath, Path] = {}  # the jobs of a site share its folder
+        folders: dict[PurePosixPath | str, Path] = {}  # the jobs of a site share its folder
         for relpath, job in jobs:
             folder = folders.get(relpath)
             if folder is None:
@@ -158,6 +178,13 @@ REPORT_LIKE_FOLDERS = frozenset({"log", "logs", "report", "reports", "status"})
 def _report_like_folder(name: str) -> bool:
     """`Log/`, `LOGS/`, `reports/`: where agents put reports by mistake (not staged data)."""
     return name != LOG_DIR and name.lower() in REPORT_LIKE_FOLDERS
+
+
+def changed_folders(old: Registry, new: Registry) -> list[Path]:
+    """The deposit folders whose site differs between two registries (added, removed, or
+    with other jobs): `registry_updated` keeps the very same `Site` for the others."""
+    folders = [f for f, site in new.sites.items() if old.sites.get(f) is not site]
+    return folders + [f for f in old.sites if f not in new.sites]
 
 
 def normalize(path: Path) -> Path:

@@ -9,11 +9,11 @@ several daemons sharing one database never flag the same cycle twice.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
+from sys import intern
 from typing import Any, TypeVar
 
 import structlog
@@ -64,6 +64,7 @@ from backupwatch.alerting import (
     transition,
 )
 from backupwatch.enums import WEEKDAYS, BackupEntryStatus, BackupFrequency, JobStatus
+from backupwatch.jobrecord import JobRecord
 from backupwatch.jobs import JobSpec
 from backupwatch.missing import (
     Change,
@@ -91,6 +92,8 @@ NAMING = {
     "pk": "pk_%(table_name)s",
 }
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+# What the sync takes: the reference model (tools, tests) or the daemon's compact record.
+AnySpec = JobSpec | JobRecord
 READ_ONLY = "backupwatch_read_only"  # execution option: a SQLite reader skips BEGIN IMMEDIATE
 
 
@@ -481,23 +484,35 @@ class Store:
     # ------------------------------------------------------------------- jobs
 
     def sync_jobs(
-        self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
+        self,
+        specs: Sequence[AnySpec],
+        default_window_minutes: int,
+        now: datetime,
+        gone: Sequence[JobKey] | None = None,
     ) -> SyncResult:
         """SPEC §2: add new jobs, update changed ones (history kept), deactivate vanished ones.
+
+        With `gone`, a partial sync, for a reload that knows what changed since its last sync:
+        only `specs` (new and edited jobs) and the keys in `gone` (removed ones) are compared
+        with the database, and every other job is taken to be as that sync left it.
 
         Two daemons starting together may both insert a new job; the loser's unique-constraint
         error means the row now exists, so one more pass (which updates it instead) settles it.
         """
         try:
-            result = self._sync_once(specs, default_window_minutes, now)
+            result = self._sync_once(specs, default_window_minutes, now, gone)
         except IntegrityError:
-            result = self._sync_once(specs, default_window_minutes, now)
+            result = self._sync_once(specs, default_window_minutes, now, gone)
         for change in result.schedule_changes:
             change.log()
         return result
 
     def _sync_once(
-        self, specs: Sequence[JobSpec], default_window_minutes: int, now: datetime
+        self,
+        specs: Sequence[AnySpec],
+        default_window_minutes: int,
+        now: datetime,
+        gone: Sequence[JobKey] | None,
     ) -> SyncResult:
         """One transaction, streamed: the jobs in the database are compared by a compact
         fingerprint, new ones inserted and changed ones loaded in batches of SYNC_BATCH, so
@@ -507,37 +522,43 @@ class Store:
         with self.session() as session:
             if me is not None:
                 self._adopt(session, me)
-            known = self._known_jobs(session)
-            others = self._other_instances(session, me)
+            scope = None if gone is None else [*(spec.key for spec in specs), *gone]
+            known = self._known_jobs(session, scope)
+            others = self._other_instances(session, me, scope)
             batch = _SyncBatch(session, now, result)
             seen: set[JobKey] = set()
             for spec in specs:
-                seen.add(spec.key)
-                columns = _spec_columns(spec, default_window_minutes)
-                mine = known.get(spec.key)
-                if mine is None and spec.key in others:
-                    job = self._take_over(session, others[spec.key], spec, result)
+                key = spec.key
+                seen.add(key)
+                mine = known.get(key)
+                if mine is None and key in others:
+                    columns = _spec_columns(spec, default_window_minutes)
+                    job = self._take_over(session, others[key], spec, result)
                     if job is not None and _apply_spec(
                         job, spec.active, columns, now, result.schedule_changes
                     ):
                         result.changed += 1
                 elif mine is None:
+                    columns = _spec_columns(spec, default_window_minutes)
                     batch.add(_new_row(spec, columns, now, me))
-                elif mine.fingerprint != _fingerprint(spec.active, columns):
-                    batch.change(mine.id, spec.active, columns)
-                elif mine.source != columns["config_source"]:
-                    batch.move(mine.id, columns["config_source"])
+                else:
+                    values = _config_values(spec, default_window_minutes)
+                    if mine.fingerprint != _fingerprint(spec.active, values):
+                        columns = _spec_columns(spec, default_window_minutes)
+                        batch.change(mine.id, spec.active, columns)
+                    elif mine.source != spec.source:
+                        batch.move(mine.id, spec.source)
             batch.flush()
-            gone = [m.id for key, m in known.items() if key not in seen and m.active]
-            for start in range(0, len(gone), SYNC_BATCH):
-                _deactivate_ids(session, gone[start : start + SYNC_BATCH], now)
-            result.deactivated = len(gone)
+            ids = [m.id for key, m in known.items() if key not in seen and m.active]
+            for start in range(0, len(ids), SYNC_BATCH):
+                _deactivate_ids(session, ids[start : start + SYNC_BATCH], now)
+            result.deactivated = len(ids)
         return result
 
-    def _known_jobs(self, session: Session) -> dict[JobKey, _Known]:
-        """This instance's jobs as the sync compares them: id, fingerprint, source, active."""
+    def _known_jobs(self, session: Session, scope: Sequence[JobKey] | None) -> dict[JobKey, _Known]:
+        """This instance's jobs as the sync compares them: id, fingerprint, source, active;
+        only those of `scope` when there is one."""
         j = ExpectedBackupJob
-        names = [name for name in SPEC_COLUMNS if name != "config_source"]
         query = select(
             j.id,
             j.company_name,
@@ -546,17 +567,20 @@ class Store:
             j.database_name,
             j.active,
             j.config_source,
-            *(getattr(j, name) for name in names),
+            *(getattr(j, name) for name in FINGERPRINTED),
         )
         if self.instance is not None:
             query = query.where(j.instance == self.instance)
         known: dict[JobKey, _Known] = {}
-        for row in session.execute(query.execution_options(yield_per=SYNC_BATCH)):
-            values = row._mapping
-            columns = {name: values[name] for name in names}
-            known[(row.company_name, row.city, row.neighborhood, row.database_name)] = _Known(
-                row.id, _fingerprint(row.active, columns), row.config_source, row.active
-            )
+        for part in _scoped(query, scope):
+            for row in session.execute(part.execution_options(yield_per=SYNC_BATCH)):
+                values = tuple(row)
+                # interned: the reader's records hold these names already, so the 100,000
+                # keys of this dict cost no strings of their own (~20 MiB less at the peak)
+                key = (intern(values[1]), intern(values[2]), intern(values[3]), intern(values[4]))
+                known[key] = _Known(
+                    row.id, _fingerprint(row.active, values[7:]), row.config_source, row.active
+                )
         return known
 
     def _adopt(self, session: Session, me: str) -> None:
@@ -575,25 +599,26 @@ class Store:
                 "daemons on one database, use PostgreSQL (SPEC §15)"
             )
 
-    def _other_instances(self, session: Session, me: str | None) -> dict[JobKey, _Owned]:
+    def _other_instances(
+        self, session: Session, me: str | None, scope: Sequence[JobKey] | None
+    ) -> dict[JobKey, _Owned]:
         """The keys of other instances' jobs (a job key is unique across instances)."""
         if me is None:
             return {}
         j = ExpectedBackupJob
-        rows = session.execute(
-            select(
-                j.id, j.company_name, j.city, j.neighborhood, j.database_name, j.instance, j.active
-            ).where(j.instance != me)
-        )
+        query = select(
+            j.id, j.company_name, j.city, j.neighborhood, j.database_name, j.instance, j.active
+        ).where(j.instance != me)
         return {
             (r.company_name, r.city, r.neighborhood, r.database_name): _Owned(
                 r.id, str(r.instance), r.active
             )
-            for r in rows
+            for part in _scoped(query, scope)
+            for r in session.execute(part)
         }
 
     def _take_over(
-        self, session: Session, owned: _Owned, spec: JobSpec, result: SyncResult
+        self, session: Session, owned: _Owned, spec: AnySpec, result: SyncResult
     ) -> ExpectedBackupJob | None:
         """A job another instance defines too: its while active there (a conflict said, not
         settled by whoever syncs last); an inactive one (moved hosts) becomes this one's."""
@@ -605,6 +630,7 @@ class Store:
             )
             log.warning("job.owned_elsewhere", job=label, instance=owned.instance)
             result.conflicts.append(text)
+            result.conflict_keys.append(spec.key)
             return None
         job = session.get(ExpectedBackupJob, owned.id)
         assert job is not None
@@ -618,8 +644,10 @@ class Store:
             query = select(ExpectedBackupJob).where(ExpectedBackupJob.active.is_(True))
             return list(session.scalars(self._own(query)))
 
-    def active_job_rows(self) -> list[Any]:
-        """What the registry needs of this instance's active jobs, as plain rows."""
+    def iter_active_job_rows(self, scope: Sequence[JobKey] | None = None) -> Iterator[Any]:
+        """What the registry needs of this instance's active jobs, as plain rows, streamed
+        (`pipeline.registry_of` reads them by position: id, the four names, agent_id,
+        deposit_path, final template, previous schedules, archive_test, SCHEDULE_COLUMNS)."""
         j = ExpectedBackupJob
         query = select(
             j.id,
@@ -635,7 +663,8 @@ class Store:
             *(getattr(j, name) for name in SCHEDULE_COLUMNS),
         ).where(j.active.is_(True))
         with self.reader.begin() as connection:
-            return list(connection.execute(self._own(query)))
+            for part in _scoped(self._own(query), scope):
+                yield from connection.execute(part.execution_options(yield_per=SYNC_BATCH))
 
     def _own(self, query: Select[_Row]) -> Select[_Row]:
         """`query` narrowed to this daemon's instance (SPEC §15), when it has one."""
@@ -958,6 +987,13 @@ class Store:
 
     # ----------------------------------------------------------------- queries
 
+    def job_ids(self) -> list[int]:
+        """Every job's id in job order (the unique key's index alone): `status` reads the
+        views of 100,000 jobs a page of these at a time."""
+        with self.reader.begin() as connection:
+            query = select(ExpectedBackupJob.id).order_by(*_job_order())
+            return list(connection.scalars(query))
+
     def job_views(self, now: datetime, *where: Any, instance: str | None = None) -> list[JobView]:
         """One row per job for `status`: current status, last success and next deadline.
 
@@ -1219,6 +1255,7 @@ class SyncResult:
     schedule_changes: list[ScheduleChange] = dataclasses.field(default_factory=list)
     # SPEC §15: jobs this instance defines but another instance owns (active there): not synced.
     conflicts: list[str] = dataclasses.field(default_factory=list)
+    conflict_keys: list[JobKey] = dataclasses.field(default_factory=list)  # a reload asks again
 
 
 class InstanceConflict(Exception):
@@ -1748,6 +1785,20 @@ class _Changes:
 # -------------------------------------------------------------------- helpers
 
 
+SCOPE_BATCH = 500  # job keys per `IN` of a partial sync's queries
+
+
+def _scoped(query: Any, scope: Sequence[JobKey] | None) -> Iterator[Any]:
+    """`query`, or its parts narrowed to the keys of `scope`, a batch of keys at a time."""
+    if scope is None:
+        yield query
+        return
+    j = ExpectedBackupJob
+    key = tuple_(j.company_name, j.city, j.neighborhood, j.database_name)
+    for start in range(0, len(scope), SCOPE_BATCH):
+        yield query.where(key.in_(scope[start : start + SCOPE_BATCH]))
+
+
 def job_key(job: ExpectedBackupJob) -> tuple[str, str, str, str]:
     return (job.company_name, job.city, job.neighborhood, job.database_name)
 
@@ -1768,30 +1819,41 @@ SCHEDULE_COLUMNS = (
 )
 
 
-def _spec_columns(spec: JobSpec, default_window_minutes: int) -> dict[str, Any]:
+def _spec_columns(spec: AnySpec, default_window_minutes: int) -> dict[str, Any]:
+    columns = dict(zip(FINGERPRINTED, _config_values(spec, default_window_minutes), strict=True))
+    channels = columns["alert_channels"]
+    columns["alert_channels"] = list(channels) if channels else None
+    columns["config_source"] = spec.source
+    return columns
+
+
+def _config_values(spec: AnySpec, default_window_minutes: int) -> tuple[Any, ...]:
+    """The configured columns but the source, in `FINGERPRINTED` order (the channels as a
+    tuple: what `_fingerprint` hashes)."""
     days = None
     if spec.days_of_week is not None:
         days = ",".join(str(d) for d in sorted(spec.days_of_week))
-    return {
-        "frequency": spec.frequency,
-        "expected_hour_utc": spec.expected_hour_utc,
-        "expected_minute_utc": spec.expected_minute_utc,
-        "days_of_week": days,
-        "day_of_month": spec.day_of_month,
-        "expected_date": spec.expected_date,
-        "collection_window_minutes": spec.collection_window_minutes,
-        "window_minutes": spec.collection_window_minutes or default_window_minutes,
-        "agent_id": spec.agent_id,
-        "deposit_path": str(spec.deposit_relpath),
-        "agent_deposit_path_template": spec.agent_deposit_path_template,
-        "final_storage_path_template": spec.final_storage_path_template,
-        "alert_channels": list(spec.alert_channels) if spec.alert_channels else None,
-        "archive_test": spec.archive_test,
-        "keep_daily": spec.keep_daily,
-        "keep_weekly": spec.keep_weekly,
-        "keep_monthly": spec.keep_monthly,
-        "config_source": spec.source,
-    }
+    # A record's deposit path was rendered once, when its file was read.
+    deposit = spec.deposit_path if isinstance(spec, JobRecord) else str(spec.deposit_relpath)
+    return (
+        spec.frequency,
+        spec.expected_hour_utc,
+        spec.expected_minute_utc,
+        days,
+        spec.day_of_month,
+        spec.expected_date,
+        spec.collection_window_minutes,
+        spec.collection_window_minutes or default_window_minutes,
+        spec.agent_id,
+        deposit,
+        spec.agent_deposit_path_template,
+        spec.final_storage_path_template,
+        spec.alert_channels or None,
+        spec.archive_test,
+        spec.keep_daily,
+        spec.keep_weekly,
+        spec.keep_monthly,
+    )
 
 
 SPEC_COLUMNS = (
@@ -1817,18 +1879,28 @@ SPEC_COLUMNS = (
 SYNC_BATCH = 1000  # rows per INSERT / UPDATE batch and per batch of changed jobs loaded
 
 
-def _fingerprint(active: bool, columns: Mapping[str, Any]) -> bytes:
-    """What the sync compares a configured job by (16 bytes): every configured column but
-    its source, and whether it is active. The same values give the same bytes on both sides:
-    enums, dates and JSON lists come back from the database as the spec gives them."""
-    values = [active, *(columns[name] for name in SPEC_COLUMNS if name != "config_source")]
-    return hashlib.blake2b(repr(values).encode(), digest_size=16).digest()
+FINGERPRINTED = SPEC_COLUMNS[:-1]  # all but config_source: a moved job is the same job
+_CHANNELS_AT = FINGERPRINTED.index("alert_channels")
+
+
+def _fingerprint(active: bool, values: tuple[Any, ...]) -> int:
+    """What the sync compares a configured job by: whether it is active and every configured
+    column but its source (`FINGERPRINTED` order), as Python's 64-bit hash. It is compared
+    within one sync and never stored, and it only decides which jobs to load and compare
+    column by column (`_apply_spec`); two different configurations hashing alike (2**-64)
+    would leave one job's edit unsynced until its next change. The same values give the same
+    hash on both sides: enums, dates and JSON lists come back from the database as the spec
+    gives them (the channels list made a tuple)."""
+    channels = values[_CHANNELS_AT]
+    if channels is not None and not isinstance(channels, tuple):
+        values = (*values[:_CHANNELS_AT], tuple(channels), *values[_CHANNELS_AT + 1 :])
+    return hash((active, values))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class _Known:
     id: int
-    fingerprint: bytes
+    fingerprint: int
     source: str | None
     active: bool
 
@@ -1890,7 +1962,7 @@ class _SyncBatch:
 
 
 def _new_row(
-    spec: JobSpec, columns: dict[str, Any], now: datetime, instance: str | None
+    spec: AnySpec, columns: dict[str, Any], now: datetime, instance: str | None
 ) -> dict[str, Any]:
     """A new job as the row an insert takes: `_new_job`'s values without an ORM object."""
     cursor = Cursor(None, None)
@@ -1945,7 +2017,7 @@ def _deactivate_ids(session: Session, ids: Sequence[int], now: datetime) -> None
     )
 
 
-def _new_job(spec: JobSpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
+def _new_job(spec: AnySpec, columns: dict[str, Any], now: datetime) -> ExpectedBackupJob:
     job = ExpectedBackupJob(
         company_name=spec.company_name,
         city=spec.city,

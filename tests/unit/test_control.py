@@ -425,3 +425,27 @@ def test_concurrent_calls_are_served_in_parallel(sock_path: Path) -> None:
             thread.join(timeout=10)
     assert errors == []
     assert results == {n: {"ok": True, "n": n} for n in range(clients)}
+
+
+def test_a_streamed_array_arrives_as_one_json_answer(sock_path: Path) -> None:
+    """`status` of 100,000 jobs is sent a page at a time (`JsonArray`), never held whole."""
+    made: list[int] = []
+
+    def pages() -> Iterator[list[Any]]:
+        for page in ([1, "é"], [], [{"a": None}], [3]):
+            made.append(len(page))
+            yield page
+
+    def status(request: dict[str, Any]) -> dict[str, Any]:
+        empty = control.JsonArray(iter(()))
+        return {"before": 1, "jobs": control.JsonArray(pages()), "empty": empty, "after": [2]}
+
+    with ControlServer(sock_path, {"status": status}):
+        assert call(sock_path, "status") == {
+            "ok": True,
+            "before": 1,
+            "jobs": [1, "é", {"a": None}, 3],
+            "empty": [],
+            "after": [2],
+        }
+    assert made == [2, 0, 1, 1]

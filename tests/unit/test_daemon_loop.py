@@ -322,3 +322,24 @@ def test_silent_mistakes_show_in_status(
     assert any("paris.tml: not read" in w for w in warnings)
     assert any("STATUS.JSON is never read" in w and "lower-case '.json'" in w for w in warnings)
     assert any("'ghost', which no job of this site expects" in w for w in warnings)
+
+
+def test_status_pages_give_every_job_once_in_order(
+    tmp_path: Path, notify: socket.socket, stopper: list[Daemon], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control socket's `status` is read and sent a page at a time (100,000 jobs at once
+    were ~400 MiB): with pages of 2, the same rows as the unpaged answer, in job order."""
+    jobs = "".join(
+        job_block("ACME", city, "Centre", name, frequency="HOURLY", expected_hour_utc=None)
+        for city in ("Lyon", "Paris")
+        for name in ("a", "b", "c")
+    )
+    instance = make(tmp_path, notify, f"sqlite:///{tmp_path}/db.sqlite", jobs)
+    stopper.append(instance)
+    instance.start()
+    monkeypatch.setattr(daemon_module, "STATUS_PAGE", 2)
+    answer = call(instance.settings.control_socket, "status", jobs=True)
+    whole = [view.as_json() for view in instance.store.job_views(instance.clock())]
+    assert len(whole) == 6
+    assert [row["id"] for row in answer["jobs"]] == [row["id"] for row in whole]
+    assert [row["city"] for row in answer["jobs"]] == ["Lyon"] * 3 + ["Paris"] * 3

@@ -14,13 +14,16 @@ from pyfakefs.fake_filesystem import FakeFilesystem
 
 from backupwatch.config import ConfigError, Settings
 from backupwatch.enums import BackupFrequency
+from backupwatch.jobfiles import JobReader
+from backupwatch.jobrecord import JobRecord
 from backupwatch.jobs import (
     JobSpec,
     final_relpath,
-    load_jobs,
+    read_jobs,
     render_template,
     unread_job_files,
 )
+from backupwatch.jobs import load_jobs as reference_load_jobs
 from backupwatch.schedule import Schedule
 
 SITE = 'company_name = "ACME"\ncity = "Lyon"\nneighborhood = "Part-Dieu"\n'
@@ -39,6 +42,16 @@ def write(folder: Path, name: str, text: str) -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8")  # TOML allows indentation
     return path
+
+
+def load_jobs(settings: Settings) -> list[JobSpec]:
+    """`jobs.load_jobs`, held to agreeing with the daemon's `JobReader`: every case of this
+    file checks both, the reader's shortcuts and its fallback to `JobSpec` alike."""
+    read = JobReader().read(settings)
+    specs, errors = read_jobs(settings)
+    assert read.errors == errors
+    assert read.records == [JobRecord.of(spec) for spec in specs]
+    return reference_load_jobs(settings)
 
 
 def settings_for(jobs_path: Path) -> Settings:

@@ -21,11 +21,9 @@ SCHEDULE = Schedule(BackupFrequency.DAILY, hour=13, window=timedelta(minutes=60)
 def job(ident: int, agent_id: str) -> JobRef:
     return JobRef(
         id=ident,
-        label=f"{agent_id}/db",
+        names=("ACME", "Lyon", agent_id, "db"),
         agent_id=agent_id,
-        database_name="db",
         schedule=SCHEDULE,
-        fields={"agent_id": agent_id},
         final_storage_path_template="{agent_id}/{staged_file_name}",
     )
 

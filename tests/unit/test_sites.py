@@ -18,11 +18,9 @@ SCHEDULE = Schedule(BackupFrequency.DAILY, hour=13, window=timedelta(minutes=60)
 def job(ident: int, agent_id: str, database_name: str) -> JobRef:
     return JobRef(
         id=ident,
-        label=f"{agent_id}/{database_name}",
+        names=("ACME", "Lyon", agent_id, database_name),
         agent_id=agent_id,
-        database_name=database_name,
         schedule=SCHEDULE,
-        fields={"agent_id": agent_id, "database_name": database_name},
         final_storage_path_template="{agent_id}/{database_name}/{staged_file_name}",
     )
 

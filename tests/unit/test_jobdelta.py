@@ -1,0 +1,103 @@
+"""A reload syncs only what changed since the last sync (jobdelta.resync), and leaves the
+database and the registry as a full sync and a fresh registry would."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from support import write_config
+
+from backupwatch import jobfiles
+from backupwatch.config import load_settings
+from backupwatch.jobdelta import Synced, delta_since, resync, synced
+from backupwatch.jobfiles import JobReader
+from backupwatch.pipeline import registry_of
+from backupwatch.sites import Registry
+from backupwatch.store import ExpectedBackupJob, Store
+
+NOW = datetime(2026, 11, 20, 12, tzinfo=UTC)
+
+
+def jobs_text(sites: Sequence[int], minutes: dict[int, int] | None = None) -> str:
+    minutes = minutes or {}
+    tables = [
+        f'[[job]]\ncompany_name = "A"\ncity = "C"\nneighborhood = "N{n}"\n'
+        f'database_name = "db"\nexpected_minute_utc = {minutes.get(n, 0)}\n'
+        for n in sites
+    ]
+    return '[defaults]\nfrequency = "HOURLY"\n' + "\n".join(tables)
+
+
+def shape(registry: Registry) -> dict[Path, list[tuple[Any, ...]]]:
+    """What the workers see of a registry, comparable across two builds."""
+    return {
+        folder: sorted(
+            (job.id, job.names, job.agent_id, job.schedule, job.final_storage_path_template)
+            for job in site.jobs
+        )
+        for folder, site in registry.sites.items()
+    }
+
+
+def rows(store: Store) -> list[tuple[Any, ...]]:
+    j = ExpectedBackupJob
+    with store.engine.connect() as connection:
+        query = select(j.id, j.neighborhood, j.active, j.expected_minute_utc, j.config_source)
+        return sorted(tuple(row) for row in connection.execute(query))
+
+
+@pytest.fixture(autouse=True)
+def trusting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobfiles, "RACY_NS", 0)
+
+
+def test_a_reload_syncs_only_the_changed_jobs(tmp_path: Path, database_url: str) -> None:
+    config = write_config(tmp_path, database_url, jobs_text(range(6)), instance="here")
+    settings = load_settings(config, {})
+    store = Store(settings.database_url)
+    store.instance = "here"
+    store.migrate()
+    reader = JobReader()
+    records = reader.load(settings)
+    result = store.sync_jobs(records, 60, NOW)
+    last = synced(records, 60, settings.archive_test, result.conflict_keys)
+    registry = registry_of(settings, store)
+    # one edited (N2), one removed (N5), one added (N9)
+    edited = jobs_text([0, 1, 2, 3, 4, 9], minutes={2: 7})
+    (tmp_path / "jobs.d" / "jobs.toml").write_text(edited)
+    records = reader.load(settings)
+    delta = delta_since(last, records, 60, settings.archive_test)
+    assert delta is not None
+    assert sorted(r.neighborhood for r in delta.changed) == ["N2", "N9"]
+    assert delta.gone == [("A", "C", "N5", "db")]
+    later = NOW + timedelta(minutes=5)
+    partial = resync(store, settings, records, last, registry, later)
+    assert (partial.result.added, partial.result.changed, partial.result.deactivated) == (1, 1, 1)
+    assert partial.folders is not None
+    assert sorted(f.name for f in partial.folders) == ["A_C_N2", "A_C_N5", "A_C_N9"]
+    assert shape(partial.registry) == shape(registry_of(settings, store))
+    after_partial = rows(store)
+    full = store.sync_jobs(records, 60, later)  # a full sync finds nothing left to do
+    assert (full.added, full.changed, full.deactivated) == (0, 0, 0)
+    assert rows(store) == after_partial
+    store.dispose()
+
+
+def test_a_full_sync_when_the_comparison_would_not_hold(tmp_path: Path) -> None:
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'db'}", jobs_text(range(2)))
+    settings = load_settings(config, {})
+    records = JobReader().load(settings)
+    last = Synced(records, 60, False)
+    assert delta_since(last, records, 60, False) is not None
+    assert delta_since(last, records, 30, False) is None  # the default window changed
+    assert delta_since(last, records, 60, True) is None  # the default archive test changed
+    assert delta_since(None, records, 60, False) is None  # the daemon started from JobSpecs
+    conflicted = Synced(records, 60, False, frozenset({records[1].key}))
+    delta = delta_since(conflicted, records, 60, False)
+    assert delta is not None
+    assert delta.changed == [records[1]]  # another instance's: asked about again
