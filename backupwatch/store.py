@@ -9,6 +9,7 @@ several daemons sharing one database never flag the same cycle twice.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -35,6 +36,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     create_engine,
     delete,
@@ -795,19 +797,12 @@ class Store:
         cycle) index (migration 0007), so its cost grows neither with the job's history nor,
         in round trips, with the report's databases.
         """
-        e = BackupEntry
-        parts = [
-            select(e.job_id, e.server_sha256, e.server_size, e.cycle, e.id)
-            .where(e.job_id == job_id, e.status == BackupEntryStatus.SUCCESS)
-            .order_by(e.cycle.desc(), e.id.desc())
-            .limit(limit)
-            for job_id in dict.fromkeys(job_ids)
-        ]
+        unique = list(dict.fromkeys(job_ids))
         found: dict[int, list[tuple[str | None, int | None]]] = {j: [] for j in job_ids}
-        if not parts:
+        if not unique:
             return found
         with self.reader.begin() as connection:  # one statement: one round trip per report
-            rows = connection.execute(_all_of(parts)).all()
+            rows = connection.execute(_successes_statement(len(unique), limit), _ids(unique)).all()
         for row in sorted(rows, key=lambda r: (r.cycle, r.id), reverse=True):
             found[row.job_id].append((row.server_sha256, row.server_size))
         return found
@@ -818,24 +813,12 @@ class Store:
         """Commit a report's entries and its idempotency row together; False if already done."""
         # Core, not the ORM: this is the hot path of every report (see BENCHMARKS.md, Burst).
         with self.engine.begin() as connection:
-            statement = (
-                self._insert(ProcessedReport.__table__)
-                .values(
-                    sha256=record.sha256,
-                    site=record.site,
-                    report_name=record.report_name,
-                    outcome=record.outcome,
-                    reason=record.reason,
-                    processed_at=now,
-                )
-                .on_conflict_do_nothing()
-            )
-            if connection.execute(statement).rowcount != 1:
+            statement = _processed_insert(connection.dialect.name)
+            if connection.execute(statement, record.row(now)).rowcount != 1:
                 return False
             if entries:
                 changes = _Changes(self, connection, sorted({e.job_id for e in entries}))
-                rows = [{**dataclasses.asdict(e), "recorded_at": now} for e in entries]
-                connection.execute(insert(BackupEntry), rows)
+                connection.execute(_INSERT_ENTRY, [e.row(now) for e in entries])
                 changes.report_events(entries, now)
         return True
 
@@ -1306,6 +1289,15 @@ class ProcessedReportRecord:
     outcome: str
     reason: str | None = None
 
+    def row(self, now: datetime) -> dict[str, Any]:
+        return {**_shallow(self), "processed_at": now}
+
+
+def _shallow(item: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict, values as they are: `dataclasses.asdict` deep-copies
+    (every entry's `details`), which cost more than its INSERT (BENCHMARKS.md, issue 10)."""
+    return {f.name: getattr(item, f.name) for f in dataclasses.fields(item)}
+
 
 @dataclasses.dataclass(frozen=True)
 class NewEntry:
@@ -1333,6 +1325,9 @@ class NewEntry:
     final_dev: int | None = None
     final_ino: int | None = None
     suspicious: bool = False
+
+    def row(self, now: datetime) -> dict[str, Any]:
+        return {**_shallow(self), "recorded_at": now}
 
 
 REMOVAL_CLAIMED = "claimed"  # `final_removal` while one pruner is at work on the file
@@ -1638,27 +1633,7 @@ class _Changes:
     def __init__(self, store: Store, connection: Any, job_ids: Sequence[int]) -> None:
         self.store = store
         self.connection = connection
-        j = ExpectedBackupJob
-        rows = connection.execute(
-            select(
-                j.id,
-                j.company_name,
-                j.city,
-                j.neighborhood,
-                j.database_name,
-                j.agent_id,
-                j.alert_channels,
-                j.paused_at,
-                j.paused_until,
-                j.acked_at,
-                j.instance,
-            )
-            .where(j.id.in_(list(job_ids)))
-            .order_by(j.id)
-            # FOR NO KEY UPDATE: what the cursor's UPDATE takes too; it does not block the
-            # foreign-key checks (FOR KEY SHARE) of entries inserted for the job meanwhile.
-            .with_for_update(key_share=True)
-        ).all()
+        rows = connection.execute(_LOCK_JOBS, {"ids": list(job_ids)}).all()
         self.jobs = {
             r.id: _JobRow(
                 id=r.id,
@@ -1673,11 +1648,17 @@ class _Changes:
             )
             for r in rows
         }
-        found = _latest_many(connection, list(self.jobs))
+        found = _newest_of(connection, list(self.jobs))
         self.before = {job_id: found.get(job_id) for job_id in self.jobs}
 
     def report_events(self, entries: Sequence[NewEntry], now: datetime) -> None:
-        self._transitions(_latest_many(self.connection, list(self.jobs)), now)
+        """The events of the entries just inserted; their jobs' rows are locked since
+        `__init__`, so each job's newest entry is now `before` or its new entry (`_newer`)."""
+        after = dict(self.before)
+        for entry in entries:
+            if entry.job_id in after:
+                after[entry.job_id] = _newer(after[entry.job_id], entry)
+        self._transitions({j: latest for j, latest in after.items() if latest is not None}, now)
         for entry in entries:
             if entry.unchanged_since_last_success and entry.job_id in self.jobs:
                 self._event(
@@ -1780,6 +1761,91 @@ class _Changes:
             "instance": job.instance,
         }
         return _Outgoing(event, self.store.routing.targets(kind, job.channels))
+
+
+# --------------------------------------------------------- the report's statements
+# Built once and reused: SQLAlchemy memoizes a statement object's cache key and result
+# columns, so each report pays for running these, not for building and matching them again
+# (BENCHMARKS.md, issue 10's burst: building them was a third of the daemon's CPU).
+
+
+def _newer(before: _Latest | None, entry: NewEntry) -> _Latest:
+    """A job's newest entry (`_latest`'s order: cycle, then not MISSING, then id) once `entry`
+    is inserted after `before`: the new row has the highest id, so it wins every tie."""
+    new = _Latest(entry.cycle, entry.status, entry.message)
+    if before is None:
+        return new
+    missing = BackupEntryStatus.MISSING
+    if (new.cycle, new.status is not missing) >= (before.cycle, before.status is not missing):
+        return new
+    return before
+
+
+def _ids(job_ids: Sequence[int]) -> dict[str, int]:
+    return {f"job_{i}": job_id for i, job_id in enumerate(job_ids)}
+
+
+@functools.cache
+def _newest_statement() -> Any:
+    """`_latest_many`'s statement (one index seek per job), built once: the job ids are one
+    expanding parameter, so any number of jobs shares it."""
+    e, j = BackupEntry, ExpectedBackupJob
+    newest = select(_newest_entry_value(e.id)).where(j.id.in_(bindparam("ids", expanding=True)))
+    return select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest.scalar_subquery()))
+
+
+def _newest_of(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
+    if not job_ids:
+        return {}
+    rows = connection.execute(_newest_statement(), {"ids": list(job_ids)})
+    return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
+
+
+@functools.cache
+def _successes_statement(count: int, limit: int) -> Any:
+    """`Store.recent_successes`'s UNION ALL for `count` jobs (parameters job_0, job_1...)."""
+    e = BackupEntry
+    return _all_of(
+        [
+            select(e.job_id, e.server_sha256, e.server_size, e.cycle, e.id)
+            .where(e.job_id == bindparam(f"job_{i}"), e.status == BackupEntryStatus.SUCCESS)
+            .order_by(e.cycle.desc(), e.id.desc())
+            .limit(limit)
+            for i in range(count)
+        ]
+    )
+
+
+@functools.cache
+def _processed_insert(dialect: str) -> Any:
+    """The idempotency row's INSERT ... ON CONFLICT DO NOTHING, its values given at execution."""
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(ProcessedReport.__table__).on_conflict_do_nothing()
+
+
+_INSERT_ENTRY = insert(BackupEntry)
+
+_j = ExpectedBackupJob
+# FOR NO KEY UPDATE: what the cursor's UPDATE takes too; it does not block the foreign-key
+# checks (FOR KEY SHARE) of entries inserted for the job meanwhile. In id order: no deadlock.
+_LOCK_JOBS = (
+    select(
+        _j.id,
+        _j.company_name,
+        _j.city,
+        _j.neighborhood,
+        _j.database_name,
+        _j.agent_id,
+        _j.alert_channels,
+        _j.paused_at,
+        _j.paused_until,
+        _j.acked_at,
+        _j.instance,
+    )
+    .where(_j.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_j.id)
+    .with_for_update(key_share=True)
+)
 
 
 # -------------------------------------------------------------------- helpers

@@ -92,6 +92,23 @@ def test_state_changes_write_one_event_each(tmp_path: Path, database_url: str) -
     assert recovered.since == at(1)  # not OK since the cycle of day 1
 
 
+def test_a_late_success_for_a_missing_cycle_is_a_recovery(
+    tmp_path: Path, database_url: str
+) -> None:
+    """The job's state after a report is worked out from its state before and the new entry
+    (no second read): a success for the very cycle flagged MISSING is newer than the flag."""
+    w = world(tmp_path, database_url)
+    send(w, at(0), b"day 0")
+    w.tick(at(1, 14, 1))  # day 1 flagged MISSING
+    assert send(w, at(1, 13, 40), b"late day 1", name="late.json") is Outcome.ACCEPTED
+    send(w, at(0, 13, 5), None, name="older.json")  # an older cycle: the state stays OK
+
+    assert [e for e in events(w.store) if e[1] == SALES] == [
+        ("MISSING", SALES, at(1)),
+        ("RECOVERED", SALES, at(1)),
+    ]
+
+
 def test_an_unchanged_success_is_an_event(tmp_path: Path, database_url: str) -> None:
     w = world(tmp_path, database_url)
     send(w, at(0), b"same bytes")
