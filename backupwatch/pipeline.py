@@ -70,6 +70,7 @@ from backupwatch.store import (
     NewEntry,
     ProcessedReportRecord,
     Store,
+    Successes,
     schedule_of,
 )
 from backupwatch.timeutil import utc_now
@@ -274,11 +275,11 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Resu
     except Rejection as exc:
         return reject(ctx, path, site.folder, exc.reason, now)
     sha = hashlib.sha256(read.data).hexdigest()
-    if ctx.store.report_processed(sha):
-        return _seen_before(ctx, site, path, sha)
     try:
         report = accept_report(read.data, now, ctx.max_age, site.agent_ids)
     except ReportRejected as exc:
+        if ctx.store.report_processed(sha):  # committed before (now too old, say): a duplicate
+            return _seen_before(ctx, site, path, sha)
         if exc.incomplete:
             writer = ctx.observer.writer(path)
             unchanged = ctx.observer.unchanged_for(path, read.st)
@@ -286,7 +287,17 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Resu
             if wait is not None:
                 return Result(Outcome.WAIT, path, exc.reason, wait=wait)
         return reject(ctx, path, site.folder, exc.reason, now)
-    return _record(ctx, site, path, report, sha, now)
+    # One read transaction for the duplicate check and the previous successes (issue 10).
+    history = ctx.store.report_history(sha, _job_ids(site, report), SIZE_HISTORY)
+    if history.processed:
+        return _seen_before(ctx, site, path, sha)
+    return _record(ctx, site, path, report, sha, now, history.previous)
+
+
+def _job_ids(site: Site, report: StatusReport) -> list[int]:
+    """The jobs the report's databases belong to (`_assign` says which of them count)."""
+    jobs = (site.job_for(name, report.agent_id) for name in report.databases)
+    return [job.id for job in jobs if job is not None]
 
 
 def _read_report(site: Site, path: Path, limit: int) -> ReportBytes:
@@ -380,7 +391,13 @@ def _assign(site: Site, report: StatusReport, name: str, result: Result) -> list
 
 
 def _record(
-    ctx: Context, site: Site, path: Path, report: StatusReport, sha: str, now: datetime
+    ctx: Context,
+    site: Site,
+    path: Path,
+    report: StatusReport,
+    sha: str,
+    now: datetime,
+    previous: Successes,
 ) -> Result:
     result = Result(Outcome.ACCEPTED, path)
     name = _name(ctx, path)
@@ -388,7 +405,6 @@ def _record(
     wait = _staged_wait(ctx, site, assigned)
     if wait is not None:
         return Result(Outcome.WAIT, path, wait.why, wait=wait)
-    previous = ctx.store.recent_successes([a.job.id for a in assigned], SIZE_HISTORY)
     judged: list[Judged] = []
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
     try:

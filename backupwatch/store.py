@@ -797,15 +797,17 @@ class Store:
         cycle) index (migration 0007), so its cost grows neither with the job's history nor,
         in round trips, with the report's databases.
         """
-        unique = list(dict.fromkeys(job_ids))
-        found: dict[int, list[tuple[str | None, int | None]]] = {j: [] for j in job_ids}
-        if not unique:
-            return found
         with self.reader.begin() as connection:  # one statement: one round trip per report
-            rows = connection.execute(_successes_statement(len(unique), limit), _ids(unique)).all()
-        for row in sorted(rows, key=lambda r: (r.cycle, r.id), reverse=True):
-            found[row.job_id].append((row.server_sha256, row.server_size))
-        return found
+            return _recent_successes(connection, job_ids, limit)
+
+    def report_history(self, sha256: str, job_ids: Sequence[int], limit: int = 7) -> ReportHistory:
+        """What a report's judgement reads, in one read transaction: were its bytes committed
+        already (`report_processed`), and its jobs' `recent_successes`."""
+        query = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == sha256)
+        with self.reader.begin() as connection:
+            if connection.execute(query).first() is not None:
+                return ReportHistory(processed=True)
+            return ReportHistory(False, _recent_successes(connection, job_ids, limit))
 
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
@@ -1279,6 +1281,17 @@ class ScheduleChange:
             owed=self.change.owed,
             first_cycle=first.isoformat() if first else None,
         )
+
+
+Successes = dict[int, list[tuple[str | None, int | None]]]  # job id: (SHA-256, size), newest first
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportHistory:
+    """`Store.report_history`: committed already, or each job's recent successes."""
+
+    processed: bool
+    previous: Successes = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1779,6 +1792,17 @@ def _newer(before: _Latest | None, entry: NewEntry) -> _Latest:
     if (new.cycle, new.status is not missing) >= (before.cycle, before.status is not missing):
         return new
     return before
+
+
+def _recent_successes(connection: Any, job_ids: Sequence[int], limit: int) -> Successes:
+    unique = list(dict.fromkeys(job_ids))
+    found: Successes = {j: [] for j in job_ids}
+    if not unique:
+        return found
+    rows = connection.execute(_successes_statement(len(unique), limit), _ids(unique)).all()
+    for row in sorted(rows, key=lambda r: (r.cycle, r.id), reverse=True):
+        found[row.job_id].append((row.server_sha256, row.server_size))
+    return found
 
 
 def _ids(job_ids: Sequence[int]) -> dict[str, int]:

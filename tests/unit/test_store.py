@@ -37,6 +37,7 @@ from backupwatch.store import (
     NewEntry,
     ProcessedReport,
     ProcessedReportRecord,
+    ReportHistory,
     Store,
     _Missing,
 )
@@ -852,6 +853,11 @@ def test_recent_successes_are_each_jobs_newest_first(store: Store) -> None:
     }
     assert store.recent_successes([sales], limit=1) == {sales: [("b" * 64, None)]}
     assert store.recent_successes([]) == {}
+    # What a report's judgement reads, in one transaction: its duplicate check, then these.
+    assert store.report_history("9" * 64, [sales, hr], 1) == ReportHistory(
+        False, {sales: [("b" * 64, None)], hr: []}
+    )
+    assert store.report_history("2" * 64, [sales]) == ReportHistory(True, {})
 
 
 def test_sqlite_readers_do_not_wait_for_a_writer(tmp_path: Path) -> None:
