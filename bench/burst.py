@@ -1,7 +1,7 @@
 """Burst: 1,000 site reports of 3 databases each, all renamed into place at once.
 
     .venv/bin/python bench/burst.py [--sites 1000] [--databases 3] [--database sqlite|postgresql]
-                                    [--rounds 1]
+                                    [--rounds 1] [--no-wait]
 
 Writes a jobs.toml of SITES x DATABASES hourly jobs (window +-30 min), and for every site its
 deposit folder, one small staged file per database and its report as `.STATUS.json.part` (names
@@ -164,7 +164,7 @@ def detach(profiler: subprocess.Popen[bytes]) -> None:
 def one_round(
     args: argparse.Namespace, daemon: BenchDaemon, conn: Connection, temps: list[Path], total: int
 ) -> dict[str, Any]:
-    quiet = wait_quiet()
+    quiet = float("nan") if args.no_wait else wait_quiet()
     cpu_before, busy_before, own_before = daemon.cpu_times(), cpu_busy_ticks(), own_cpu()
     pg_before = postgres_cpu()
     first = time.time()
@@ -250,6 +250,9 @@ def main() -> None:
     parser.add_argument("--attach-wait", type=float, default=1.0, help="seconds to let it attach")
     parser.add_argument(
         "--attach-round", type=int, default=0, help="profile only this round (0: all of them)"
+    )
+    parser.add_argument(
+        "--no-wait", action="store_true", help="measure at once, even on a busy machine (A/B)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the work tree and daemon log")
     parser.add_argument("--header", action="store_true", help="print the table header first")
