@@ -775,9 +775,8 @@ class Store:
 
     def report_processed(self, sha256: str) -> bool:
         """Were these report bytes committed already? (Core: asked for every report.)"""
-        query = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == sha256)
         with self.reader.begin() as connection:
-            return connection.execute(query).first() is not None
+            return connection.execute(_PROCESSED, {"sha256": sha256}).first() is not None
 
     def successes_of_report(self, sha256: str) -> list[BackupEntry]:
         with self.reading() as session:
@@ -803,9 +802,8 @@ class Store:
     def report_history(self, sha256: str, job_ids: Sequence[int], limit: int = 7) -> ReportHistory:
         """What a report's judgement reads, in one read transaction: were its bytes committed
         already (`report_processed`), and its jobs' `recent_successes`."""
-        query = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == sha256)
         with self.reader.begin() as connection:
-            if connection.execute(query).first() is not None:
+            if connection.execute(_PROCESSED, {"sha256": sha256}).first() is not None:
                 return ReportHistory(processed=True)
             return ReportHistory(False, _recent_successes(connection, job_ids, limit))
 
@@ -1848,6 +1846,7 @@ def _processed_insert(dialect: str) -> Any:
 
 
 _INSERT_ENTRY = insert(BackupEntry)
+_PROCESSED = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == bindparam("sha256"))
 
 _j = ExpectedBackupJob
 # FOR NO KEY UPDATE: what the cursor's UPDATE takes too; it does not block the foreign-key
