@@ -128,7 +128,9 @@ def sha256_fd(
     """
     digest = hashlib.sha256()
     size = 0
-    buffer = bytearray(CHUNK)
+    # No bigger than the file (plus one byte, to see its end in one read): a fresh 1 MiB buffer
+    # per small staged file was an mmap, 256 page faults and a munmap each (issue 10's burst).
+    buffer = bytearray(max(1, min(CHUNK, os.fstat(fd).st_size + 1)))
     view = memoryview(buffer)
     os.lseek(fd, 0, os.SEEK_SET)
     if sink is not None:

@@ -170,6 +170,18 @@ def test_read_capped_reads_at_most_one_byte_past_the_limit(tmp_path: Path) -> No
         os.close(fd)
 
 
+@pytest.mark.parametrize("size", [0, 1, 4096, fsutil.CHUNK - 1, fsutil.CHUNK, fsutil.CHUNK + 1])
+def test_sha256_fd_whatever_the_size_against_its_buffer(tmp_path: Path, size: int) -> None:
+    """The read buffer is sized to the file (small staged files): every size hashes whole."""
+    content = os.urandom(size)
+    (tmp_path / "f").write_bytes(content)
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    try:
+        assert sha256_fd(fd) == (hashlib.sha256(content).hexdigest(), size)
+    finally:
+        os.close(fd)
+
+
 def test_sha256_fd_hashes_from_the_start_whatever_the_offset(tmp_path: Path) -> None:
     content = os.urandom(CHUNK * 2 + 123)
     path = tmp_path / "data"
