@@ -26,6 +26,7 @@ MAX_SLEEP = 10.0  # re-read the deadline index (other daemons, reloads) and beat
 DEFER_LIMIT = timedelta(seconds=60)  # how long a busy site may hold its own deadline back
 BUSY_POLL = 1.0
 ERROR_BACKOFF = 5.0
+WAVE_LINES = 20  # MISSING lines logged one by one per page; more: one line for the page
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class MissingTimer:
     def _settle(
         self, jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime
     ) -> list[Flagged]:
-        """A page of due jobs in one transaction (`Store.settle_jobs`), then one log line per
-        cycle flagged."""
+        """A page of due jobs in one transaction (`Store.settle_jobs`), then what it flagged
+        logged (`_log_flagged`)."""
         if not jobs:
             return []
         found = self.store.settle_jobs(jobs, now, oldest)
@@ -92,15 +93,7 @@ class MissingTimer:
             for job in jobs
             for cycle in found.get(job.id, ())
         ]
-        for flag in flagged:
-            log.warning(
-                "entry.recorded",
-                job=flag.label,
-                site=flag.site,
-                status="MISSING",
-                cycle=flag.cycle.isoformat(),
-                message=f"no report before the deadline of the {flag.cycle:%Y-%m-%d %H:%M}Z cycle",
-            )
+        _log_flagged(flagged)
         return flagged
 
     def seconds_until_next(self, now: datetime) -> float:
@@ -147,3 +140,34 @@ class MissingTimer:
                 delay = ERROR_BACKOFF
             self._wake.wait(max(delay, 0.05))
             self._wake.clear()
+
+
+def _log_flagged(flagged: list[Flagged]) -> None:
+    """One `entry.recorded` line per MISSING, as for a report's entries; but a page that flags
+    more than `WAVE_LINES` (a network outage: thousands of deadlines at once) says so in one
+    `entry.recorded_many` line with the count and the first sites. journald keeps at most
+    10,000 lines per 30 s of a service by default and would drop most of a wave's, and a line
+    costs about as much as settling its job; every entry is in the database (`status`,
+    `history`, the page)."""
+    if len(flagged) > WAVE_LINES:
+        sites = sorted({flag.site for flag in flagged})
+        cycles = sorted({flag.cycle for flag in flagged})
+        log.warning(
+            "entry.recorded_many",
+            status="MISSING",
+            count=len(flagged),
+            sites=len(sites),
+            first_sites=sites[:WAVE_LINES],
+            cycles=[cycle.isoformat() for cycle in cycles[:WAVE_LINES]],
+            message=f"{len(flagged)} cycles had no report before their deadline",
+        )
+        return
+    for flag in flagged:
+        log.warning(
+            "entry.recorded",
+            job=flag.label,
+            site=flag.site,
+            status="MISSING",
+            cycle=flag.cycle.isoformat(),
+            message=f"no report before the deadline of the {flag.cycle:%Y-%m-%d %H:%M}Z cycle",
+        )

@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
+import structlog
 from sqlalchemy import event, insert, select
 from sqlalchemy.exc import OperationalError
 from support import utc
@@ -325,10 +326,15 @@ def test_a_wave_is_settled_a_page_at_a_time_in_a_few_statements(store: Store) ->
     statements: list[str] = []
     event.listen(store.engine, "before_cursor_execute", lambda *a: statements.append(a[2]))
 
-    flagged = MissingTimer(store, lambda: DEADLINE, MAX_AGE).run_once(DEADLINE)
+    with structlog.testing.capture_logs() as logs:
+        flagged = MissingTimer(store, lambda: DEADLINE, MAX_AGE).run_once(DEADLINE)
 
     assert sorted(f.job_id for f in flagged) == sorted(j.id for j in store.active_jobs())
     assert len(events(store)) == jobs
+    # a page of 250 MISSING is one line (journald would drop most of a wave's lines)
+    lines = [(line["event"], line.get("count")) for line in logs]
+    many, single = ("entry.recorded_many", 250), ("entry.recorded", None)
+    assert lines == [many, many, single]
     pages = 4  # the last one empty
     assert len(statements) <= pages * 14, statements[:60]  # one job at a time: over 4,000
     assert MissingTimer(store, lambda: DEADLINE, MAX_AGE).run_once(DEADLINE) == []
