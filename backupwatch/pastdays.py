@@ -10,10 +10,10 @@ when that mark, the window or the active jobs differ from the ones they were mad
 Why the mark cannot miss a change: entries are never updated in a way that changes a verdict
 (only their removal columns change), so the past days' counts change only by inserting or
 deleting entries of those days, which changes their number, unless as many are inserted as
-deleted; an insertion takes an id never visible before (a sequence on PostgreSQL, the largest
-rowid + 1 on SQLite) and then changes the sum of the ids unless deletions in the same interval
-make up for it exactly. That coincidence is bounded anyway: the cells are made again at least
-every `MAX_AGE` seconds.
+deleted; an insertion takes a new id (a sequence on PostgreSQL; on SQLite the largest rowid + 1,
+an id used before only if the newest entry of all was deleted) and then changes the sum of the
+ids unless deletions in the same interval make up for it exactly. That coincidence is bounded
+anyway: the cells are made again at least every `MAX_AGE` seconds.
 
 The mark is read before the counts it keys: an entry committed between the two reads is in the
 counts and not in the mark, so the next page sees another mark and reads again (never the
