@@ -1454,19 +1454,6 @@ def _all_of(parts: Sequence[Any]) -> Any:
     return wrapped[0] if len(wrapped) == 1 else union_all(*wrapped)
 
 
-def _latest_many(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
-    """`_latest` of several jobs in one statement of a constant shape (compiled once): the
-    newest entry's id by one index seek per job, then those entries."""
-    if not job_ids:
-        return {}
-    e, j = BackupEntry, ExpectedBackupJob
-    newest = select(_newest_entry_value(e.id)).where(j.id.in_(list(job_ids)))
-    rows = connection.execute(
-        select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest.scalar_subquery()))
-    )
-    return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
-
-
 def _latest(connection: Any, job_id: int) -> _Latest | None:
     e = BackupEntry
     not_missing = (e.status != BackupEntryStatus.MISSING).desc()
@@ -1671,31 +1658,19 @@ class _Changes:
                 after[entry.job_id] = _newer(after[entry.job_id], entry)
         self._transitions({j: latest for j, latest in after.items() if latest is not None}, now)
         for entry in entries:
-            if entry.unchanged_since_last_success and entry.job_id in self.jobs:
-                self._event(
-                    self.jobs[entry.job_id],
-                    Kind.UNCHANGED,
-                    entry.cycle,
-                    None,
-                    now,
-                    entry.message,
-                    JobStatus.OK,
-                )
-            if entry.suspicious and entry.job_id in self.jobs:
+            if entry.job_id not in self.jobs:
+                continue
+            ok = _Latest(entry.cycle, BackupEntryStatus.SUCCESS, entry.message)
+            job = self.jobs[entry.job_id]
+            if entry.unchanged_since_last_success:
+                self._event(job, Kind.UNCHANGED, ok, now)
+            if entry.suspicious:
                 # SPEC §13: the size anomaly, in the transaction that records the entry.
-                self._event(
-                    self.jobs[entry.job_id],
-                    Kind.SUSPICIOUS,
-                    entry.cycle,
-                    None,
-                    now,
-                    entry.message,
-                    JobStatus.OK,
-                )
+                self._event(job, Kind.SUSPICIOUS, ok, now)
 
     def missing_events(self, job_ids: Sequence[int], now: datetime) -> None:
         """The events of jobs the timer flagged: from their newest entries, read once."""
-        found = _latest_many(self.connection, job_ids)
+        found = _newest_of(self.connection, job_ids)
         self._transitions({job_id: found[job_id] for job_id in job_ids if job_id in found}, now)
 
     def _transitions(self, after: Mapping[int, _Latest], now: datetime) -> None:
@@ -1718,56 +1693,32 @@ class _Changes:
             )
         since = _streak_starts(self.connection, list(moves))
         events = [
-            self._event_row(
-                self.jobs[job_id],
-                kind,
-                latest.cycle,
-                since.get(job_id),
-                now,
-                latest.message,
-                latest.job_status,
-            )
+            self._event_row(self.jobs[job_id], kind, latest, since.get(job_id), now)
             for job_id, (kind, latest) in moves.items()
         ]
         _emit_many(self.store, self.connection, events, now)
 
-    def _event(
-        self,
-        job: _JobRow,
-        kind: Kind,
-        cycle: datetime,
-        since: datetime | None,
-        now: datetime,
-        message: str,
-        status: JobStatus,
-    ) -> None:
+    def _event(self, job: _JobRow, kind: Kind, about: _Latest, now: datetime) -> None:
         if job.pause.covers(now):
             return  # SPEC §10: a paused job sends nothing (its entries are still recorded)
-        outgoing = self._event_row(job, kind, cycle, since, now, message, status)
-        _emit_many(self.store, self.connection, [outgoing], now)
+        _emit_many(self.store, self.connection, [self._event_row(job, kind, about, None, now)], now)
 
     def _event_row(
-        self,
-        job: _JobRow,
-        kind: Kind,
-        cycle: datetime,
-        since: datetime | None,
-        now: datetime,
-        message: str,
-        status: JobStatus,
+        self, job: _JobRow, kind: Kind, about: _Latest, since: datetime | None, now: datetime
     ) -> _Outgoing:
+        """The event of `kind` about the entry `about` (its cycle, status and message)."""
         event = {
-            "dedupe_key": job_event_key(job.id, kind, cycle),
+            "dedupe_key": job_event_key(job.id, kind, about.cycle),
             "kind": kind.value,
             "job_id": job.id,
             "company": job.company,
             "site": job.site,
             "job_label": job.label,
             "agent_id": job.agent_id,
-            "status": status.value,
-            "cycle": cycle,
+            "status": about.job_status.value,
+            "cycle": about.cycle,
             "since": since,
-            "message": message,
+            "message": about.message,
             "created_at": now,
             "instance": job.instance,
         }
@@ -1809,14 +1760,16 @@ def _ids(job_ids: Sequence[int]) -> dict[str, int]:
 
 @functools.cache
 def _newest_statement() -> Any:
-    """`_latest_many`'s statement (one index seek per job), built once: the job ids are one
-    expanding parameter, so any number of jobs shares it."""
+    """`_newest_of`'s statement (the newest entry's id by one index seek per job, then those
+    entries), built once: the job ids are one expanding parameter, so any number of jobs
+    shares it."""
     e, j = BackupEntry, ExpectedBackupJob
     newest = select(_newest_entry_value(e.id)).where(j.id.in_(bindparam("ids", expanding=True)))
     return select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest.scalar_subquery()))
 
 
 def _newest_of(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
+    """`_latest` of several jobs in one statement."""
     if not job_ids:
         return {}
     rows = connection.execute(_newest_statement(), {"ids": list(job_ids)})

@@ -244,18 +244,24 @@ def test_a_job_that_asks_nothing_prunes_no_backup(tmp_path: Path, database_url: 
 # ------------------------------------------------------------------------- entries
 
 
+def failed_days(w: World, days: int) -> ExpectedBackupJob:
+    """SALES FAILED on each of the first `days` days, recorded as one report; the job."""
+    job = w.store.find_job(SALES)
+    assert job is not None
+    old = [
+        NewEntry(job.id, day(n), BackupEntryStatus.FAILED, f"day {n}", report_sha256=f"{n:064x}")
+        for n in range(days)
+    ]
+    assert w.store.record_report(ProcessedReportRecord("a" * 64, "s", "r", "accepted"), old, day(0))
+    return job
+
+
 def test_old_entries_go_in_batches_each_job_keeping_its_newest(
     tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(pruning, "BATCH", 7)
     w = world(tmp_path, database_url)
-    job = w.store.find_job(SALES)
-    assert job is not None
-    old = [
-        NewEntry(job.id, day(n), BackupEntryStatus.FAILED, f"day {n}", report_sha256=f"{n:064x}")
-        for n in range(30)
-    ]
-    assert w.store.record_report(ProcessedReportRecord("a" * 64, "s", "r", "accepted"), old, day(0))
+    job = failed_days(w, 30)
     placed = NewEntry(
         job.id,
         day(1),
@@ -285,13 +291,7 @@ def test_old_entries_of_another_instances_jobs_are_left_to_it(
     """SPEC §14, §15: each host prunes its own jobs' entries, by its own `history_days`."""
     w = world(tmp_path, database_url)
     w.store.instance = "here"
-    job = w.store.find_job(SALES)
-    assert job is not None
-    old = [
-        NewEntry(job.id, day(n), BackupEntryStatus.FAILED, f"day {n}", report_sha256=f"{n:064x}")
-        for n in range(3)
-    ]
-    assert w.store.record_report(ProcessedReportRecord("a" * 64, "s", "r", "accepted"), old, day(0))
+    failed_days(w, 3)
     with w.store.session() as session:
         session.execute(update(ExpectedBackupJob).values(instance="elsewhere"))
     now = day(2) + timedelta(days=w.settings.retention.history_days + 1)
