@@ -66,6 +66,8 @@ class MissingTimer:
         oldest = now - self.max_age
         after: tuple[datetime, int] | None = None
         while page := self.store.due_jobs(now, after=after):
+            # A wave of deadlines is a minute of pages: each one is progress, not a wedge.
+            self.heartbeat = time.monotonic()
             last = page[-1]
             assert last.next_deadline_at is not None
             after = (last.next_deadline_at, last.id)

@@ -370,3 +370,25 @@ def test_a_job_locked_by_another_transaction_is_skipped_then_settled(postgres_ur
     finally:
         holder.dispose()
         store.dispose()
+
+
+def test_a_long_wave_beats_the_heart_at_every_page(store: Store) -> None:
+    """A wave of 100,000 deadlines takes a minute: each page is progress, not a wedge (the
+    daemon stops its systemd pings when the timer's heart is stale)."""
+    store.sync_jobs([spec(f"site-{n}") for n in range(SETTLE_PAGE + 1)], 60, T0)
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE)
+    seen: list[float] = []
+    real_settle = store.settle_jobs
+
+    def settle(jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime) -> Any:
+        seen.append(timer.heartbeat)
+        return real_settle(jobs, now, oldest)
+
+    store.settle_jobs = settle  # type: ignore[method-assign]
+    timer.heartbeat = 0.0
+
+    assert len(timer.run_once(DEADLINE)) == SETTLE_PAGE + 1
+
+    assert len(seen) == 2
+    assert seen[0] > 0.0
+    assert seen[1] >= seen[0]
