@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -26,6 +28,7 @@ MAX_SLEEP = 10.0  # re-read the deadline index (other daemons, reloads) and beat
 DEFER_LIMIT = timedelta(seconds=60)  # how long a busy site may hold its own deadline back
 BUSY_POLL = 1.0
 ERROR_BACKOFF = 5.0
+SETTLERS = 2  # pages settled at once on PostgreSQL, by helper threads
 WAVE_LINES = 20  # MISSING lines logged one by one per page; more: one line for the page
 
 
@@ -35,6 +38,25 @@ class Flagged:
     label: str
     site: str
     cycle: datetime
+
+
+@dataclass(frozen=True)
+class _Page:
+    """A page of due jobs being settled (`Store.settle_jobs`), in this thread or beside it."""
+
+    jobs: list[ExpectedBackupJob]
+    settled: Future[dict[int, list[datetime]]]
+
+    def flagged(self) -> list[Flagged]:
+        """What the page flagged (raising what its transaction raised), logged in page order."""
+        found = self.settled.result()
+        flagged = [
+            Flagged(job.id, job.label, job.agent_id, cycle)
+            for job in self.jobs
+            for cycle in found.get(job.id, ())
+        ]
+        _log_flagged(flagged)
+        return flagged
 
 
 class MissingTimer:
@@ -56,24 +78,55 @@ class MissingTimer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._deferred = False
+        # PostgreSQL: pages settled two at a time by helper threads (see `run_once`); SQLite
+        # (one writer): one at a time, in this thread.
+        self._settlers = SETTLERS if store.engine.dialect.name == "postgresql" else 1
+        self._pool = (
+            ThreadPoolExecutor(self._settlers, thread_name_prefix="missing-settle")
+            if self._settlers > 1
+            else None
+        )
 
     # ------------------------------------------------------------------ the step
 
     def run_once(self, now: datetime) -> list[Flagged]:
-        """Flag every due cycle as of `now`; the clock is read by the caller, once."""
+        """Flag every due cycle as of `now`; the clock is read by the caller, once.
+
+        On PostgreSQL two pages are settled at once by helper threads while the next one is
+        read (the GIL is released while each transaction waits for the server): pages are
+        disjoint keyset ranges, each locks its own rows in id order. Their flags are logged in
+        page order. SQLite has one writer: one page at a time, in this thread.
+        """
         flagged: list[Flagged] = []
         self._deferred = False
         oldest = now - self.max_age
         after: tuple[datetime, int] | None = None
-        while page := self.store.due_jobs(now, after=after):
-            # A wave of deadlines is a minute of pages: each one is progress, not a wedge.
-            self.heartbeat = time.monotonic()
-            last = page[-1]
-            assert last.next_deadline_at is not None
-            after = (last.next_deadline_at, last.id)
-            ready = [job for job in page if not self._defer(job, now)]
-            flagged.extend(self._settle(ready, now, oldest))
+        in_flight: deque[_Page] = deque()
+        try:
+            while page := self.store.due_jobs(now, after=after):
+                # A wave of deadlines is a minute of pages: each one is progress, not a wedge.
+                self.heartbeat = time.monotonic()
+                last = page[-1]
+                assert last.next_deadline_at is not None
+                after = (last.next_deadline_at, last.id)
+                ready = [job for job in page if not self._defer(job, now)]
+                in_flight.append(self._submit(ready, now, oldest))
+                if len(in_flight) >= self._settlers:
+                    flagged.extend(in_flight.popleft().flagged())
+            while in_flight:
+                flagged.extend(in_flight.popleft().flagged())
+        finally:
+            for pending in in_flight:  # after an error: the others finish, their flags logged
+                if pending.settled.exception() is None:
+                    pending.flagged()
         return flagged
+
+    def _submit(self, jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime) -> _Page:
+        if self._pool is None:
+            done: Future[dict[int, list[datetime]]] = Future()
+            done.set_result(self.store.settle_jobs(jobs, now, oldest) if jobs else {})
+            return _Page(jobs, done)
+        return _Page(jobs, self._pool.submit(self.store.settle_jobs, jobs, now, oldest))
 
     def _defer(self, job: ExpectedBackupJob, now: datetime) -> bool:
         assert job.next_deadline_at is not None
@@ -81,22 +134,6 @@ class MissingTimer:
             return False
         self._deferred = True
         return True
-
-    def _settle(
-        self, jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime
-    ) -> list[Flagged]:
-        """A page of due jobs in one transaction (`Store.settle_jobs`), then what it flagged
-        logged (`_log_flagged`)."""
-        if not jobs:
-            return []
-        found = self.store.settle_jobs(jobs, now, oldest)
-        flagged = [
-            Flagged(job.id, job.label, job.agent_id, cycle)
-            for job in jobs
-            for cycle in found.get(job.id, ())
-        ]
-        _log_flagged(flagged)
-        return flagged
 
     def seconds_until_next(self, now: datetime) -> float:
         if self._deferred:
@@ -121,6 +158,8 @@ class MissingTimer:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def is_alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
