@@ -571,10 +571,8 @@ class Store:
             j.config_source,
             *(getattr(j, name) for name in FINGERPRINTED),
         )
-        if self.instance is not None:
-            query = query.where(j.instance == self.instance)
         known: dict[JobKey, _Known] = {}
-        for part in _scoped(query, scope):
+        for part in _scoped(self._own(query), scope):
             for row in session.execute(part.execution_options(yield_per=SYNC_BATCH)):
                 values = tuple(row)
                 # interned: the reader's records hold these names already, so the 100,000

@@ -24,7 +24,7 @@ from backupwatch.config import Settings, load_settings
 from backupwatch.enums import JobStatus
 from backupwatch.jobs import load_jobs
 from backupwatch.pipeline import Context, Result, process_path, registry_of
-from backupwatch.store import Store
+from backupwatch.store import MIGRATIONS_DIR, Store
 from backupwatch.timer import Flagged, MissingTimer
 
 PG_URL = os.environ.get(
@@ -319,3 +319,14 @@ def postgres_schema() -> Iterator[str]:
         with admin.begin() as connection:
             connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
         admin.dispose()
+
+
+def run_alembic(store: Store, step: Any, revision: str) -> None:
+    """An Alembic command (`command.upgrade`, `command.downgrade`) on `store`'s database."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with store.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        step(config, revision)

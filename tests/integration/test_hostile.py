@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import sqlalchemy
 from conftest import Daemon, wait_for
 from crashkit import config_overrides
 from hostilekit import (
@@ -56,7 +55,7 @@ from hostilekit import (
     tracebacks,
     tree_digest,
 )
-from support import PG_URL, database, report, write_config
+from support import database, postgres_schema, report, write_config
 
 from backupwatch.control import call
 
@@ -467,22 +466,8 @@ def database_for(kind: str, base: Path) -> Iterator[str]:
     if kind == "sqlite":
         yield f"sqlite:///{base}/backupwatch.db"
         return
-    admin = sqlalchemy.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-    schema = f"bw_hostile_{uuid.uuid4().hex[:12]}"
-    try:
-        with admin.begin() as connection:
-            connection.execute(sqlalchemy.text(f"CREATE SCHEMA {schema}"))
-    except sqlalchemy.exc.OperationalError as exc:
-        admin.dispose()
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL unreachable at {PG_URL} (CI must run it): {exc}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_URL}")
-    try:
-        yield f"{PG_URL}?options=-csearch_path%3D{schema}"
-    finally:
-        with admin.begin() as connection:
-            connection.execute(sqlalchemy.text(f"DROP SCHEMA {schema} CASCADE"))
-        admin.dispose()
+    with postgres_schema() as url:
+        yield url
 
 
 def clean_env() -> dict[str, str]:

@@ -28,20 +28,9 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def burst_job(city: str) -> str:
-    """HOURLY, ±30 min: any report time maps to the nearest hour's cycle."""
-    return job_block(
-        "ACME",
-        city,
-        "Centre",
-        "sales",
-        frequency="HOURLY",
-        expected_hour_utc=None,
-        collection_window_minutes=30,
-    )
-
-
-def wave_job(city: str, minute: int) -> str:
+def hourly_job(city: str, window: int, minute: int = 0) -> str:
+    """HOURLY at `minute`, ±`window` min: with 30, any report time maps to the nearest
+    hour's cycle (the burst); with 5, a deadline passes at `minute` + 5 (the wave)."""
     return job_block(
         "ACME",
         city,
@@ -50,7 +39,7 @@ def wave_job(city: str, minute: int) -> str:
         frequency="HOURLY",
         expected_hour_utc=None,
         expected_minute_utc=minute,
-        collection_window_minutes=5,
+        collection_window_minutes=window,
     )
 
 
@@ -83,7 +72,9 @@ def test_a_failover_pair_records_every_report_and_every_missing_once(
     and a wave of deadlines, then restarted; nothing is lost and nothing is recorded twice."""
     start = now()
     minute = (start.minute + 30) % 60  # no WAVE deadline of its own falls during the test
-    jobs = "".join(burst_job(c) for c in BURST) + "".join(wave_job(c, minute) for c in WAVE)
+    jobs = "".join(hourly_job(c, 30) for c in BURST) + "".join(
+        hourly_job(c, 5, minute) for c in WAVE
+    )
     shared = tmp_path / "shared"
     pair = [
         make_daemon(

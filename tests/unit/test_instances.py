@@ -14,14 +14,14 @@ from typing import Any
 import pytest
 from alembic import command
 from sqlalchemy import select, update
-from support import utc
+from support import run_alembic, utc
 
 from backupwatch.alerting import digest, grouped, single
 from backupwatch.config import load_settings
 from backupwatch.jobs import JobSpec
 from backupwatch.locate import ConfigError
 from backupwatch.outbox import Outbox
-from backupwatch.store import MIGRATIONS_DIR, ExpectedBackupJob, InstanceConflict, Store
+from backupwatch.store import ExpectedBackupJob, InstanceConflict, Store
 from backupwatch.timer import MissingTimer
 
 T0 = utc(2026, 11, 24, 0, 0)
@@ -137,16 +137,6 @@ def test_sqlite_refuses_a_second_instance(tmp_path: Path) -> None:
     finally:
         first.dispose()
         second.dispose()
-
-
-def run_alembic(store: Store, step: Any, revision: str) -> None:
-    from alembic.config import Config
-
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with store.engine.begin() as connection:
-        config.attributes["connection"] = connection
-        step(config, revision)
 
 
 def test_migration_0008_adds_the_column_and_its_downgrade_refuses_two_instances(

@@ -13,24 +13,21 @@ import itertools
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from alembic import command
-from alembic.config import Config
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import inspect
 from strategies import closed, downtimes, first_open, gaps, job_spec, moments, schedules
 from structlog.testing import capture_logs
-from support import World, database, drop, job_block, report, stage, utc
+from support import World, database, drop, job_block, report, run_alembic, stage, utc
 
 from backupwatch.enums import BackupEntryStatus, BackupFrequency, JobStatus
 from backupwatch.missing import Cursor, assign_cycle
 from backupwatch.pipeline import Outcome
 from backupwatch.schedule import Schedule
 from backupwatch.store import (
-    MIGRATIONS_DIR,
     ExpectedBackupJob,
     JobView,
     NewEntry,
@@ -256,14 +253,6 @@ def test_migration_0003_adds_the_owed_schedule_columns_and_reverts(database_url:
 
 def jobs_schedule(hour: int) -> Schedule:
     return Schedule(BackupFrequency.DAILY, hour)
-
-
-def run_alembic(store: Store, step: Any, revision: str) -> None:
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with store.engine.begin() as connection:
-        config.attributes["connection"] = connection
-        step(config, revision)
 
 
 # --------------------------------------------------------------------------- properties
