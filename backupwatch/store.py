@@ -865,7 +865,7 @@ class Store:
             }
             channels = site_channels(r.alert_channels for r in jobs)
             targets = self.routing.targets(Kind.REJECTED, channels)
-            return _emit(self, connection, event, targets, now)
+            return _emit(connection, event, targets, now)
 
     # ---------------------------------------------------------------- MISSING
 
@@ -941,24 +941,14 @@ class Store:
         """
         if not wanted:
             return {}
-        e = BackupEntry
         cycles = [m.due.cycle for m in wanted]
-        existing = set(
-            connection.execute(
-                select(e.job_id, e.cycle).where(
-                    e.job_id.in_(sorted({m.job.id for m in wanted})),
-                    e.cycle >= min(cycles),
-                    e.cycle <= max(cycles),
-                )
-            )
-        )
+        ids = sorted({m.job.id for m in wanted})
+        span = {"ids": ids, "first": min(cycles), "last": max(cycles)}
+        existing = set(connection.execute(_ENTRIES_IN_SPAN, span))
         rows = [m.row() for m in wanted if (m.job.id, m.due.cycle) not in existing]
         if not rows:
             return {}
-        table = BackupEntry.__table__
-        statement = (
-            self._insert(table).on_conflict_do_nothing().returning(table.c.job_id, table.c.cycle)
-        )
+        statement = _missing_insert(connection.dialect.name)
         flagged: dict[int, list[datetime]] = {}
         for job_id, cycle in connection.execute(statement, rows):
             flagged.setdefault(job_id, []).append(cycle)
@@ -1454,11 +1444,10 @@ def _all_of(parts: Sequence[Any]) -> Any:
 
 def _latest(connection: Any, job_id: int) -> _Latest | None:
     e = BackupEntry
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     row = connection.execute(
         select(e.cycle, e.status, e.message)
         .where(e.job_id == job_id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .order_by(*_newest_order())
         .limit(1)
     ).first()
     return None if row is None else _Latest(row.cycle, row.status, row.message)
@@ -1470,6 +1459,13 @@ def _streak_starts(connection: Any, job_ids: Sequence[int]) -> dict[int, datetim
     per job: the newest cycle, the last success before it, the first not-OK cycle after that."""
     if not job_ids:
         return {}
+    rows = connection.execute(_streak_statement(), {"ids": list(job_ids)})
+    return {row.id: row.since for row in rows if row.since is not None}
+
+
+@functools.cache
+def _streak_statement() -> Any:
+    """`_streak_starts`' statement, built once (the job ids: one expanding parameter)."""
     e, j = aliased(BackupEntry), ExpectedBackupJob
     success = BackupEntryStatus.SUCCESS
     newest = select(func.max(e.cycle)).where(e.job_id == j.id).correlate(j).scalar_subquery()
@@ -1490,8 +1486,7 @@ def _streak_starts(connection: Any, job_ids: Sequence[int]) -> dict[int, datetim
         .correlate(j)
         .scalar_subquery()
     )
-    rows = connection.execute(select(j.id, since.label("since")).where(j.id.in_(list(job_ids))))
-    return {row.id: row.since for row in rows if row.since is not None}
+    return select(j.id, since.label("since")).where(j.id.in_(bindparam("ids", expanding=True)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1544,29 +1539,15 @@ def _move_cursors(connection: Any, plans: Mapping[int, _Plan]) -> list[int]:
     stays due, so the timer's next pass (at once: its deadline has passed) sees what that
     transaction committed; two daemons of one instance share a wave instead of queueing.
     """
-    j = ExpectedBackupJob
-    rows = connection.execute(
-        select(j.id, j.active, j.next_cycle_at, j.schedule_changed_at, j.updated_at)
-        .where(j.id.in_(sorted(plans)))
-        .order_by(j.id)
-        .with_for_update(key_share=True, skip_locked=True)
-    ).all()
+    rows = connection.execute(_LOCK_CURSORS, {"ids": sorted(plans)}).all()
     moved = [row.id for row in rows if plans[row.id].unchanged(row)]
     # Jobs of one schedule move to the same cursor: one UPDATE per cursor (a wave: one).
     by_cursor: dict[Cursor, list[int]] = {}
     for job_id in moved:
         by_cursor.setdefault(plans[job_id].plan.cursor, []).append(job_id)
     for cursor, ids in by_cursor.items():
-        connection.execute(
-            update(j)
-            .where(j.id.in_(ids))
-            .values(
-                next_cycle_at=cursor.cycle,
-                next_deadline_at=cursor.deadline,
-                previous_schedules=None,
-                schedule_changed_at=None,
-            )
-        )
+        values = {"ids": ids, "cycle": cursor.cycle, "deadline": cursor.deadline}
+        connection.execute(_MOVE_CURSORS, values)
     return moved
 
 
@@ -1587,21 +1568,16 @@ class _Outgoing:
     targets: Sequence[str]
 
 
-def _emit(
-    store: Store, connection: Any, event: dict[str, Any], targets: Sequence[str], now: datetime
-) -> bool:
+def _emit(connection: Any, event: dict[str, Any], targets: Sequence[str], now: datetime) -> bool:
     """Insert the event unless its key exists, and one delivery per target channel."""
-    return _emit_many(store, connection, [_Outgoing(event, targets)], now) == 1
+    return _emit_many(connection, [_Outgoing(event, targets)], now) == 1
 
 
-def _emit_many(store: Store, connection: Any, outgoing: Sequence[_Outgoing], now: datetime) -> int:
+def _emit_many(connection: Any, outgoing: Sequence[_Outgoing], now: datetime) -> int:
     """`_emit` of several events in two statements; how many were new."""
     if not outgoing:
         return 0
-    table = AlertEvent.__table__
-    statement = (
-        store._insert(table).on_conflict_do_nothing().returning(table.c.id, table.c.dedupe_key)
-    )
+    statement = _event_insert(connection.dialect.name)
     written = {key: id_ for id_, key in connection.execute(statement, [o.event for o in outgoing])}
     rows = [
         {
@@ -1616,7 +1592,7 @@ def _emit_many(store: Store, connection: Any, outgoing: Sequence[_Outgoing], now
         for channel in o.targets
     ]
     if rows:
-        connection.execute(insert(AlertDelivery), rows)
+        connection.execute(_INSERT_DELIVERY, rows)
     return len(written)
 
 
@@ -1685,21 +1661,18 @@ class _Changes:
             if kind is not None and not self.jobs[job_id].pause.covers(now):
                 moves[job_id] = (kind, latest)
         if cleared:
-            j = ExpectedBackupJob
-            self.connection.execute(
-                update(j).where(j.id.in_(cleared)).values(acked_at=None, ack_reason=None)
-            )
+            self.connection.execute(_CLEAR_ACKS, {"ids": cleared})
         since = _streak_starts(self.connection, list(moves))
         events = [
             self._event_row(self.jobs[job_id], kind, latest, since.get(job_id), now)
             for job_id, (kind, latest) in moves.items()
         ]
-        _emit_many(self.store, self.connection, events, now)
+        _emit_many(self.connection, events, now)
 
     def _event(self, job: _JobRow, kind: Kind, about: _Latest, now: datetime) -> None:
         if job.pause.covers(now):
             return  # SPEC §10: a paused job sends nothing (its entries are still recorded)
-        _emit_many(self.store, self.connection, [self._event_row(job, kind, about, None, now)], now)
+        _emit_many(self.connection, [self._event_row(job, kind, about, None, now)], now)
 
     def _event_row(
         self, job: _JobRow, kind: Kind, about: _Latest, since: datetime | None, now: datetime
@@ -1757,20 +1730,38 @@ def _ids(job_ids: Sequence[int]) -> dict[str, int]:
 
 
 @functools.cache
-def _newest_statement() -> Any:
-    """`_newest_of`'s statement (the newest entry's id by one index seek per job, then those
-    entries), built once: the job ids are one expanding parameter, so any number of jobs
-    shares it."""
+def _newest_statement(dialect: str) -> Any:
+    """`_newest_of`'s statement, built once per dialect: the job ids are one expanding
+    parameter, so any number of jobs shares it.
+
+    PostgreSQL: a LATERAL subquery, one index seek per job by construction. The form that
+    SQLite runs (the newest entries' ids by a correlated subquery, then `id IN` them) let
+    PostgreSQL's planner hash-join a sequential scan of the whole history when its
+    statistics were stale: 100 ms a timer page at 80,000 entries, half of a wave's server
+    time (BENCHMARKS.md, issue 10)."""
     e, j = BackupEntry, ExpectedBackupJob
-    newest = select(_newest_entry_value(e.id)).where(j.id.in_(bindparam("ids", expanding=True)))
-    return select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest.scalar_subquery()))
+    ids = j.id.in_(bindparam("ids", expanding=True))
+    if dialect == "postgresql":
+        newest = (
+            select(e.cycle, e.status, e.message)
+            .where(e.job_id == j.id)
+            .order_by(*_newest_order())
+            .limit(1)
+            .correlate(j)
+            .lateral("newest")
+        )
+        columns = (newest.c.cycle, newest.c.status, newest.c.message)
+        return select(j.id.label("job_id"), *columns).select_from(j).join(newest, true()).where(ids)
+    newest_id = select(_newest_entry_value(e.id)).where(ids).scalar_subquery()
+    return select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest_id))
 
 
 def _newest_of(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
     """`_latest` of several jobs in one statement."""
     if not job_ids:
         return {}
-    rows = connection.execute(_newest_statement(), {"ids": list(job_ids)})
+    statement = _newest_statement(connection.dialect.name)
+    rows = connection.execute(statement, {"ids": list(job_ids)})
     return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
 
 
@@ -1797,6 +1788,26 @@ def _processed_insert(dialect: str) -> Any:
 
 
 _INSERT_ENTRY = insert(BackupEntry)
+_INSERT_DELIVERY = insert(AlertDelivery)
+
+
+@functools.cache
+def _missing_insert(dialect: str) -> Any:
+    """The MISSING entries' INSERT ... ON CONFLICT DO NOTHING RETURNING what was inserted."""
+    table = BackupEntry.__table__
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(table).on_conflict_do_nothing()
+    return statement.returning(table.c.job_id, table.c.cycle)
+
+
+@functools.cache
+def _event_insert(dialect: str) -> Any:
+    """The alert events' INSERT ... ON CONFLICT DO NOTHING RETURNING their ids and keys."""
+    table = AlertEvent.__table__
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(table).on_conflict_do_nothing().returning(table.c.id, table.c.dedupe_key)
+
+
 _PROCESSED = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == bindparam("sha256"))
 
 _j = ExpectedBackupJob
@@ -1819,6 +1830,34 @@ _LOCK_JOBS = (
     .where(_j.id.in_(bindparam("ids", expanding=True)))
     .order_by(_j.id)
     .with_for_update(key_share=True)
+)
+
+# The timer's statements (`settle_jobs`), built once like the report's.
+_LOCK_CURSORS = (
+    select(_j.id, _j.active, _j.next_cycle_at, _j.schedule_changed_at, _j.updated_at)
+    .where(_j.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_j.id)
+    .with_for_update(key_share=True, skip_locked=True)
+)
+_MOVE_CURSORS = (
+    update(ExpectedBackupJob)
+    .where(ExpectedBackupJob.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        next_cycle_at=bindparam("cycle", type_=UTCDateTime),
+        next_deadline_at=bindparam("deadline", type_=UTCDateTime),
+        previous_schedules=None,
+        schedule_changed_at=None,
+    )
+)
+_CLEAR_ACKS = (
+    update(ExpectedBackupJob)
+    .where(ExpectedBackupJob.id.in_(bindparam("ids", expanding=True)))
+    .values(acked_at=None, ack_reason=None)
+)
+_ENTRIES_IN_SPAN = select(BackupEntry.job_id, BackupEntry.cycle).where(
+    BackupEntry.job_id.in_(bindparam("ids", expanding=True)),
+    BackupEntry.cycle >= bindparam("first"),
+    BackupEntry.cycle <= bindparam("last"),
 )
 
 
@@ -2179,14 +2218,19 @@ def _latest_unchanged() -> Any:
     return _newest_entry_value(BackupEntry.unchanged_since_last_success)
 
 
+def _newest_order() -> tuple[Any, ...]:
+    """A job's entries newest first: by cycle, a real outcome before MISSING, then by id."""
+    e = BackupEntry
+    return (e.cycle.desc(), (e.status != BackupEntryStatus.MISSING).desc(), e.id.desc())
+
+
 def _newest_entry_value(column: Any) -> Any:
     """`column` of the job's newest entry by `_current_status`'s order: one index seek per job."""
     e, j = BackupEntry, ExpectedBackupJob
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     return (
         select(column)
         .where(e.job_id == j.id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .order_by(*_newest_order())
         .limit(1)
         .correlate(j)
         .scalar_subquery()
