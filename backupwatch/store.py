@@ -207,18 +207,7 @@ class ExpectedBackupJob(Base):
 
     @property
     def schedule(self) -> Schedule:
-        days = None
-        if self.days_of_week:
-            days = frozenset(int(d) for d in self.days_of_week.split(","))
-        return Schedule(
-            frequency=self.frequency,
-            hour=self.expected_hour_utc,
-            minute=self.expected_minute_utc,
-            days_of_week=days,
-            day_of_month=self.day_of_month,
-            expected_date=self.expected_date,
-            window=timedelta(minutes=self.window_minutes),
-        )
+        return _schedule_of(self)
 
     @property
     def previous_eras(self) -> tuple[Era, ...]:
@@ -226,9 +215,7 @@ class ExpectedBackupJob(Base):
 
     @property
     def timeline(self) -> Timeline:
-        return Timeline(
-            self.schedule, self.activated_at, self.previous_eras, self.schedule_changed_at
-        )
+        return _timeline_of(self)
 
     @property
     def fields(self) -> dict[str, str]:
@@ -239,6 +226,62 @@ class ExpectedBackupJob(Base):
             "database_name": self.database_name,
             "agent_id": self.agent_id,
         }
+
+
+def _schedule_of(job: Any) -> Schedule:
+    """The schedule of a job's row: an ExpectedBackupJob, or a Core row with its columns."""
+    days = None
+    if job.days_of_week:
+        days = frozenset(int(d) for d in job.days_of_week.split(","))
+    return Schedule(
+        frequency=job.frequency,
+        hour=job.expected_hour_utc,
+        minute=job.expected_minute_utc,
+        days_of_week=days,
+        day_of_month=job.day_of_month,
+        expected_date=job.expected_date,
+        window=timedelta(minutes=job.window_minutes),
+    )
+
+
+def _timeline_of(job: Any) -> Timeline:
+    """The cycles a job's row owes: its schedule and the replaced ones still owed."""
+    eras = eras_from_json(job.previous_schedules)
+    return Timeline(_schedule_of(job), job.activated_at, eras, job.schedule_changed_at)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DueJob:
+    """What the MISSING timer reads of a job whose deadline has passed: its cursor, what it
+    owes, and what the compare-and-swap checks (`_Plan.unchanged`). Read by Core, a page
+    of 250 at a time: a wave of 100,000 deadlines is 400 pages, and an ORM object per job
+    was about a tenth of the timer's CPU (BENCHMARKS.md, issue 10)."""
+
+    id: int
+    label: str
+    agent_id: str
+    deposit_path: str
+    instance: str | None
+    timeline: Timeline
+    next_cycle_at: datetime | None
+    next_deadline_at: datetime
+    schedule_changed_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> DueJob:
+        return cls(
+            id=row.id,
+            label=f"{row.company_name}/{row.city}/{row.neighborhood}/{row.database_name}",
+            agent_id=row.agent_id,
+            deposit_path=row.deposit_path,
+            instance=row.instance,
+            timeline=_timeline_of(row),
+            next_cycle_at=row.next_cycle_at,
+            next_deadline_at=row.next_deadline_at,
+            schedule_changed_at=row.schedule_changed_at,
+            updated_at=row.updated_at,
+        )
 
 
 class BackupEntry(Base):
@@ -878,23 +921,22 @@ class Store:
 
     def due_jobs(
         self, now: datetime, limit: int = SETTLE_PAGE, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
+    ) -> list[DueJob]:
         """Jobs whose cursor deadline has passed: an index range scan, never a scan of all jobs.
 
         `after` is the (deadline, id) of the last job of the previous page (keyset paging), so
         jobs the caller skipped (deferred) never hide the ones behind them.
         """
-        j = ExpectedBackupJob
-        query = select(j).where(j.active.is_(True), j.next_deadline_at <= now)
-        if after is not None:
-            query = query.where(tuple_(j.next_deadline_at, j.id) > tuple_(*after))
         # SPEC §15: each instance flags its own jobs: only it knows their sites' queued reports.
-        query = self._own(query).order_by(j.next_deadline_at, j.id).limit(limit)
-        with self.reading() as session:
-            return list(session.scalars(query))
+        statement = _due_statement(after is not None, self.instance is not None)
+        values: dict[str, Any] = {"now": now, "limit": limit, "instance": self.instance}
+        if after is not None:
+            values["after_deadline"], values["after_id"] = after
+        with self.reader.begin() as connection:
+            return [DueJob.of(row) for row in connection.execute(statement, values)]
 
     def settle_jobs(
-        self, jobs: Sequence[ExpectedBackupJob], now: datetime, oldest: datetime
+        self, jobs: Sequence[DueJob], now: datetime, oldest: datetime
     ) -> dict[int, list[datetime]]:
         """Flag every due cycle (`missing.settle`) without an entry of a page of jobs; return
         the cycles flagged, by job id. One transaction for the page, a few statements in all.
@@ -1493,7 +1535,7 @@ def _streak_statement() -> Any:
 class _Plan:
     """One job of a timer page: as the step read it, where its cursor was, what to settle."""
 
-    job: ExpectedBackupJob
+    job: DueJob
     start: datetime
     plan: Settlement
 
@@ -1515,7 +1557,7 @@ class _Plan:
 class _Missing:
     """A due cycle to flag MISSING unless it has an entry."""
 
-    job: ExpectedBackupJob
+    job: DueJob
     due: Due
     now: datetime
 
@@ -1551,7 +1593,7 @@ def _move_cursors(connection: Any, plans: Mapping[int, _Plan]) -> list[int]:
     return moved
 
 
-def _paused(row: _JobRow, job: ExpectedBackupJob, due: Due, now: datetime) -> bool:
+def _paused(row: _JobRow, job: DueJob, due: Due, now: datetime) -> bool:
     """Paused now: nothing is flagged; resumed: the cycles the pause covered stay unexpected
     (the cursor moves past them either way)."""
     if row.pause.covers(now) or row.pause.covers(due.deadline):
@@ -1859,6 +1901,48 @@ _ENTRIES_IN_SPAN = select(BackupEntry.job_id, BackupEntry.cycle).where(
     BackupEntry.cycle >= bindparam("first"),
     BackupEntry.cycle <= bindparam("last"),
 )
+
+_DUE_COLUMNS = (
+    _j.id,
+    _j.company_name,
+    _j.city,
+    _j.neighborhood,
+    _j.database_name,
+    _j.agent_id,
+    _j.deposit_path,
+    _j.instance,
+    _j.frequency,
+    _j.expected_hour_utc,
+    _j.expected_minute_utc,
+    _j.days_of_week,
+    _j.day_of_month,
+    _j.expected_date,
+    _j.window_minutes,
+    _j.activated_at,
+    _j.previous_schedules,
+    _j.schedule_changed_at,
+    _j.next_cycle_at,
+    _j.next_deadline_at,
+    _j.updated_at,
+)
+
+
+@functools.cache
+def _due_statement(after: bool, own: bool) -> Any:
+    """`Store.due_jobs`' page: after a (deadline, id) key or from the first, of this
+    instance's jobs or of all; the partial index (instance, next_deadline_at, id) WHERE
+    active serves it as a range scan (migration 0010)."""
+    query = select(*_DUE_COLUMNS).where(
+        _j.active.is_(True), _j.next_deadline_at <= bindparam("now", type_=UTCDateTime)
+    )
+    if after:
+        key = tuple_(
+            bindparam("after_deadline", type_=UTCDateTime), bindparam("after_id", type_=Integer)
+        )
+        query = query.where(tuple_(_j.next_deadline_at, _j.id) > key)
+    if own:
+        query = query.where(_j.instance == bindparam("instance"))
+    return query.order_by(_j.next_deadline_at, _j.id).limit(bindparam("limit", type_=Integer))
 
 
 # -------------------------------------------------------------------- helpers

@@ -21,7 +21,7 @@ from support import utc
 from backupwatch import timer as timer_module
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.jobs import JobSpec
-from backupwatch.store import SETTLE_PAGE, AlertEvent, BackupEntry, ExpectedBackupJob, Store
+from backupwatch.store import SETTLE_PAGE, AlertEvent, BackupEntry, DueJob, ExpectedBackupJob, Store
 from backupwatch.timer import BUSY_POLL, DEFER_LIMIT, MAX_SLEEP, Flagged, MissingTimer
 
 T0 = utc(2026, 11, 24, 0, 0)
@@ -105,7 +105,7 @@ def test_a_busy_site_defers_its_deadline_until_the_defer_limit(store: Store) -> 
     store.sync_jobs([spec(), spec("Vaise")], 60, T0)
     asked: list[str] = []
 
-    def site_busy(job: ExpectedBackupJob) -> bool:
+    def site_busy(job: DueJob) -> bool:
         asked.append(job.deposit_path)
         return job.agent_id == BUSY_SITE  # a report of that site is queued: maybe the awaited one
 
@@ -215,7 +215,7 @@ def test_the_thread_survives_a_failing_step(
 
     def failing_once(
         now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
+    ) -> list[DueJob]:
         pending = next(failures, None)
         if pending is not None:
             raise pending
@@ -240,11 +240,11 @@ def test_busy_sites_filling_a_whole_page_do_not_hide_the_jobs_behind_them(store:
 
     def small_pages(
         now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
+    ) -> list[DueJob]:
         return real_due_jobs(now, 2, after)  # pages of 2: the busy jobs fill two whole pages
 
     store.due_jobs = small_pages  # type: ignore[method-assign]
-    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, lambda j: j.neighborhood != "calm")
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, lambda j: "/calm/" not in j.label)
 
     flagged = timer.run_once(DEADLINE + SECOND)
 
@@ -380,7 +380,7 @@ def test_a_long_wave_beats_the_heart_at_every_page(store: Store) -> None:
     seen: list[float] = []
     real_settle = store.settle_jobs
 
-    def settle(jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime) -> Any:
+    def settle(jobs: list[DueJob], now: datetime, oldest: datetime) -> Any:
         seen.append(timer.heartbeat)
         return real_settle(jobs, now, oldest)
 
