@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from sys import intern
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 from sqlalchemy import (
@@ -230,17 +230,38 @@ class ExpectedBackupJob(Base):
 
 def _schedule_of(job: Any) -> Schedule:
     """The schedule of a job's row: an ExpectedBackupJob, or a Core row with its columns."""
-    days = None
-    if job.days_of_week:
-        days = frozenset(int(d) for d in job.days_of_week.split(","))
+    return _schedule(
+        job.frequency,
+        job.expected_hour_utc,
+        job.expected_minute_utc,
+        job.days_of_week,
+        job.day_of_month,
+        job.expected_date,
+        job.window_minutes,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule(
+    frequency: BackupFrequency,
+    hour: int | None,
+    minute: int,
+    days_of_week: str | None,
+    day_of_month: int | None,
+    expected_date: date | None,
+    window_minutes: int,
+) -> Schedule:
+    """A Schedule is immutable and validated when built: a fleet's 100,000 jobs share a few
+    dozen, and `status` and the timer build one per job they read."""
+    days = frozenset(int(d) for d in days_of_week.split(",")) if days_of_week else None
     return Schedule(
-        frequency=job.frequency,
-        hour=job.expected_hour_utc,
-        minute=job.expected_minute_utc,
+        frequency=frequency,
+        hour=hour,
+        minute=minute,
         days_of_week=days,
-        day_of_month=job.day_of_month,
-        expected_date=job.expected_date,
-        window=timedelta(minutes=job.window_minutes),
+        day_of_month=day_of_month,
+        expected_date=expected_date,
+        window=timedelta(minutes=window_minutes),
     )
 
 
@@ -1012,27 +1033,14 @@ class Store:
 
         Every instance's jobs (SPEC §15: `status` of any daemon covers them all), or only
         `instance`'s; `where`: criteria on ExpectedBackupJob (one job, one site for the pages)."""
-        query = (
-            select(
-                ExpectedBackupJob,
-                _current_status(),
-                _last_success(),
-                _latest_unchanged(),
-                _latest_suspicious(),
-            )
-            .where(*where)
-            .order_by(*_job_order())
-        )
+        # Core rows, not ORM objects: `status` of 100,000 jobs is 50 pages of these, and the
+        # objects were half of its time (BENCHMARKS.md, issue 10).
+        query = select(*_view_columns()).where(*where).order_by(*_job_order())
         if instance is not None:
             query = query.where(ExpectedBackupJob.instance == instance)
-        with self.reading() as session:
-            rows = session.execute(query).all()
-        return [
-            dataclasses.replace(
-                _job_view(job, status, success, now, bool(unchanged)), suspicious=bool(suspicious)
-            )
-            for job, status, success, unchanged, suspicious in rows
-        ]
+        with self.reader.begin() as connection:
+            rows = connection.execute(query).all()
+        return [_job_view(_ViewRow._make(row), now) for row in rows]
 
     def job_states(self, now: datetime, last_success: bool = True) -> list[JobView]:
         """`job_views` for the active jobs, lean enough for every page view and scrape (SPEC
@@ -2339,37 +2347,84 @@ def _latest_suspicious() -> Any:
     return _newest_entry_value(BackupEntry.suspicious)
 
 
-def _job_view(
-    job: ExpectedBackupJob,
-    latest: BackupEntryStatus | None,
-    last_success: datetime | None,
-    now: datetime,
-    unchanged: bool = False,
-) -> JobView:
+class _ViewRow(NamedTuple):
+    """`Store.job_views`' row: the job's columns, then four of its entries' values (one index
+    seek each). A named tuple because its attributes are read at C speed: by name on
+    SQLAlchemy's Row they were a third of `status`' time at 100,000 jobs."""
+
+    id: int
+    company_name: str
+    city: str
+    neighborhood: str
+    database_name: str
+    agent_id: str
+    deposit_path: str
+    active: bool
+    activated_at: datetime
+    frequency: BackupFrequency
+    expected_hour_utc: int | None
+    expected_minute_utc: int
+    days_of_week: str | None
+    day_of_month: int | None
+    expected_date: date | None
+    window_minutes: int
+    paused_at: datetime | None
+    paused_until: datetime | None
+    pause_reason: str | None
+    acked_at: datetime | None
+    ack_reason: str | None
+    instance: str | None
+    latest: BackupEntryStatus | None
+    success: datetime | None
+    unchanged: bool | None
+    suspicious: bool | None
+
+
+@functools.cache
+def _view_columns() -> tuple[Any, ...]:
+    """`_ViewRow`'s columns, in its order."""
+    entry_values = {
+        "latest": _current_status,
+        "success": _last_success,
+        "unchanged": _latest_unchanged,
+        "suspicious": _latest_suspicious,
+    }
+    return tuple(
+        entry_values[name]().label(name)
+        if name in entry_values
+        else getattr(ExpectedBackupJob, name)
+        for name in _ViewRow._fields
+    )
+
+
+def _job_view(row: _ViewRow, now: datetime) -> JobView:
+    """A job's row as `status` shows it."""
     from backupwatch.schedule import next_deadline
 
-    upcoming = next_deadline(job.schedule, now, job.activated_at) if job.active else None
-    paused = job.paused_at_instant(now)
+    schedule = _schedule_of(row) if row.active else None
+    upcoming = next_deadline(schedule, now, row.activated_at) if schedule else None
+    paused = row.paused_at is not None and Pause(row.paused_at, row.paused_until).covers(now)
     return JobView(
-        id=job.id,
-        company_name=job.company_name,
-        city=job.city,
-        neighborhood=job.neighborhood,
-        database_name=job.database_name,
-        agent_id=job.agent_id,
-        deposit_path=job.deposit_path,
-        frequency=job.frequency,
-        active=job.active,
-        current_status=JobStatus.from_entry(latest),
-        last_success_at=last_success,
+        id=row.id,
+        company_name=row.company_name,
+        city=row.city,
+        neighborhood=row.neighborhood,
+        database_name=row.database_name,
+        agent_id=row.agent_id,
+        deposit_path=row.deposit_path,
+        frequency=row.frequency,
+        active=row.active,
+        current_status=JobStatus.from_entry(row.latest),
+        last_success_at=row.success,
         next_deadline=upcoming,
         paused=paused,
-        paused_until=job.paused_until if paused else None,
-        pause_reason=job.pause_reason if paused else None,
-        acked_at=job.acked_at,
-        ack_reason=job.ack_reason,
-        unchanged=unchanged,
-        instance=job.instance,
+        paused_until=row.paused_until if paused else None,
+        pause_reason=row.pause_reason if paused else None,
+        acked_at=row.acked_at,
+        ack_reason=row.ack_reason,
+        unchanged=bool(row.unchanged),
+        suspicious=bool(row.suspicious),
+        instance=row.instance,
     )
 
 
