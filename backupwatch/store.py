@@ -1200,6 +1200,34 @@ class Store:
             result = connection.execute(delete(p).where(p.sha256.in_(keys)))
             return int(result.rowcount)
 
+    def prune_alert_events(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
+        """Delete one batch of alert events older than `cutoff` with their deliveries; how
+        many events. An event with a delivery still pending or being sent stays (the outbox
+        retries for 24 h). With an instance set, only its own events and those written before
+        events had one (SPEC §15); several pruners delete each event once (rowcount)."""
+        ev, d = AlertEvent, AlertDelivery
+        undone = select(d.id).where(d.event_id == ev.id, d.state.in_(("pending", "sending")))
+        old = select(ev.id).where(ev.created_at < cutoff, ~undone.exists())
+        if self.instance is not None:
+            old = old.where(or_(ev.instance == self.instance, ev.instance.is_(None)))
+        if dry_run:
+            with self.reader.begin() as connection:
+                query = select(func.count()).select_from(old.subquery())
+                return int(connection.execute(query).scalar() or 0)
+        candidates = old.order_by(ev.created_at).limit(batch)
+        if self.engine.dialect.name == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        else:
+            with self.reader.begin() as connection:  # as in `prune_entries`
+                if connection.execute(candidates).first() is None:
+                    return 0
+        with self.engine.begin() as connection:
+            ids = list(connection.execute(candidates).scalars())
+            if not ids:
+                return 0
+            connection.execute(delete(d).where(d.event_id.in_(ids)))
+            return int(connection.execute(delete(ev).where(ev.id.in_(ids))).rowcount)
+
     def placed_successes(self, job_id: int, stale_claim: datetime) -> list[PlacedEntry]:
         """A job's successes whose file may still be in final storage (the GFS candidates):
         not removed, not found changed or gone, and not claimed by a pruner still at work."""
