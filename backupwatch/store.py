@@ -1174,59 +1174,60 @@ class Store:
             return list(deleted)
 
     def count_old_entries(self, cutoff: datetime) -> int:
-        query = select(func.count()).select_from(self._old_entries(cutoff).subquery())
-        with self.reader.begin() as connection:
-            return int(connection.execute(query).scalar() or 0)
+        return self._count(self._old_entries(cutoff))
 
     def prune_processed_reports(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
         """Forget one batch of old report digests (`processed_at` is indexed); how many."""
         p = ProcessedReport
         old = select(p.sha256).where(p.processed_at < cutoff)
         if dry_run:
-            with self.reader.begin() as connection:
-                query = select(func.count()).select_from(old.subquery())
-                return int(connection.execute(query).scalar() or 0)
-        candidates = old.order_by(p.processed_at).limit(batch)
-        if self.engine.dialect.name == "postgresql":
-            candidates = candidates.with_for_update(skip_locked=True)
-        else:
-            with self.reader.begin() as connection:  # as in `prune_entries`
-                if connection.execute(candidates).first() is None:
-                    return 0
-        with self.engine.begin() as connection:
-            keys = list(connection.execute(candidates).scalars())
-            if not keys:
-                return 0
-            result = connection.execute(delete(p).where(p.sha256.in_(keys)))
-            return int(result.rowcount)
+            return self._count(old)
+
+        def forget(connection: Any, keys: list[Any]) -> int:
+            return int(connection.execute(delete(p).where(p.sha256.in_(keys))).rowcount)
+
+        return self._prune_batch(old.order_by(p.processed_at).limit(batch), forget)
 
     def prune_alert_events(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
         """Delete one batch of alert events older than `cutoff` with their deliveries; how
         many events. An event with a delivery still pending or being sent stays (the outbox
         retries for 24 h). With an instance set, only its own events and those written before
-        events had one (SPEC §15); several pruners delete each event once (rowcount)."""
+        events had one (SPEC §15)."""
         ev, d = AlertEvent, AlertDelivery
         undone = select(d.id).where(d.event_id == ev.id, d.state.in_(("pending", "sending")))
         old = select(ev.id).where(ev.created_at < cutoff, ~undone.exists())
         if self.instance is not None:
             old = old.where(or_(ev.instance == self.instance, ev.instance.is_(None)))
         if dry_run:
-            with self.reader.begin() as connection:
-                query = select(func.count()).select_from(old.subquery())
-                return int(connection.execute(query).scalar() or 0)
-        candidates = old.order_by(ev.created_at).limit(batch)
+            return self._count(old)
+
+        def remove(connection: Any, ids: list[Any]) -> int:
+            connection.execute(delete(d).where(d.event_id.in_(ids)))
+            return int(connection.execute(delete(ev).where(ev.id.in_(ids))).rowcount)
+
+        return self._prune_batch(old.order_by(ev.created_at).limit(batch), remove)
+
+    def _count(self, query: Select[Any]) -> int:
+        with self.reader.begin() as connection:
+            counted = select(func.count()).select_from(query.subquery())
+            return int(connection.execute(counted).scalar() or 0)
+
+    def _prune_batch(self, candidates: Select[Any], remove: Callable[[Any, list[Any]], int]) -> int:
+        """`remove` the keys `candidates` selects, in one short transaction; how many went.
+
+        Several pruners at once: PostgreSQL's SKIP LOCKED lets each take other rows, and a row
+        another deleted is not in the DELETE's rowcount, so nothing is counted twice. SQLite
+        looks first without the write lock (as `prune_entries` does): a worker's commit waits
+        for one short DELETE at most."""
         if self.engine.dialect.name == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
         else:
-            with self.reader.begin() as connection:  # as in `prune_entries`
+            with self.reader.begin() as connection:
                 if connection.execute(candidates).first() is None:
                     return 0
         with self.engine.begin() as connection:
-            ids = list(connection.execute(candidates).scalars())
-            if not ids:
-                return 0
-            connection.execute(delete(d).where(d.event_id.in_(ids)))
-            return int(connection.execute(delete(ev).where(ev.id.in_(ids))).rowcount)
+            keys = list(connection.execute(candidates).scalars())
+            return remove(connection, keys) if keys else 0
 
     def placed_successes(self, job_id: int, stale_claim: datetime) -> list[PlacedEntry]:
         """A job's successes whose file may still be in final storage (the GFS candidates):
