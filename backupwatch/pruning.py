@@ -179,21 +179,30 @@ class Pruner:
             log.info("retention.entries_deleted", count=len(ids), first=min(ids), last=max(ids))
             self.progress(f"entries: {report.entries} deleted")
             time.sleep(self.pause)
+        report.reports = self._batches(
+            lambda: self.store.prune_processed_reports(limits.reports, BATCH),
+            "retention.reports_forgotten",
+            "report keys forgotten",
+        )
+        report.alerts = self._batches(
+            lambda: self.store.prune_alert_events(limits.alerts, BATCH),
+            "retention.alerts_deleted",
+            "alert events deleted",
+        )
+
+    def _batches(self, step: Callable[[], int], event: str, what: str) -> int:
+        """Run `step` (one short transaction, how many rows it removed) until nothing is
+        left or the run is stopped, pausing between batches; the total."""
+        total = 0
         while not self.stop():
-            count = self.store.prune_processed_reports(limits.reports, BATCH)
+            count = step()
             if not count:
                 break
-            report.reports += count
-            log.info("retention.reports_forgotten", count=count)
+            total += count
+            log.info(event, count=count)
+            self.progress(f"{what}: {total}")
             time.sleep(self.pause)
-        while not self.stop():
-            count = self.store.prune_alert_events(limits.alerts, BATCH)
-            if not count:
-                break
-            report.alerts += count
-            log.info("retention.alerts_deleted", count=count)
-            self.progress(f"alert events: {report.alerts} deleted")
-            time.sleep(self.pause)
+        return total
 
     # ------------------------------------------------------- _archive/, _rejected/
 
