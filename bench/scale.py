@@ -233,6 +233,9 @@ def main() -> None:
 def print_phases(log_path: Path) -> None:
     """How long each step of the start took (the daemon's `daemon.phase` lines, to READY), so
     that a READY figure says where its time went."""
+    deadline = time.monotonic() + 5.0  # READY=1 is sent just before the line is written
+    while '"daemon.ready"' not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
     marks: list[tuple[str, datetime]] = []
     for line in log_path.read_text().splitlines():
         try:
