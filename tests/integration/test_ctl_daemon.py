@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable
 
 import pytest
-from conftest import Daemon
+from daemonkit import Daemon
 from support import job_block
 
 pytestmark = pytest.mark.integration

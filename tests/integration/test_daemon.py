@@ -18,7 +18,7 @@ from pathlib import Path
 import alembic
 import pytest
 import sqlalchemy
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import PG_URL, TcpProxy, database, drop, job_block, report, stage
 
 import backupwatch

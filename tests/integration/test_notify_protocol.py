@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import database, drop, job_block, report
 
 from backupwatch.timeutil import utc_now

@@ -13,7 +13,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from conftest import BIN, wait_for
+from daemonkit import BIN, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from support import database, drop, report, write_config
 from webkit import DAYS, FRESH, PLAN, SITES, WebWorld, agent, build

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon
+from daemonkit import Daemon
 from support import database, job_block, report
 
 APT_LINE = "apt-get install -y openssh-server openssh-client rsync lftp"
