@@ -20,7 +20,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from support import utc
 
@@ -98,7 +98,7 @@ def entries(store: Store, label: str = SALES) -> list[tuple[datetime, BackupEntr
 
 def count_missing(store: Store, job_id: int, cycle: datetime) -> int:
     with store.session() as session:
-        return session.scalar(
+        return session.execute(
             select(func.count())
             .select_from(BackupEntry)
             .where(
@@ -106,7 +106,7 @@ def count_missing(store: Store, job_id: int, cycle: datetime) -> int:
                 BackupEntry.cycle == cycle,
                 BackupEntry.status == BackupEntryStatus.MISSING,
             )
-        )
+        ).scalar_one()
 
 
 def outcome(
@@ -271,7 +271,7 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
     try:
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one() >= 5000
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         store.dispose()
@@ -603,17 +603,16 @@ def test_the_partial_unique_index_allows_one_missing_per_cycle(store: Store) -> 
         "recorded_at": cycle + HOUR,
         "unchanged_since_last_success": False,
     }
-    table = BackupEntry.__table__
     with store.engine.begin() as connection:
-        connection.execute(table.insert().values(**row))
+        connection.execute(insert(BackupEntry).values(**row))
 
     with pytest.raises(IntegrityError), store.engine.begin() as connection:
-        connection.execute(table.insert().values(**row))
+        connection.execute(insert(BackupEntry).values(**row))
 
     with store.engine.begin() as connection:  # a real outcome may join the MISSING of its cycle
-        connection.execute(table.insert().values(**{**row, "status": "SUCCESS"}))
-        connection.execute(table.insert().values(**{**row, "status": "FAILED"}))
-        connection.execute(table.insert().values(**{**row, "cycle": cycle + DAY}))
+        connection.execute(insert(BackupEntry).values(**{**row, "status": "SUCCESS"}))
+        connection.execute(insert(BackupEntry).values(**{**row, "status": "FAILED"}))
+        connection.execute(insert(BackupEntry).values(**{**row, "cycle": cycle + DAY}))
     assert sorted(status for c, status in entries(store) if c == cycle) == sorted(
         [BackupEntryStatus.SUCCESS, BackupEntryStatus.FAILED, BackupEntryStatus.MISSING]
     )
