@@ -32,6 +32,7 @@ from backupwatch.store import (
     MIGRATIONS_DIR,
     BackupEntry,
     Base,
+    DueJob,
     ExpectedBackupJob,
     JobView,
     NewEntry,
@@ -558,16 +559,17 @@ def race(
     first: Store, second: Store, racer: ExpectedBackupJob, cycle: datetime, now: datetime
 ) -> list[int]:
     """Eight threads, started together: half settle the job, half insert the MISSING row."""
+    due_job = DueJob.of(racer)  # what the timer reads of it
     barrier = threading.Barrier(8)
     wins: list[int] = []
     errors: list[BaseException] = []
 
     def settle(store: Store) -> int:
-        return sum(map(len, store.settle_jobs([racer], now, now - MAX_AGE).values()))
+        return sum(map(len, store.settle_jobs([due_job], now, now - MAX_AGE).values()))
 
     def insert(store: Store) -> int:
         with store.engine.begin() as connection:
-            wanted = [_Missing(racer, Due(cycle, racer.schedule), now)]
+            wanted = [_Missing(due_job, Due(cycle, racer.schedule), now)]
             return sum(map(len, store._flag_missing(connection, wanted).values()))
 
     def run(attempt: Callable[[Store], int], store: Store) -> None:
