@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from backupwatch.config import ConfigError, Settings
-from backupwatch.jobrecord import JobRecord, quick_record
+from backupwatch.jobrecord import JobRecord, Shapes
 from backupwatch.jobs import (
     JOB_KEYS,
     _defaults,
-    _effective_values,
     cross_file_errors,
     job_files,
     load_file,
@@ -140,12 +139,13 @@ def _fast(path: Path, data: bytes, stamp: Stamp | None, before: _Read | None) ->
     tables: dict[bytes, JobRecord] = {}
     records: list[JobRecord] = []
     lines: dict[str, Line] = {}
+    shapes = Shapes(defaults)
     for number, table in enumerate(cut.tables, start=1):
         source = f"{path}: job #{number}"
         digest = _digest(table)
         record = known.get(digest) or tables.get(digest)
         if record is None:
-            record = _record(defaults, table, source, lines)  # a table new since the last read
+            record = _record(shapes, table, source, lines)  # a table new since the last read
             if record is None:
                 return None
         elif record.source != source:
@@ -161,9 +161,7 @@ def _digest(table: bytes) -> bytes:
     return hashlib.blake2b(table, digest_size=16).digest()
 
 
-def _record(
-    defaults: dict[str, object], table: bytes, source: str, lines: dict[str, Line]
-) -> JobRecord | None:
+def _record(shapes: Shapes, table: bytes, source: str, lines: dict[str, Line]) -> JobRecord | None:
     try:
         text = table.decode("utf-8")
     except UnicodeDecodeError:
@@ -171,4 +169,4 @@ def _record(
     raw = parse_table(text, lines)
     if raw is None or not raw.keys() <= JOB_KEYS:
         return None
-    return quick_record(_effective_values(defaults, raw), source)
+    return shapes.record(raw, source)
