@@ -52,7 +52,7 @@ from backupwatch.names import display_name
 from backupwatch.notices import Notices
 from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
-from backupwatch.pipeline import Context, registry_of
+from backupwatch.pipeline import Context, registry_after_sync
 from backupwatch.promotion import clean_temps
 from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
 from backupwatch.pruning import Pruner
@@ -176,8 +176,9 @@ class Daemon:
         with heap.collector_paused():
             result = self.store.sync_jobs(specs, window, self.clock())
             self.synced = synced(specs, window, self.settings.archive_test, result.conflict_keys)
+            registry = registry_after_sync(self.settings, self.store, specs, result.unchanged)
             del specs
-            registry = self._registry()
+            result.unchanged.clear()
         log.info(
             "jobs.synced",
             instance=self.settings.instance,
@@ -276,9 +277,6 @@ class Daemon:
         self.notices.discard_prefix("instance:")
         for text in conflicts:
             self.notices.add(f"instance:{text}", text)
-
-    def _registry(self) -> Registry:
-        return registry_of(self.settings, self.store)
 
     def _handlers(self) -> dict[str, Handler]:
         return {

@@ -25,7 +25,7 @@ from backupwatch import heap
 from backupwatch.config import Settings
 from backupwatch.jobrecord import JobRecord
 from backupwatch.jobs import JobSpec
-from backupwatch.pipeline import registry_of, registry_updated
+from backupwatch.pipeline import registry_after_sync, registry_updated
 from backupwatch.sites import Registry, changed_folders
 from backupwatch.store import JobKey, Store, SyncResult
 
@@ -105,7 +105,8 @@ def resync(
     with heap.collector_paused():
         if delta is None:
             result = store.sync_jobs(specs, window, now)
-            new = registry_of(settings, store)
+            new = registry_after_sync(settings, store, specs, result.unchanged)
+            result.unchanged.clear()
             folders = None
         else:
             result = store.sync_jobs(delta.changed, window, now, gone=delta.gone)
