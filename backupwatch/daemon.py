@@ -57,7 +57,13 @@ from backupwatch.promotion import clean_temps
 from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
 from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
-from backupwatch.scan import misplaced_reports, pending_reports, reports_in
+from backupwatch.scan import (
+    misplaced_reports,
+    pending_among,
+    pending_reports,
+    report_name,
+    reports_in,
+)
 from backupwatch.sites import PathKind, Registry, normalize
 from backupwatch.store import ExpectedBackupJob, InstanceConflict, JobView, Store
 from backupwatch.timer import MissingTimer
@@ -189,12 +195,14 @@ class Daemon:
         self._note_conflicts(result.conflicts)
         self.ctx = Context(self.store, self.settings, registry, self.beat, self.arrivals)
         self._set_phase("watching the deposit folders")
-        self.watcher.start()
+        listed = self.watcher.start(report_name)
         self.pool.start()
         self._set_phase("processing the reports waiting in the deposit folders")
-        # SPEC §7 wants the waiting reports processed before READY; the warnings about files
-        # that are never read (misplaced) are not part of that, and come with the first tick.
-        self.rescan(misplaced=False)
+        # SPEC §7 wants the waiting reports processed before READY: those the watcher's walk
+        # listed (each folder after its watch was added: what came later is an event). The
+        # warnings about files that are never read (misplaced) are not part of that, and come
+        # with the first tick.
+        self.rescan(misplaced=False, listed=listed)
         while not self.queue.wait_idle(timeout=1.0):
             if self.stopping:
                 return
@@ -528,14 +536,17 @@ class Daemon:
 
     # ------------------------------------------------------------ operations
 
-    def rescan(self, misplaced: bool = True) -> dict[str, Any]:
+    def rescan(self, misplaced: bool = True, listed: list[Path] | None = None) -> dict[str, Any]:
         """Queue every report waiting on disk (and warn about misplaced ones, unless told
-        not to); returns how many were queued."""
+        not to); returns how many were queued. `listed`: the files a walk has just listed
+        (the watcher's at start), rather than listing the folders again."""
         self.queue.needs_rescan.clear()
         self.last_rescan = time.monotonic()
         self.rescans += 1
         queued = 0
-        for path in pending_reports(self.ctx.registry):
+        registry = self.ctx.registry
+        waiting = pending_reports(registry) if listed is None else pending_among(registry, listed)
+        for path in waiting:
             if self.queue.put(path):
                 queued += 1
         if misplaced:
