@@ -230,6 +230,23 @@ def test_added_removed_and_broken_files(tmp_path: Path) -> None:
     same_as_reference(settings_for(folder), reader)
 
 
+def test_a_job_defined_twice_is_refused_at_every_read(tmp_path: Path, trusting: None) -> None:
+    """Files read before are not opened again, and their jobs not compared again when the
+    last read found no job twice; a duplicate found last time is found again."""
+    folder = tmp_path / "jobs.d"
+    folder.mkdir()
+    (folder / "a.toml").write_text(jobs_text(2))
+    (folder / "b.toml").write_text(jobs_text(1))  # a.toml's first job again
+    reader = JobReader()
+    for _ in range(2):
+        read = reader.read(settings_for(folder))
+        assert [error for error in read.errors if "duplicates" in error]
+    (folder / "b.toml").write_text(jobs_text(1).replace('"ACME"', '"B"'))
+    assert reader.read(settings_for(folder)).errors == []
+    again = reader.read(settings_for(folder))
+    assert (again.errors, again.files_read, len(again.records)) == ([], 0, 3)
+
+
 @pytest.mark.parametrize(
     "text",
     [b"", b"[[job]]", b"[defaults]\n", b"\n[[job]]\na = 1\n[[job]]\n", b"x\n[[job]]\n[[job]]"],
