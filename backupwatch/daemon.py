@@ -571,6 +571,7 @@ class Daemon:
         try:
             return self._reload()
         finally:
+            heap.release_free_memory()  # a changed file's reading and the old records
             self.notifier.ready(self.status_line())
 
     def _reload(self) -> dict[str, Any]:
