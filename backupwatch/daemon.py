@@ -52,12 +52,18 @@ from backupwatch.names import display_name
 from backupwatch.notices import Notices
 from backupwatch.notify import Notifier
 from backupwatch.outage import OutageLog
-from backupwatch.pipeline import Context, registry_of
+from backupwatch.pipeline import Context, registry_after_sync
 from backupwatch.promotion import clean_temps
 from backupwatch.pruning import INTERVAL as PRUNE_INTERVAL
 from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
-from backupwatch.scan import misplaced_reports, pending_reports, reports_in
+from backupwatch.scan import (
+    misplaced_reports,
+    pending_among,
+    pending_reports,
+    report_name,
+    reports_in,
+)
 from backupwatch.sites import PathKind, Registry, normalize
 from backupwatch.store import DueJob, ExpectedBackupJob, InstanceConflict, JobView, Store
 from backupwatch.timer import MissingTimer
@@ -176,8 +182,9 @@ class Daemon:
         with heap.collector_paused():
             result = self.store.sync_jobs(specs, window, self.clock())
             self.synced = synced(specs, window, self.settings.archive_test, result.conflict_keys)
+            registry = registry_after_sync(self.settings, self.store, specs, result.unchanged)
             del specs
-            registry = self._registry()
+            result.unchanged.clear()
         log.info(
             "jobs.synced",
             instance=self.settings.instance,
@@ -188,12 +195,14 @@ class Daemon:
         self._note_conflicts(result.conflicts)
         self.ctx = Context(self.store, self.settings, registry, self.beat, self.arrivals)
         self._set_phase("watching the deposit folders")
-        self.watcher.start()
+        listed = self.watcher.start(report_name)
         self.pool.start()
         self._set_phase("processing the reports waiting in the deposit folders")
-        # SPEC §7 wants the waiting reports processed before READY; the warnings about files
-        # that are never read (misplaced) are not part of that, and come with the first tick.
-        self.rescan(misplaced=False)
+        # SPEC §7 wants the waiting reports processed before READY: those the watcher's walk
+        # listed (each folder after its watch was added: what came later is an event). The
+        # warnings about files that are never read (misplaced) are not part of that, and come
+        # with the first tick.
+        self.rescan(misplaced=False, listed=listed)
         while not self.queue.wait_idle(timeout=1.0):
             if self.stopping:
                 return
@@ -276,9 +285,6 @@ class Daemon:
         self.notices.discard_prefix("instance:")
         for text in conflicts:
             self.notices.add(f"instance:{text}", text)
-
-    def _registry(self) -> Registry:
-        return registry_of(self.settings, self.store)
 
     def _handlers(self) -> dict[str, Handler]:
         return {
@@ -530,14 +536,17 @@ class Daemon:
 
     # ------------------------------------------------------------ operations
 
-    def rescan(self, misplaced: bool = True) -> dict[str, Any]:
+    def rescan(self, misplaced: bool = True, listed: list[Path] | None = None) -> dict[str, Any]:
         """Queue every report waiting on disk (and warn about misplaced ones, unless told
-        not to); returns how many were queued."""
+        not to); returns how many were queued. `listed`: the files a walk has just listed
+        (the watcher's at start), rather than listing the folders again."""
         self.queue.needs_rescan.clear()
         self.last_rescan = time.monotonic()
         self.rescans += 1
         queued = 0
-        for path in pending_reports(self.ctx.registry):
+        registry = self.ctx.registry
+        waiting = pending_reports(registry) if listed is None else pending_among(registry, listed)
+        for path in waiting:
             if self.queue.put(path):
                 queued += 1
         if misplaced:
@@ -562,6 +571,7 @@ class Daemon:
         try:
             return self._reload()
         finally:
+            heap.release_free_memory()  # a changed file's reading and the old records
             self.notifier.ready(self.status_line())
 
     def _reload(self) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from backupwatch.jobs import (
     SITE_PLACEHOLDERS,
     JobSpec,
     _CycleInstant,
+    _effective_values,
     _format_one,
     _parse_date,
     _parse_days,
@@ -110,22 +111,103 @@ def _shared(values: dict[str, Any]) -> dict[str, Any]:
 def quick_record(values: Mapping[str, Any], source: str) -> JobRecord | None:
     """The record `JobSpec.model_validate({**values, "source": source})` would give, or None
     when it would fail or this check is not sure (the caller then asks `JobSpec`)."""
-    try:
-        return _quick(values, source)
-    except (ValueError, TypeError, KeyError):
-        return None
+    return Shapes({}).record(values, source)
 
 
 _KNOWN = frozenset(JobSpec.model_fields) - {"source"}
 _TEMPLATES = ("agent_id", "agent_deposit_path_template", "final_storage_path_template")
 _PER_JOB = _IDENTITY | set(_TEMPLATES)
+_ShapeKey = tuple[tuple[str, type, object], ...]
 
 
-def _quick(values: Mapping[str, Any], source: str) -> JobRecord | None:
-    if not values.keys() <= _KNOWN or not values.keys() >= _IDENTITY:
-        return None
-    names = {name: values[name] for name in IDENTITY_FIELDS}
-    if not all(type(name) is str and _good_name(name) for name in names.values()):
+class Shapes:
+    """The jobs of one file, read against its `[defaults]`, as `JobSpec` would read
+    `jobs._effective_values(defaults, raw)`.
+
+    The jobs of a file differ in their names and little else: what a job's other keys give
+    (its options and templates, with the defaults merged in and checked) is worked out once
+    per distinct set of those keys and values, its `_Shape`. A job then costs its four names,
+    its three renders and its tuple (it was ~25 us a job when each did all of it)."""
+
+    def __init__(self, defaults: Mapping[str, Any]) -> None:
+        self._defaults = defaults
+        self._names = tuple((name, defaults.get(name)) for name in IDENTITY_FIELDS)
+        self._shapes: dict[_ShapeKey, _Shape | None] = {}
+        self._good: set[str] = set()  # names known to pass `check_name`
+
+    def record(self, raw: Mapping[str, Any], source: str) -> JobRecord | None:
+        """The job of this `[[job]]` table, or None (see `quick_record`)."""
+        try:
+            key: _ShapeKey = ()  # the common case: a table of the four names alone
+            if raw.keys() != _IDENTITY:
+                key = tuple(
+                    (name, type(value), _hashable(value))
+                    for name, value in raw.items()
+                    if name not in _IDENTITY
+                )
+            shape = self._shapes.get(key)
+            if shape is None and key not in self._shapes:
+                rest = {name: value for name, value in raw.items() if name not in _IDENTITY}
+                shape = self._shapes[key] = _shape(_effective_values(self._defaults, rest))
+            if shape is None:
+                return None
+            names = [raw.get(name, default) for name, default in self._names]
+            return shape.record(names, source, self._good)
+        except (ValueError, TypeError, KeyError):
+            return None
+
+
+class _Shape(NamedTuple):
+    """What the jobs of one shape share: their fields before and after `agent_id` in a
+    `JobRecord`, and their templates, known to render plainly (`_checked`)."""
+
+    head: tuple[Any, ...]  # frequency ... collection_window_minutes
+    tail: tuple[Any, ...]  # agent_deposit_path_template ... keep_monthly
+    agent_id: str
+    deposit: str
+    final: str
+
+    def record(self, names: list[Any], source: str, good: set[str]) -> JobRecord | None:
+        """`str.format_map` renders exactly as `jobs.render_template` once `_checked` has
+        accepted the template: only plain placeholders of the allowed names."""
+        for name in names:
+            if name not in good:
+                if type(name) is not str or not _good_name(name):
+                    return None
+                good.add(name)
+        company_name, city, neighborhood, database_name = names
+        fields = {
+            "company_name": company_name,
+            "city": city,
+            "neighborhood": neighborhood,
+            "database_name": database_name,
+        }
+        agent_id = self.agent_id.format_map(fields)
+        if not agent_id.strip():
+            return None
+        fields["agent_id"] = agent_id
+        deposit = self.deposit.format_map(fields)
+        _check_relpath(deposit)
+        _check_relpath(self.final.format_map(fields))
+        return tuple.__new__(
+            JobRecord,
+            (
+                *map(sys.intern, names),
+                *self.head,
+                sys.intern(agent_id),
+                *self.tail,
+                source,
+                sys.intern(_normal_path(deposit)),
+            ),
+        )
+
+
+_AGENT_ID_AT = JobRecord._fields.index("agent_id")
+
+
+def _shape(values: Mapping[str, Any]) -> _Shape | None:
+    """The shared part of the jobs whose keys but their names are `values`, or None."""
+    if not values.keys() <= _KNOWN:
         return None
     options = _options(_options_key(values))
     if options is None:
@@ -133,21 +215,32 @@ def _quick(values: Mapping[str, Any], source: str) -> JobRecord | None:
     templates = tuple(values.get(key, _DEFAULTS[key]) for key in _TEMPLATES)
     if any(type(t) is not str for t in templates):
         return None
-    agent_id, deposit = _paths(templates, names)
-    if agent_id is None:
-        return None
-    return JobRecord(
-        company_name=sys.intern(names["company_name"]),
-        city=sys.intern(names["city"]),
-        neighborhood=sys.intern(names["neighborhood"]),
-        database_name=sys.intern(names["database_name"]),
+    record = JobRecord(
+        company_name="",
+        city="",
+        neighborhood="",
+        database_name="",
         **options,
-        agent_id=sys.intern(agent_id),
+        agent_id="",
         agent_deposit_path_template=sys.intern(templates[1]),
         final_storage_path_template=sys.intern(templates[2]),
-        source=source,
-        deposit_path=sys.intern(deposit),
+        source="",
+        deposit_path="",
     )
+    return _Shape(
+        head=tuple(record[4:_AGENT_ID_AT]),
+        tail=tuple(record[_AGENT_ID_AT + 1 : -2]),
+        agent_id=_checked(templates[0], _IDENTITY),
+        deposit=_checked(templates[1], SITE_PLACEHOLDERS),
+        final=_checked_final(templates[2]),
+    )
+
+
+def _check_relpath(rendered: str) -> None:
+    """`check_relpath`, with the common case (no NUL, relative, no `..`, some character
+    that is neither `/` nor `.`) decided by string methods alone."""
+    if "\0" in rendered or rendered[:1] == "/" or ".." in rendered or not rendered.strip("/."):
+        check_relpath(rendered)
 
 
 _DEFAULTS = {
@@ -263,21 +356,6 @@ def _schedule(values: Mapping[str, Any], frequency: BackupFrequency) -> dict[str
     return out
 
 
-def _paths(templates: tuple[str, ...], names: dict[str, str]) -> tuple[str | None, str]:
-    """(the rendered agent_id, the deposit path as `str(deposit_relpath)` gives it).
-
-    `str.format_map` renders exactly as `jobs.render_template` once `_checked` has accepted
-    the template: only plain placeholders of the allowed names, each formatted by `format`."""
-    agent_id = _checked(templates[0], _IDENTITY).format_map(names)
-    if not agent_id.strip():
-        return None, ""
-    fields = {**names, "agent_id": agent_id}
-    deposit = _checked(templates[1], SITE_PLACEHOLDERS).format_map(fields)
-    check_relpath(deposit)
-    check_relpath(_checked_final(templates[2]).format_map(fields))
-    return agent_id, _normal_path(deposit)
-
-
 @functools.lru_cache(maxsize=256)
 def _checked(template: str, allowed: frozenset[str]) -> str:
     """The template, once its placeholders are known to be plain and allowed."""
@@ -313,10 +391,11 @@ def _escaped(text: str) -> str:
 
 def _normal_path(rendered: str) -> str:
     """`str(PurePosixPath(rendered))`, without building the path when it is already normal."""
-    parts = rendered.split("/")
-    if all(part not in ("", ".") for part in parts):
-        return rendered
-    return str(PurePosixPath(rendered))
+    empty_part = not rendered or "//" in rendered or rendered.startswith("/") or rendered[-1] == "/"
+    dot_part = rendered in (".", "") or "/./" in rendered or rendered.startswith("./")
+    if empty_part or dot_part or rendered.endswith("/."):
+        return str(PurePosixPath(rendered))
+    return rendered
 
 
 def _channels(value: object) -> tuple[str, ...] | bool | None:

@@ -39,7 +39,8 @@ from backupwatch.fsutil import (
     read_capped,
     sha256_fd,
 )
-from backupwatch.jobs import final_relpath
+from backupwatch.jobrecord import JobRecord
+from backupwatch.jobs import JobSpec, final_relpath
 from backupwatch.missing import eras_from_json
 from backupwatch.names import display_name
 from backupwatch.promotion import (
@@ -71,6 +72,7 @@ from backupwatch.store import (
     ProcessedReportRecord,
     Store,
     Successes,
+    Unchanged,
     schedule_of,
 )
 from backupwatch.timeutil import utc_now
@@ -178,6 +180,91 @@ def registry_of(settings: Settings, store: Store) -> Registry:
     the config's (SPEC §13)."""
     entries = _job_refs(settings, store.iter_active_job_rows())
     return Registry.build(settings.backup_storage_root, entries)
+
+
+REREAD_LIMIT = 5_000  # jobs the sync wrote, read again by key; more: the whole table
+
+
+def registry_after_sync(
+    settings: Settings, store: Store, specs: Sequence[JobSpec | JobRecord], unchanged: Unchanged
+) -> Registry:
+    """`registry_of` after a full sync, without reading the rows the sync has just compared.
+
+    A job the sync left as it was (`SyncResult.unchanged`) is in the database what its record
+    says (the sync compared every configured column), so its `JobRef` is made from the record,
+    with the id and the previous schedules the sync read. Only the jobs it added or changed are
+    read again, by key; when they are many (a first start), the whole table is read instead."""
+    if len(specs) - len(unchanged) > REREAD_LIMIT:
+        return registry_of(settings, store)
+    if not all(isinstance(spec, JobRecord) for spec in unchanged.specs):
+        return registry_of(settings, store)
+    schedules: dict[tuple[Any, ...], Schedule] = {}
+    window = settings.scanner_report_collection_window_minutes
+    entries: list[tuple[str, JobRef]] = []
+    for record, job_id, previous in unchanged:
+        assert isinstance(record, JobRecord)
+        entries.append(
+            (record.deposit_path, _ref_of(record, job_id, previous, window, settings, schedules))
+        )
+    written = _others(specs, unchanged.specs)
+    if written:
+        entries += _job_refs(settings, store.iter_active_job_rows(written))
+    entries.sort(key=lambda entry: entry[1].id)  # a site's jobs in id order, as the table's
+    return Registry.build(settings.backup_storage_root, entries)
+
+
+def _others(specs: Sequence[JobSpec | JobRecord], kept: Sequence[object]) -> list[JobKey]:
+    """The keys of the active specs not in `kept`, which holds some of `specs` in their order
+    (the sync goes through them in order)."""
+    later = iter(kept)
+    expected = next(later, None)
+    out = []
+    for spec in specs:
+        if spec is expected:
+            expected = next(later, None)
+        elif spec.active:
+            out.append(spec.key)
+    return out
+
+
+def _ref_of(
+    record: JobRecord,
+    job_id: int,
+    previous: Any,
+    window: int,
+    settings: Settings,
+    schedules: dict[tuple[Any, ...], Schedule],
+) -> JobRef:
+    """The `JobRef` `_job_refs` would make of this record's row."""
+    when = (
+        record.frequency,
+        record.expected_hour_utc,
+        record.expected_minute_utc,
+        record.days_of_week,
+        record.day_of_month,
+        record.expected_date,
+        record.collection_window_minutes or window,
+    )
+    schedule = schedules.get(when)
+    if schedule is None:
+        schedule = schedules[when] = Schedule(
+            frequency=when[0],
+            hour=when[1],
+            minute=when[2],
+            days_of_week=None if not when[3] else frozenset(when[3]),
+            day_of_month=when[4],
+            expected_date=when[5],
+            window=timedelta(minutes=when[6]),
+        )
+    return JobRef(
+        id=job_id,
+        names=record.key,
+        agent_id=record.agent_id,
+        schedule=schedule,
+        final_storage_path_template=record.final_storage_path_template,
+        previous=eras_from_json(previous) if previous else (),
+        archive_test=settings.archive_test if record.archive_test is None else record.archive_test,
+    )
 
 
 def registry_updated(

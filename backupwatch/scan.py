@@ -31,6 +31,21 @@ def pending_reports(registry: Registry) -> Iterator[Path]:
     yield from _strays(registry)
 
 
+def pending_among(registry: Registry, files: Iterable[Path]) -> Iterator[Path]:
+    """`pending_reports` of files already listed (by the watcher's walk at start): the ones
+    `pending_reports` would find that mean something, a site's reports and the strays. (It
+    also yields a site's `*.json` that `classify` ignores, a hidden site folder's: a worker
+    would only ignore them.)"""
+    for path in files:
+        if registry.classify(path).kind in (PathKind.REPORT, PathKind.STRAY):
+            yield path
+
+
+def report_name(name: bytes) -> bool:
+    """A name that may be a report's, to keep from a listing (`pending_among` decides)."""
+    return name.endswith(b".json") and not name.startswith(b".")
+
+
 def reports_in(folders: Iterable[Path]) -> Iterator[Path]:
     """The report files waiting in these folders and their `log/`: after a reload that
     changed a few sites, the only folders whose reports may now mean something else."""

@@ -8,8 +8,10 @@ several daemons sharing one database never flag the same cycle twice.
 
 from __future__ import annotations
 
+import array
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -38,6 +40,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     create_engine,
     delete,
     event,
@@ -612,8 +615,11 @@ class Store:
                     if mine.fingerprint != _fingerprint(spec.active, values):
                         columns = _spec_columns(spec, default_window_minutes)
                         batch.change(mine.id, spec.active, columns)
-                    elif mine.source != spec.source:
+                        continue
+                    if mine.source != spec.source:
                         batch.move(mine.id, spec.source)
+                    if gone is None and spec.active:
+                        result.unchanged.add(spec, mine.id, mine.previous)
             batch.flush()
             ids = [m.id for key, m in known.items() if key not in seen and m.active]
             for start in range(0, len(ids), SYNC_BATCH):
@@ -633,17 +639,29 @@ class Store:
             j.database_name,
             j.active,
             j.config_source,
-            *(getattr(j, name) for name in FINGERPRINTED),
+            _raw_json(j.previous_schedules),
+            *(
+                _raw_json(j.alert_channels) if name == "alert_channels" else getattr(j, name)
+                for name in FINGERPRINTED
+            ),
         )
         known: dict[JobKey, _Known] = {}
+        # Core rows (the session's connection): through the ORM's loading they cost twice as
+        # much, and the two JSON columns are decoded here only when they hold something.
+        connection = session.connection()
         for part in _scoped(self._own(query), scope):
-            for row in session.execute(part.execution_options(yield_per=SYNC_BATCH)):
-                values = tuple(row)
+            for row in connection.execute(part.execution_options(yield_per=SYNC_BATCH)):
+                values = list(row)
+                values[_RAW_CHANNELS_AT] = _json_of(values[_RAW_CHANNELS_AT])
                 # interned: the reader's records hold these names already, so the 100,000
                 # keys of this dict cost no strings of their own (~20 MiB less at the peak)
                 key = (intern(values[1]), intern(values[2]), intern(values[3]), intern(values[4]))
                 known[key] = _Known(
-                    row.id, _fingerprint(row.active, values[7:]), row.config_source, row.active
+                    values[0],
+                    _fingerprint(values[5], tuple(values[8:])),
+                    values[6],
+                    values[5],
+                    _json_of(values[7]),
                 )
         return known
 
@@ -1306,6 +1324,36 @@ class SyncResult:
     # SPEC §15: jobs this instance defines but another instance owns (active there): not synced.
     conflicts: list[str] = dataclasses.field(default_factory=list)
     conflict_keys: list[JobKey] = dataclasses.field(default_factory=list)  # a reload asks again
+    unchanged: Unchanged = dataclasses.field(default_factory=lambda: Unchanged())
+
+
+@dataclasses.dataclass
+class Unchanged:
+    """A full sync's jobs that were active, this instance's and equal to their specs, so left
+    as they were: the registry is made of the specs instead of reading the table a second time
+    (`pipeline.registry_after_sync`). Parallel arrays: a tuple or a dict entry per job was
+    ~20 MiB more at the start's peak."""
+
+    specs: list[AnySpec] = dataclasses.field(default_factory=list)
+    ids: array.array[int] = dataclasses.field(default_factory=lambda: array.array("q"))
+    previous: dict[int, Any] = dataclasses.field(default_factory=dict)  # by index, when some
+
+    def add(self, spec: AnySpec, job_id: int, previous: Any) -> None:
+        if previous is not None:
+            self.previous[len(self.specs)] = previous
+        self.specs.append(spec)
+        self.ids.append(job_id)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def clear(self) -> None:
+        """Once the registry is made: the specs stay alive in the reader, not here."""
+        self.specs, self.ids, self.previous = [], array.array("q"), {}
+
+    def __iter__(self) -> Iterator[tuple[AnySpec, int, Any]]:
+        for index, (spec, job_id) in enumerate(zip(self.specs, self.ids, strict=True)):
+            yield spec, job_id, self.previous.get(index)
 
 
 class InstanceConflict(Exception):
@@ -2103,6 +2151,21 @@ class _Known:
     fingerprint: int
     source: str | None
     active: bool
+    previous: Any  # the previous schedules, decoded JSON (None: none)
+
+
+_RAW_CHANNELS_AT = 8 + FINGERPRINTED.index("alert_channels")  # in `_known_jobs`' rows
+
+
+def _raw_json(column: Any) -> Any:
+    """A JSON column as its text (PostgreSQL's driver would decode it): most rows hold
+    `null`, and the JSON type decodes each."""
+    return cast(column, Text)
+
+
+def _json_of(text: str | None) -> Any:
+    """What the JSON type would have made of a column's text."""
+    return None if text is None or text == "null" else json.loads(text)
 
 
 class _SyncBatch:

@@ -269,15 +269,18 @@ class DepositWatcher:
         self.folder_count = 0
         self.limit_warnings: list[str] = []
 
-    def start(self) -> None:
-        """Add every watch (synchronously: when this returns, events are flowing).
+    def start(self, listed: Callable[[bytes], bool] | None = None) -> list[Path]:
+        """Add every watch (synchronously: when this returns, events are flowing), and
+        return the files the walk listed whose names `listed` accepts (none without it): each
+        folder is listed after its watch is added, so these and the events after them are all
+        that the tree holds, and the caller need not list the folders again.
 
         Raises OSError when the root itself cannot be watched; folders below it that cannot
         be watched are logged (rate-limited) and left to the periodic rescan.
         """
         session = _Session(self._root, self._on_event, self._on_overflow)
         try:
-            walked = session.start()
+            walked = session.start(listed)
         except BaseException:
             session.stop(_STOP_TIMEOUT)
             raise
@@ -287,6 +290,7 @@ class DepositWatcher:
         for warning in self.limit_warnings:
             _log.error("inotify_limit_low", detail=warning)
         self._log_watching()
+        return [Path(os.fsdecode(path)) for path in walked.files]
 
     def stop(self, timeout: float = _STOP_TIMEOUT) -> None:
         """Remove the watches and end both threads; idempotent, so the daemon can call it
@@ -333,6 +337,7 @@ class DepositWatcher:
 class _Walked:
     folders: int  # folders found (watched or not)
     added: int  # watches added by this walk
+    files: list[bytes]  # the files listed that the walk was asked for
 
 
 class _Added(enum.Enum):
@@ -393,9 +398,9 @@ class _Session:
 
     # ------------------------------------------------------------ lifecycle
 
-    def start(self) -> _Walked:
+    def start(self, listed: Callable[[bytes], bool] | None) -> _Walked:
         self._watch_root()
-        walked = self._walk(self._root, new=False)
+        walked = self._walk(self._root, new=False, listed=listed)
         self._rebuilder.start()  # an overflow during the walk above is handled now
         return walked
 
@@ -502,18 +507,22 @@ class _Session:
 
     # ---------------------------------------------------------------- walking
 
-    def _walk(self, top: bytes, *, new: bool) -> _Walked:
+    def _walk(
+        self, top: bytes, *, new: bool, listed: Callable[[bytes], bool] | None = None
+    ) -> _Walked:
         """Watch every folder from `top` down, each before it is listed, so that anything
         created after the listing has an event.
 
         `new` (a folder created or moved in, on the reader thread): stop at folders already
         watched at that path and report what the others hold as FOUND (`mkdir -p a/b/c;
         touch a/b/c/f` is over before the first event is read; whether a writer still holds
-        such a file open cannot be seen). Otherwise (start, rebuild): visit
-        every folder and report nothing; the caller's rescan reads what is there.
+        such a file open cannot be seen). Otherwise (start, rebuild): visit every folder and
+        report nothing; the files whose names `listed` accepts are returned (the start's scan).
         """
         stack = [top]
         folders = added = 0
+        found: list[bytes] = []
+        wanted = _any_name if new else listed
         while stack and not self._stopping.is_set():
             folder = stack.pop()
             state = self._ensure_watched(folder)
@@ -523,12 +532,14 @@ class _Session:
             if state is _Added.FAILED or (new and state is _Added.KNOWN):
                 continue
             added += state is _Added.NEW
-            subfolders, files = _list(folder, files=new)
+            subfolders, files = _list(folder, files=wanted)
             stack.extend(subfolders)
             if new:
                 for path in files:
                     self._emit(EventKind.FOUND, path)  # its creation came before our watch
-        return _Walked(folders, added)
+            else:
+                found += files
+        return _Walked(folders, added, found)
 
     def _ensure_watched(self, folder: bytes) -> _Added:
         try:
@@ -672,8 +683,15 @@ def _file_kind(event: InotifyEvent) -> EventKind | None:
     return None
 
 
-def _list(folder: bytes, *, files: bool) -> tuple[list[bytes], list[bytes]]:
-    """Subfolders (never through a symlink) and, if `files`, everything else in `folder`."""
+def _any_name(_name: bytes) -> bool:
+    return True
+
+
+def _list(
+    folder: bytes, *, files: Callable[[bytes], bool] | None
+) -> tuple[list[bytes], list[bytes]]:
+    """Subfolders (never through a symlink) and the other entries of `folder` whose names
+    `files` accepts (none without it)."""
     folders: list[bytes] = []
     others: list[bytes] = []
     try:
@@ -685,7 +703,7 @@ def _list(folder: bytes, *, files: bool) -> tuple[list[bytes], list[bytes]]:
                     is_dir = False
                 if is_dir:
                     folders.append(entry.path)
-                elif files:
+                elif files is not None and files(entry.name):
                     others.append(entry.path)
     except OSError:
         pass

@@ -8,8 +8,8 @@ there are --jobs of them), every site folder with its `log/`, and --history-days
 SUCCESS entries per job, written in-process through the store (the sync a first start does,
 then Core inserts). Then, with the real `backupwatchd` (instance "bench"):
 
-- READY after: start to READY=1 with every job in the database already (a restart), and the
-  daemon's RSS at READY;
+- READY after: start to READY=1 with every job in the database already (a restart), the
+  daemon's CPU seconds until then (less noisy on a shared machine) and its RSS at READY;
 - `backupwatchctl status --json` and `reload` wall time (nothing changed), then `reload` with
   one job changed (its minute);
 - MISSING timer pass when nothing is due: `MissingTimer.run_once` + `seconds_until_next` on the
@@ -202,6 +202,7 @@ def main() -> None:
             daemon.start(timeout=900)
             print_phases(base / "daemon.log")
             row["READY after"] = f"{daemon.ready_after:.1f} s"
+            row["CPU to READY"] = f"{daemon.cpu_seconds():.1f} s"
             row["RSS at READY"] = f"{daemon.proc_status('VmRSS') // 1024} MiB"
             took, code = timed_ctl(config, "status", "--json")
             row["status --json"] = f"{took:.1f} s"

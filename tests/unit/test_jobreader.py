@@ -17,8 +17,8 @@ from pydantic import ValidationError
 from backupwatch import jobfiles
 from backupwatch.config import Settings
 from backupwatch.jobfiles import JobReader
-from backupwatch.jobrecord import JobRecord, quick_record
-from backupwatch.jobs import JobSpec, read_jobs
+from backupwatch.jobrecord import JobRecord, Shapes, quick_record
+from backupwatch.jobs import JOB_KEYS, JobSpec, _effective_values, read_jobs
 from backupwatch.jobtext import parse_table, split_jobs
 
 SITE = 'company_name = "ACME"\ncity = "Lyon"\n'
@@ -138,6 +138,32 @@ def test_quick_validation_vouches_only_for_what_jobspec_accepts(values: dict[str
         assert quick == JobRecord.of(spec)
 
 
+@settings(max_examples=400)
+@given(
+    st.lists(st.tuples(values_strategy, st.sets(st.sampled_from(sorted(JOB_KEYS)))), max_size=4),
+    values_strategy,
+)
+def test_shapes_vouch_only_for_what_jobspec_accepts_of_a_file(
+    tables: list[tuple[dict[str, Any], set[str]]], defaults: dict[str, Any]
+) -> None:
+    """A file's jobs read through one `Shapes` (its options checked once per shape, the
+    `[defaults]` merged in): each record is the one `JobSpec` makes of its effective values.
+    Each table keeps some of its keys only, the others coming from the defaults."""
+    shapes = Shapes(defaults)
+    for number, (values, kept) in enumerate(tables, start=1):
+        raw = {key: value for key, value in values.items() if key in kept}
+        quick = shapes.record(raw, f"f: job #{number}")
+        try:
+            spec = JobSpec.model_validate(
+                {**_effective_values(defaults, raw), "source": f"f: job #{number}"}
+            )
+        except ValidationError:
+            assert quick is None
+            continue
+        if quick is not None:
+            assert quick == JobRecord.of(spec)
+
+
 # ------------------------------------------------------------------ reading again
 
 
@@ -202,6 +228,23 @@ def test_added_removed_and_broken_files(tmp_path: Path) -> None:
     same_as_reference(settings_for(folder), reader)
     (folder / "b.toml").write_text(jobs_text(2).replace("db1", "db0"))  # a duplicate
     same_as_reference(settings_for(folder), reader)
+
+
+def test_a_job_defined_twice_is_refused_at_every_read(tmp_path: Path, trusting: None) -> None:
+    """Files read before are not opened again, and their jobs not compared again when the
+    last read found no job twice; a duplicate found last time is found again."""
+    folder = tmp_path / "jobs.d"
+    folder.mkdir()
+    (folder / "a.toml").write_text(jobs_text(2))
+    (folder / "b.toml").write_text(jobs_text(1))  # a.toml's first job again
+    reader = JobReader()
+    for _ in range(2):
+        read = reader.read(settings_for(folder))
+        assert [error for error in read.errors if "duplicates" in error]
+    (folder / "b.toml").write_text(jobs_text(1).replace('"ACME"', '"B"'))
+    assert reader.read(settings_for(folder)).errors == []
+    again = reader.read(settings_for(folder))
+    assert (again.errors, again.files_read, len(again.records)) == ([], 0, 3)
 
 
 @pytest.mark.parametrize(

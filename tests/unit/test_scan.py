@@ -11,9 +11,10 @@ from pyfakefs.fake_filesystem import FakeFilesystem
 
 import backupwatch.scan
 from backupwatch.enums import BackupFrequency
-from backupwatch.scan import pending_reports
+from backupwatch.scan import pending_among, pending_reports, report_name
 from backupwatch.schedule import Schedule
 from backupwatch.sites import JobRef, Registry
+from backupwatch.watcher import DepositWatcher
 
 SCHEDULE = Schedule(BackupFrequency.DAILY, hour=13, window=timedelta(minutes=60))
 
@@ -66,10 +67,8 @@ def scanned_folders(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
     return opened
 
 
-def test_pending_reports_finds_reports_and_strays_and_nothing_else(
-    tree: tuple[Registry, Path, Path], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    registry, root, outside = tree
+def reports_and_others(root: Path, outside: Path) -> tuple[set[Path], list[Path]]:
+    """The reports and strays a scan must find under `root`, and files it must not."""
     d = root / "ACME"
     wanted = {
         touch(d / "STATUS.json"),
@@ -104,6 +103,15 @@ def test_pending_reports_finds_reports_and_strays_and_nothing_else(
     (root / "LINKED").mkdir()
     (root / "LINKED" / "log").symlink_to(outside / "log", target_is_directory=True)
     (root / "stray-link").symlink_to(outside, target_is_directory=True)
+    return wanted, unwanted
+
+
+def test_pending_reports_finds_reports_and_strays_and_nothing_else(
+    tree: tuple[Registry, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, root, outside = tree
+    d = root / "ACME"
+    wanted, unwanted = reports_and_others(root, outside)
     opened = scanned_folders(monkeypatch)
 
     found = list(pending_reports(registry))
@@ -126,6 +134,23 @@ def test_pending_reports_finds_reports_and_strays_and_nothing_else(
         outside / "log",
     ]
     assert not set(never) & set(opened)
+
+
+def test_the_start_finds_the_same_reports_in_the_watchers_listing(
+    tree: tuple[Registry, Path, Path],
+) -> None:
+    """The start's scan is the watcher's walk (each folder listed after its watch was
+    added): among what it listed, `pending_among` finds what `pending_reports` finds."""
+    registry, root, outside = tree
+    wanted, _ = reports_and_others(root, outside)
+    watcher = DepositWatcher(root, lambda _kind, _path: None, lambda: None)
+    try:
+        listed = watcher.start(report_name)
+    finally:
+        watcher.stop()
+    found = list(pending_among(registry, listed))
+    assert len(found) == len(set(found))
+    assert set(found) == wanted
 
 
 def test_pending_reports_lists_a_sites_reports_before_the_strays(

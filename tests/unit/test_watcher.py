@@ -315,6 +315,37 @@ def test_symlink_to_a_folder_present_at_start_is_not_watched(
         w.stop()
 
 
+def test_start_returns_the_files_its_walk_listed_that_the_caller_asked_for(
+    root: Path, tmp_path: Path, recorder: Recorder
+) -> None:
+    """The daemon's start scan is the watcher's walk: every folder is listed once its watch
+    is added, and the files whose names pass `listed` come back (nothing through a symlink)."""
+    (root / "acme" / "log").mkdir(parents=True, exist_ok=True)
+    (root / "acme" / "STATUS.json").write_text("{}")
+    (root / "acme" / "log" / "old.json").write_text("{}")
+    (root / "acme" / "data.gz").write_bytes(b"x")
+    (root / "top.json").write_text("{}")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "far.json").write_text("{}")
+    (root / "acme" / "link").symlink_to(tmp_path / "outside")
+    w = DepositWatcher(root, recorder.on_event, recorder.on_overflow)
+    listed = w.start(lambda name: name.endswith(b".json"))
+    try:
+        assert sorted(p.relative_to(root).as_posix() for p in listed) == [
+            "acme/STATUS.json",
+            "acme/log/old.json",
+            "top.json",
+        ]
+        assert w.watch_count() == w.folder_count == count_folders(root)
+    finally:
+        w.stop()
+    again = DepositWatcher(root, recorder.on_event, recorder.on_overflow)
+    try:
+        assert again.start() == []  # not asked for: no file kept
+    finally:
+        again.stop()
+
+
 def test_exception_in_on_event_does_not_kill_the_reader(
     root: Path, recorder: Recorder, watcher: DepositWatcher
 ) -> None:
