@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from sys import intern
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -33,6 +33,7 @@ from sqlalchemy import (
     MetaData,
     Select,
     String,
+    Table,
     Text,
     UniqueConstraint,
     and_,
@@ -82,6 +83,7 @@ from backupwatch.missing import (
     fresh_cursor,
     settle,
 )
+from backupwatch.rawsql import RawInsert, raw_insert
 from backupwatch.schedule import Schedule
 
 log = structlog.get_logger(__name__)
@@ -462,6 +464,7 @@ class Store:
         # SPEC §15: the daemon's `instance`. Set, the sync, the registry, the timer and the
         # REJECTED events see only this instance's jobs; None (tools, tests): every job.
         self.instance: str | None = None
+        self._raw: tuple[RawInsert | None, RawInsert | None] | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -839,17 +842,34 @@ class Store:
         The reports must not share a SHA-256 (their rows would collide), and should not share
         a job: each report's judgement read its jobs' history before this transaction.
         """
-        # Core, not the ORM: this is the hot path of every report (see BENCHMARKS.md, Burst).
+        # Core, not the ORM, and the two INSERTs straight to the driver (`rawsql`): this is the
+        # hot path of every report (see BENCHMARKS.md, Burst, and issue 10).
         with self.engine.begin() as connection:
-            statement = _processed_insert(connection.dialect.name)
+            processed, inserts = self._raw_inserts(connection.dialect)
             rows = [record.row(now) for record, _entries in reports]
-            done = set(connection.execute(statement, rows).scalars())
+            if processed is None:
+                statement = _processed_insert(connection.dialect.name)
+                done = set(connection.execute(statement, rows).scalars())
+            else:
+                done = processed.returning_new(connection, rows, "sha256")
             entries = [e for record, found in reports if record.sha256 in done for e in found]
             if entries:
                 changes = _Changes(self, connection, sorted({e.job_id for e in entries}))
-                connection.execute(_INSERT_ENTRY, [e.row(now) for e in entries])
+                if inserts is None:
+                    connection.execute(_INSERT_ENTRY, [e.row(now) for e in entries])
+                else:
+                    inserts.many(connection, [e.row(now) for e in entries])
                 changes.report_events(entries, now)
         return done
+
+    def _raw_inserts(self, dialect: Dialect) -> tuple[RawInsert | None, RawInsert | None]:
+        """The idempotency rows' and the entries' `RawInsert`s for this engine's dialect."""
+        if self._raw is None:
+            self._raw = (
+                raw_insert(cast(Table, ProcessedReport.__table__), PROCESSED_COLUMNS, dialect),
+                raw_insert(cast(Table, BackupEntry.__table__), ENTRY_COLUMNS, dialect),
+            )
+        return self._raw
 
     def record_rejection(self, site: str, report_name: str, reason: str, now: datetime) -> bool:
         """SPEC §10's REJECTED event (one per site per hour), in a transaction of its own.
@@ -1369,6 +1389,10 @@ class NewEntry:
     def row(self, now: datetime) -> dict[str, Any]:
         return {**_shallow(self), "recorded_at": now}
 
+
+# The columns a report's INSERTs write, in `rawsql`'s order: the records' fields and the time.
+PROCESSED_COLUMNS = (*(f.name for f in dataclasses.fields(ProcessedReportRecord)), "processed_at")
+ENTRY_COLUMNS = (*(f.name for f in dataclasses.fields(NewEntry)), "recorded_at")
 
 REMOVAL_CLAIMED = "claimed"  # `final_removal` while one pruner is at work on the file
 
