@@ -1,4 +1,8 @@
-"""The worker threads: each takes one report path at a time off the queue and runs the pipeline.
+"""The worker threads: each takes a group of report paths off the queue and runs the pipeline.
+
+A group is one path when the queue is short, and the worker's share of a deep queue (a burst):
+their history is read in one transaction and their entries committed in one (issue 10), but
+each path's outcome is handled below as if it had been alone.
 
 No exception from one report may end a worker (an agent's symlinked `_rejected/` once killed
 them all and blinded the daemon for every site). What a worker does with each outcome:
