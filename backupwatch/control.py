@@ -68,22 +68,36 @@ class _LineTooLong(Exception):
 # --- framing shared by both ends -------------------------------------------------------------
 
 
-def _read_line(sock: socket.socket, limit: int, deadline: float) -> bytes | None:
+class _Stalled(TimeoutError):
+    """An answer started, then no byte came for the idle time."""
+
+
+def _read_line(
+    sock: socket.socket, limit: int, deadline: float, idle: float | None = None
+) -> bytes | None:
     """Read one newline-terminated line, or None if the peer closed before sending anything.
 
     The deadline is for the whole line, not per recv(), so a peer trickling one byte at a time
-    cannot hold the connection beyond it. Bytes after the newline are ignored: one request per
-    connection. A last line without a newline is accepted, for `printf ... | socat` users.
+    cannot hold the connection beyond it (the server reading a request). With `idle` (the
+    client reading its daemon's answer) the deadline is for the first bytes, then each chunk
+    may take `idle`: a `status` of 100,000 jobs streams for longer than the tool's timeout.
+    Bytes after the newline are ignored: one request per connection. A last line without a
+    newline is accepted, for `printf ... | socat` users.
     """
     buffer = bytearray()
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise TimeoutError("timed out reading a line")
+            raise (_Stalled if buffer else TimeoutError)("timed out reading a line")
         sock.settimeout(remaining)
-        chunk = sock.recv(65536)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            raise (_Stalled if buffer else TimeoutError)("timed out reading a line") from None
         if not chunk:
             return bytes(buffer) if buffer else None
+        if idle is not None:
+            deadline = time.monotonic() + idle
         newline = chunk.find(b"\n")
         if newline >= 0:
             buffer += chunk[:newline]
@@ -442,8 +456,9 @@ def call(path: Path, command: str, timeout: float = 10.0, **args: Any) -> dict[s
 
     `ok: false` is a real answer (the daemon refused, e.g. an invalid config on reload), so
     backupwatchctl prints its error and picks the exit code. Raises DaemonUnreachable when no
-    daemon answers within `timeout` (whole exchange, default 10 s because reload can take
-    seconds), ControlError when the answer is not the protocol. TypeError if `args` is not JSON.
+    daemon starts answering within `timeout` (default 10 s because reload can take seconds) or
+    an answer stops coming for that long, ControlError when the answer is not the protocol.
+    TypeError if `args` is not JSON.
     """
     payload = _encode({"command": command, **args})
     _check_path_length(path)
@@ -485,7 +500,12 @@ def _send_request(sock: socket.socket, payload: bytes, deadline: float) -> None:
 
 def _receive(sock: socket.socket, path: Path, timeout: float, deadline: float) -> bytes:
     try:
-        line = _read_line(sock, MAX_RESPONSE_BYTES, deadline)
+        line = _read_line(sock, MAX_RESPONSE_BYTES, deadline, idle=timeout)
+    except _Stalled as exc:
+        raise DaemonUnreachable(
+            f"backupwatchd on {path} stopped answering for {timeout:g} s in the middle of its "
+            "answer"
+        ) from exc
     except TimeoutError as exc:
         raise DaemonUnreachable(
             f"no answer from backupwatchd on {path} within {timeout:g} s"

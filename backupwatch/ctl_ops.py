@@ -411,7 +411,8 @@ def cmd_prune(ctl: Ctl) -> int:
         ctl.line(f"stale upload (kept, no report claimed it): {path}")
     ctl.print(
         f"{verb}: {len(report.backups)} validated backups, {report.entries} entries, "
-        f"{report.reports} report keys, {len(report.moved)} files of _archive/ and _rejected/; "
+        f"{report.reports} report keys, {report.alerts} alert events, "
+        f"{len(report.moved)} files of _archive/ and _rejected/; "
         f"{len(report.kept_changed)} backups kept (changed since promotion), "
         f"{len(report.stale_uploads)} stale uploads"
     )

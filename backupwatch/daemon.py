@@ -59,7 +59,7 @@ from backupwatch.pruning import Pruner
 from backupwatch.rejected import repair
 from backupwatch.scan import misplaced_reports, pending_reports, reports_in
 from backupwatch.sites import PathKind, Registry, normalize
-from backupwatch.store import ExpectedBackupJob, InstanceConflict, JobView, Store
+from backupwatch.store import DueJob, ExpectedBackupJob, InstanceConflict, JobView, Store
 from backupwatch.timer import MissingTimer
 from backupwatch.timeutil import utc_now
 from backupwatch.watcher import DepositWatcher, EventKind, WorkQueue
@@ -323,7 +323,7 @@ class Daemon:
         self.queue.needs_rescan.set()
         self.wakeup.set()
 
-    def _site_busy(self, job: ExpectedBackupJob) -> bool:
+    def _site_busy(self, job: DueJob) -> bool:
         """A report of this site is queued, in hand or waiting: it may be the one the deadline
         waits for, so the timer defers the job a little (see `timer.DEFER_LIMIT`)."""
         folder = normalize(self.settings.backup_storage_root / job.deposit_path)

@@ -327,7 +327,7 @@ class Outbox:
             "instance": row.instance,
         }
         targets = routing.targets(Kind.REMINDER, row.alert_channels, Kind(status.value))
-        return int(_emit(self.store, connection, event, targets, now))
+        return int(_emit(connection, event, targets, now))
 
     def plan_digest(self, now: datetime, routing: Routing) -> bool:
         """SPEC §10: one summary a day per channel, in the hour `digest_hour_utc`."""
@@ -349,7 +349,7 @@ class Outbox:
         }
         targets = routing.targets(Kind.DIGEST, sorted(routing.channels))
         with self.store.engine.begin() as connection:
-            return _emit(self.store, connection, event, targets, now)
+            return _emit(connection, event, targets, now)
 
     # ------------------------------------------------------------------ reading
 

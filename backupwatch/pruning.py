@@ -55,6 +55,7 @@ class PruneReport:
     dry_run: bool
     entries: int = 0
     reports: int = 0
+    alerts: int = 0  # alert events, with their deliveries
     backups: list[str] = field(default_factory=list)
     kept_changed: list[str] = field(default_factory=list)
     moved: list[str] = field(default_factory=list)  # files of _archive/ and _rejected/
@@ -95,6 +96,7 @@ class Pruner:
             dry_run=dry_run,
             entries=report.entries,
             reports=report.reports,
+            alerts=report.alerts,
             backups=len(report.backups),
             kept_changed=len(report.kept_changed),
             moved=len(report.moved),
@@ -163,7 +165,11 @@ class Pruner:
         if report.dry_run:
             report.entries = self.store.count_old_entries(limits.entries)
             report.reports = self.store.prune_processed_reports(limits.reports, 0, dry_run=True)
-            self.progress(f"would delete {report.entries} entries, {report.reports} report keys")
+            report.alerts = self.store.prune_alert_events(limits.alerts, 0, dry_run=True)
+            self.progress(
+                f"would delete {report.entries} entries, {report.reports} report keys, "
+                f"{report.alerts} alert events"
+            )
             return
         while not self.stop():
             ids = self.store.prune_entries(limits.entries, BATCH)
@@ -173,13 +179,30 @@ class Pruner:
             log.info("retention.entries_deleted", count=len(ids), first=min(ids), last=max(ids))
             self.progress(f"entries: {report.entries} deleted")
             time.sleep(self.pause)
+        report.reports = self._batches(
+            lambda: self.store.prune_processed_reports(limits.reports, BATCH),
+            "retention.reports_forgotten",
+            "report keys forgotten",
+        )
+        report.alerts = self._batches(
+            lambda: self.store.prune_alert_events(limits.alerts, BATCH),
+            "retention.alerts_deleted",
+            "alert events deleted",
+        )
+
+    def _batches(self, step: Callable[[], int], event: str, what: str) -> int:
+        """Run `step` (one short transaction, how many rows it removed) until nothing is
+        left or the run is stopped, pausing between batches; the total."""
+        total = 0
         while not self.stop():
-            count = self.store.prune_processed_reports(limits.reports, BATCH)
+            count = step()
             if not count:
                 break
-            report.reports += count
-            log.info("retention.reports_forgotten", count=count)
+            total += count
+            log.info(event, count=count)
+            self.progress(f"{what}: {total}")
             time.sleep(self.pause)
+        return total
 
     # ------------------------------------------------------- _archive/, _rejected/
 

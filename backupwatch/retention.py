@@ -102,6 +102,7 @@ class Cutoffs:
 
     entries: datetime  # entries whose cycle is older (each job keeps its newest)
     reports: datetime  # processed_reports rows (never younger than a report may be accepted)
+    alerts: datetime  # alert events, once delivered (their keys, as long as the reports')
     moved: datetime  # files in _archive/ and _rejected/, by when they were moved there
     stale: datetime  # uploads in D that no report claimed since
 
@@ -114,12 +115,15 @@ def cutoffs(
     max_report_age_days: float,
 ) -> Cutoffs:
     """A report's bytes must stay known while the same report could still be accepted (its
-    freshness limit plus a day): forgetting them sooner would let it be recorded twice."""
+    freshness limit plus a day): forgetting them sooner would let it be recorded twice. An
+    alert event's key (a job, a kind, a cycle) likewise: a cycle makes events as long as its
+    reports can come."""
     history = now - timedelta(days=history_days)
     idempotency = now - timedelta(days=max_report_age_days + 1)
     return Cutoffs(
         entries=history,
         reports=min(history, idempotency),
+        alerts=min(history, idempotency),
         moved=now - timedelta(days=archive_days),
         stale=now - timedelta(hours=stale_upload_hours),
     )

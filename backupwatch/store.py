@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from sys import intern
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -209,18 +209,7 @@ class ExpectedBackupJob(Base):
 
     @property
     def schedule(self) -> Schedule:
-        days = None
-        if self.days_of_week:
-            days = frozenset(int(d) for d in self.days_of_week.split(","))
-        return Schedule(
-            frequency=self.frequency,
-            hour=self.expected_hour_utc,
-            minute=self.expected_minute_utc,
-            days_of_week=days,
-            day_of_month=self.day_of_month,
-            expected_date=self.expected_date,
-            window=timedelta(minutes=self.window_minutes),
-        )
+        return _schedule_of(self)
 
     @property
     def previous_eras(self) -> tuple[Era, ...]:
@@ -228,9 +217,7 @@ class ExpectedBackupJob(Base):
 
     @property
     def timeline(self) -> Timeline:
-        return Timeline(
-            self.schedule, self.activated_at, self.previous_eras, self.schedule_changed_at
-        )
+        return _timeline_of(self)
 
     @property
     def fields(self) -> dict[str, str]:
@@ -241,6 +228,83 @@ class ExpectedBackupJob(Base):
             "database_name": self.database_name,
             "agent_id": self.agent_id,
         }
+
+
+def _schedule_of(job: Any) -> Schedule:
+    """The schedule of a job's row: an ExpectedBackupJob, or a Core row with its columns."""
+    return _schedule(
+        job.frequency,
+        job.expected_hour_utc,
+        job.expected_minute_utc,
+        job.days_of_week,
+        job.day_of_month,
+        job.expected_date,
+        job.window_minutes,
+    )
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule(
+    frequency: BackupFrequency,
+    hour: int | None,
+    minute: int,
+    days_of_week: str | None,
+    day_of_month: int | None,
+    expected_date: date | None,
+    window_minutes: int,
+) -> Schedule:
+    """A Schedule is immutable and validated when built: a fleet's 100,000 jobs share a few
+    dozen, and `status` and the timer build one per job they read."""
+    days = frozenset(int(d) for d in days_of_week.split(",")) if days_of_week else None
+    return Schedule(
+        frequency=frequency,
+        hour=hour,
+        minute=minute,
+        days_of_week=days,
+        day_of_month=day_of_month,
+        expected_date=expected_date,
+        window=timedelta(minutes=window_minutes),
+    )
+
+
+def _timeline_of(job: Any) -> Timeline:
+    """The cycles a job's row owes: its schedule and the replaced ones still owed."""
+    eras = eras_from_json(job.previous_schedules)
+    return Timeline(_schedule_of(job), job.activated_at, eras, job.schedule_changed_at)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DueJob:
+    """What the MISSING timer reads of a job whose deadline has passed: its cursor, what it
+    owes, and what the compare-and-swap checks (`_Plan.unchanged`). Read by Core, a page
+    of 250 at a time: a wave of 100,000 deadlines is 400 pages, and an ORM object per job
+    was about a tenth of the timer's CPU (BENCHMARKS.md, issue 10)."""
+
+    id: int
+    label: str
+    agent_id: str
+    deposit_path: str
+    instance: str | None
+    timeline: Timeline
+    next_cycle_at: datetime | None
+    next_deadline_at: datetime
+    schedule_changed_at: datetime | None
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, row: Any) -> DueJob:
+        return cls(
+            id=row.id,
+            label=f"{row.company_name}/{row.city}/{row.neighborhood}/{row.database_name}",
+            agent_id=row.agent_id,
+            deposit_path=row.deposit_path,
+            instance=row.instance,
+            timeline=_timeline_of(row),
+            next_cycle_at=row.next_cycle_at,
+            next_deadline_at=row.next_deadline_at,
+            schedule_changed_at=row.schedule_changed_at,
+            updated_at=row.updated_at,
+        )
 
 
 class BackupEntry(Base):
@@ -916,7 +980,7 @@ class Store:
             }
             channels = site_channels(r.alert_channels for r in jobs)
             targets = self.routing.targets(Kind.REJECTED, channels)
-            return _emit(self, connection, event, targets, now)
+            return _emit(connection, event, targets, now)
 
     # ---------------------------------------------------------------- MISSING
 
@@ -929,23 +993,22 @@ class Store:
 
     def due_jobs(
         self, now: datetime, limit: int = SETTLE_PAGE, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
+    ) -> list[DueJob]:
         """Jobs whose cursor deadline has passed: an index range scan, never a scan of all jobs.
 
         `after` is the (deadline, id) of the last job of the previous page (keyset paging), so
         jobs the caller skipped (deferred) never hide the ones behind them.
         """
-        j = ExpectedBackupJob
-        query = select(j).where(j.active.is_(True), j.next_deadline_at <= now)
-        if after is not None:
-            query = query.where(tuple_(j.next_deadline_at, j.id) > tuple_(*after))
         # SPEC §15: each instance flags its own jobs: only it knows their sites' queued reports.
-        query = self._own(query).order_by(j.next_deadline_at, j.id).limit(limit)
-        with self.reading() as session:
-            return list(session.scalars(query))
+        statement = _due_statement(after is not None, self.instance is not None)
+        values: dict[str, Any] = {"now": now, "limit": limit, "instance": self.instance}
+        if after is not None:
+            values["after_deadline"], values["after_id"] = after
+        with self.reader.begin() as connection:
+            return [DueJob.of(row) for row in connection.execute(statement, values)]
 
     def settle_jobs(
-        self, jobs: Sequence[ExpectedBackupJob], now: datetime, oldest: datetime
+        self, jobs: Sequence[DueJob], now: datetime, oldest: datetime
     ) -> dict[int, list[datetime]]:
         """Flag every due cycle (`missing.settle`) without an entry of a page of jobs; return
         the cycles flagged, by job id. One transaction for the page, a few statements in all.
@@ -992,24 +1055,14 @@ class Store:
         """
         if not wanted:
             return {}
-        e = BackupEntry
         cycles = [m.due.cycle for m in wanted]
-        existing = set(
-            connection.execute(
-                select(e.job_id, e.cycle).where(
-                    e.job_id.in_(sorted({m.job.id for m in wanted})),
-                    e.cycle >= min(cycles),
-                    e.cycle <= max(cycles),
-                )
-            )
-        )
+        ids = sorted({m.job.id for m in wanted})
+        span = {"ids": ids, "first": min(cycles), "last": max(cycles)}
+        existing = set(connection.execute(_ENTRIES_IN_SPAN, span))
         rows = [m.row() for m in wanted if (m.job.id, m.due.cycle) not in existing]
         if not rows:
             return {}
-        table = BackupEntry.__table__
-        statement = (
-            self._insert(table).on_conflict_do_nothing().returning(table.c.job_id, table.c.cycle)
-        )
+        statement = _missing_insert(connection.dialect.name)
         flagged: dict[int, list[datetime]] = {}
         for job_id, cycle in connection.execute(statement, rows):
             flagged.setdefault(job_id, []).append(cycle)
@@ -1031,27 +1084,14 @@ class Store:
 
         Every instance's jobs (SPEC §15: `status` of any daemon covers them all), or only
         `instance`'s; `where`: criteria on ExpectedBackupJob (one job, one site for the pages)."""
-        query = (
-            select(
-                ExpectedBackupJob,
-                _current_status(),
-                _last_success(),
-                _latest_unchanged(),
-                _latest_suspicious(),
-            )
-            .where(*where)
-            .order_by(*_job_order())
-        )
+        # Core rows, not ORM objects: `status` of 100,000 jobs is 50 pages of these, and the
+        # objects were half of its time (BENCHMARKS.md, issue 10).
+        query = select(*_view_columns()).where(*where).order_by(*_job_order())
         if instance is not None:
             query = query.where(ExpectedBackupJob.instance == instance)
-        with self.reading() as session:
-            rows = session.execute(query).all()
-        return [
-            dataclasses.replace(
-                _job_view(job, status, success, now, bool(unchanged)), suspicious=bool(suspicious)
-            )
-            for job, status, success, unchanged, suspicious in rows
-        ]
+        with self.reader.begin() as connection:
+            rows = connection.execute(query).all()
+        return [_job_view(_ViewRow._make(row), now) for row in rows]
 
     def job_states(self, now: datetime, last_success: bool = True) -> list[JobView]:
         """`job_views` for the active jobs, lean enough for every page view and scrape (SPEC
@@ -1185,31 +1225,60 @@ class Store:
             return list(deleted)
 
     def count_old_entries(self, cutoff: datetime) -> int:
-        query = select(func.count()).select_from(self._old_entries(cutoff).subquery())
-        with self.reader.begin() as connection:
-            return int(connection.execute(query).scalar() or 0)
+        return self._count(self._old_entries(cutoff))
 
     def prune_processed_reports(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
         """Forget one batch of old report digests (`processed_at` is indexed); how many."""
         p = ProcessedReport
         old = select(p.sha256).where(p.processed_at < cutoff)
         if dry_run:
-            with self.reader.begin() as connection:
-                query = select(func.count()).select_from(old.subquery())
-                return int(connection.execute(query).scalar() or 0)
-        candidates = old.order_by(p.processed_at).limit(batch)
+            return self._count(old)
+
+        def forget(connection: Any, keys: list[Any]) -> int:
+            return int(connection.execute(delete(p).where(p.sha256.in_(keys))).rowcount)
+
+        return self._prune_batch(old.order_by(p.processed_at).limit(batch), forget)
+
+    def prune_alert_events(self, cutoff: datetime, batch: int, dry_run: bool = False) -> int:
+        """Delete one batch of alert events older than `cutoff` with their deliveries; how
+        many events. An event with a delivery still pending or being sent stays (the outbox
+        retries for 24 h). With an instance set, only its own events and those written before
+        events had one (SPEC §15)."""
+        ev, d = AlertEvent, AlertDelivery
+        undone = select(d.id).where(d.event_id == ev.id, d.state.in_(("pending", "sending")))
+        old = select(ev.id).where(ev.created_at < cutoff, ~undone.exists())
+        if self.instance is not None:
+            old = old.where(or_(ev.instance == self.instance, ev.instance.is_(None)))
+        if dry_run:
+            return self._count(old)
+
+        def remove(connection: Any, ids: list[Any]) -> int:
+            connection.execute(delete(d).where(d.event_id.in_(ids)))
+            return int(connection.execute(delete(ev).where(ev.id.in_(ids))).rowcount)
+
+        return self._prune_batch(old.order_by(ev.created_at).limit(batch), remove)
+
+    def _count(self, query: Select[Any]) -> int:
+        with self.reader.begin() as connection:
+            counted = select(func.count()).select_from(query.subquery())
+            return int(connection.execute(counted).scalar() or 0)
+
+    def _prune_batch(self, candidates: Select[Any], remove: Callable[[Any, list[Any]], int]) -> int:
+        """`remove` the keys `candidates` selects, in one short transaction; how many went.
+
+        Several pruners at once: PostgreSQL's SKIP LOCKED lets each take other rows, and a row
+        another deleted is not in the DELETE's rowcount, so nothing is counted twice. SQLite
+        looks first without the write lock (as `prune_entries` does): a worker's commit waits
+        for one short DELETE at most."""
         if self.engine.dialect.name == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
         else:
-            with self.reader.begin() as connection:  # as in `prune_entries`
+            with self.reader.begin() as connection:
                 if connection.execute(candidates).first() is None:
                     return 0
         with self.engine.begin() as connection:
             keys = list(connection.execute(candidates).scalars())
-            if not keys:
-                return 0
-            result = connection.execute(delete(p).where(p.sha256.in_(keys)))
-            return int(result.rowcount)
+            return remove(connection, keys) if keys else 0
 
     def placed_successes(self, job_id: int, stale_claim: datetime) -> list[PlacedEntry]:
         """A job's successes whose file may still be in final storage (the GFS candidates):
@@ -1509,11 +1578,10 @@ def _all_of(parts: Sequence[Any]) -> Any:
 
 def _latest(connection: Any, job_id: int) -> _Latest | None:
     e = BackupEntry
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     row = connection.execute(
         select(e.cycle, e.status, e.message)
         .where(e.job_id == job_id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .order_by(*_newest_order())
         .limit(1)
     ).first()
     return None if row is None else _Latest(row.cycle, row.status, row.message)
@@ -1525,6 +1593,13 @@ def _streak_starts(connection: Any, job_ids: Sequence[int]) -> dict[int, datetim
     per job: the newest cycle, the last success before it, the first not-OK cycle after that."""
     if not job_ids:
         return {}
+    rows = connection.execute(_streak_statement(), {"ids": list(job_ids)})
+    return {row.id: row.since for row in rows if row.since is not None}
+
+
+@functools.cache
+def _streak_statement() -> Any:
+    """`_streak_starts`' statement, built once (the job ids: one expanding parameter)."""
     e, j = aliased(BackupEntry), ExpectedBackupJob
     success = BackupEntryStatus.SUCCESS
     newest = select(func.max(e.cycle)).where(e.job_id == j.id).correlate(j).scalar_subquery()
@@ -1545,15 +1620,14 @@ def _streak_starts(connection: Any, job_ids: Sequence[int]) -> dict[int, datetim
         .correlate(j)
         .scalar_subquery()
     )
-    rows = connection.execute(select(j.id, since.label("since")).where(j.id.in_(list(job_ids))))
-    return {row.id: row.since for row in rows if row.since is not None}
+    return select(j.id, since.label("since")).where(j.id.in_(bindparam("ids", expanding=True)))
 
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
     """One job of a timer page: as the step read it, where its cursor was, what to settle."""
 
-    job: ExpectedBackupJob
+    job: DueJob
     start: datetime
     plan: Settlement
 
@@ -1575,7 +1649,7 @@ class _Plan:
 class _Missing:
     """A due cycle to flag MISSING unless it has an entry."""
 
-    job: ExpectedBackupJob
+    job: DueJob
     due: Due
     now: datetime
 
@@ -1599,33 +1673,19 @@ def _move_cursors(connection: Any, plans: Mapping[int, _Plan]) -> list[int]:
     stays due, so the timer's next pass (at once: its deadline has passed) sees what that
     transaction committed; two daemons of one instance share a wave instead of queueing.
     """
-    j = ExpectedBackupJob
-    rows = connection.execute(
-        select(j.id, j.active, j.next_cycle_at, j.schedule_changed_at, j.updated_at)
-        .where(j.id.in_(sorted(plans)))
-        .order_by(j.id)
-        .with_for_update(key_share=True, skip_locked=True)
-    ).all()
+    rows = connection.execute(_LOCK_CURSORS, {"ids": sorted(plans)}).all()
     moved = [row.id for row in rows if plans[row.id].unchanged(row)]
     # Jobs of one schedule move to the same cursor: one UPDATE per cursor (a wave: one).
     by_cursor: dict[Cursor, list[int]] = {}
     for job_id in moved:
         by_cursor.setdefault(plans[job_id].plan.cursor, []).append(job_id)
     for cursor, ids in by_cursor.items():
-        connection.execute(
-            update(j)
-            .where(j.id.in_(ids))
-            .values(
-                next_cycle_at=cursor.cycle,
-                next_deadline_at=cursor.deadline,
-                previous_schedules=None,
-                schedule_changed_at=None,
-            )
-        )
+        values = {"ids": ids, "cycle": cursor.cycle, "deadline": cursor.deadline}
+        connection.execute(_MOVE_CURSORS, values)
     return moved
 
 
-def _paused(row: _JobRow, job: ExpectedBackupJob, due: Due, now: datetime) -> bool:
+def _paused(row: _JobRow, job: DueJob, due: Due, now: datetime) -> bool:
     """Paused now: nothing is flagged; resumed: the cycles the pause covered stay unexpected
     (the cursor moves past them either way)."""
     if row.pause.covers(now) or row.pause.covers(due.deadline):
@@ -1642,21 +1702,16 @@ class _Outgoing:
     targets: Sequence[str]
 
 
-def _emit(
-    store: Store, connection: Any, event: dict[str, Any], targets: Sequence[str], now: datetime
-) -> bool:
+def _emit(connection: Any, event: dict[str, Any], targets: Sequence[str], now: datetime) -> bool:
     """Insert the event unless its key exists, and one delivery per target channel."""
-    return _emit_many(store, connection, [_Outgoing(event, targets)], now) == 1
+    return _emit_many(connection, [_Outgoing(event, targets)], now) == 1
 
 
-def _emit_many(store: Store, connection: Any, outgoing: Sequence[_Outgoing], now: datetime) -> int:
+def _emit_many(connection: Any, outgoing: Sequence[_Outgoing], now: datetime) -> int:
     """`_emit` of several events in two statements; how many were new."""
     if not outgoing:
         return 0
-    table = AlertEvent.__table__
-    statement = (
-        store._insert(table).on_conflict_do_nothing().returning(table.c.id, table.c.dedupe_key)
-    )
+    statement = _event_insert(connection.dialect.name)
     written = {key: id_ for id_, key in connection.execute(statement, [o.event for o in outgoing])}
     rows = [
         {
@@ -1671,7 +1726,7 @@ def _emit_many(store: Store, connection: Any, outgoing: Sequence[_Outgoing], now
         for channel in o.targets
     ]
     if rows:
-        connection.execute(insert(AlertDelivery), rows)
+        connection.execute(_INSERT_DELIVERY, rows)
     return len(written)
 
 
@@ -1740,21 +1795,18 @@ class _Changes:
             if kind is not None and not self.jobs[job_id].pause.covers(now):
                 moves[job_id] = (kind, latest)
         if cleared:
-            j = ExpectedBackupJob
-            self.connection.execute(
-                update(j).where(j.id.in_(cleared)).values(acked_at=None, ack_reason=None)
-            )
+            self.connection.execute(_CLEAR_ACKS, {"ids": cleared})
         since = _streak_starts(self.connection, list(moves))
         events = [
             self._event_row(self.jobs[job_id], kind, latest, since.get(job_id), now)
             for job_id, (kind, latest) in moves.items()
         ]
-        _emit_many(self.store, self.connection, events, now)
+        _emit_many(self.connection, events, now)
 
     def _event(self, job: _JobRow, kind: Kind, about: _Latest, now: datetime) -> None:
         if job.pause.covers(now):
             return  # SPEC §10: a paused job sends nothing (its entries are still recorded)
-        _emit_many(self.store, self.connection, [self._event_row(job, kind, about, None, now)], now)
+        _emit_many(self.connection, [self._event_row(job, kind, about, None, now)], now)
 
     def _event_row(
         self, job: _JobRow, kind: Kind, about: _Latest, since: datetime | None, now: datetime
@@ -1817,20 +1869,38 @@ def _ids(job_ids: Sequence[int]) -> dict[str, int]:
 
 
 @functools.cache
-def _newest_statement() -> Any:
-    """`_newest_of`'s statement (the newest entry's id by one index seek per job, then those
-    entries), built once: the job ids are one expanding parameter, so any number of jobs
-    shares it."""
+def _newest_statement(dialect: str) -> Any:
+    """`_newest_of`'s statement, built once per dialect: the job ids are one expanding
+    parameter, so any number of jobs shares it.
+
+    PostgreSQL: a LATERAL subquery, one index seek per job by construction. The form that
+    SQLite runs (the newest entries' ids by a correlated subquery, then `id IN` them) let
+    PostgreSQL's planner hash-join a sequential scan of the whole history when its
+    statistics were stale: 100 ms a timer page at 80,000 entries, half of a wave's server
+    time (BENCHMARKS.md, issue 10)."""
     e, j = BackupEntry, ExpectedBackupJob
-    newest = select(_newest_entry_value(e.id)).where(j.id.in_(bindparam("ids", expanding=True)))
-    return select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest.scalar_subquery()))
+    ids = j.id.in_(bindparam("ids", expanding=True))
+    if dialect == "postgresql":
+        newest = (
+            select(e.cycle, e.status, e.message)
+            .where(e.job_id == j.id)
+            .order_by(*_newest_order())
+            .limit(1)
+            .correlate(j)
+            .lateral("newest")
+        )
+        columns = (newest.c.cycle, newest.c.status, newest.c.message)
+        return select(j.id.label("job_id"), *columns).select_from(j).join(newest, true()).where(ids)
+    newest_id = select(_newest_entry_value(e.id)).where(ids).scalar_subquery()
+    return select(e.job_id, e.cycle, e.status, e.message).where(e.id.in_(newest_id))
 
 
 def _newest_of(connection: Any, job_ids: Sequence[int]) -> dict[int, _Latest]:
     """`_latest` of several jobs in one statement."""
     if not job_ids:
         return {}
-    rows = connection.execute(_newest_statement(), {"ids": list(job_ids)})
+    statement = _newest_statement(connection.dialect.name)
+    rows = connection.execute(statement, {"ids": list(job_ids)})
     return {row.job_id: _Latest(row.cycle, row.status, row.message) for row in rows}
 
 
@@ -1859,6 +1929,26 @@ def _processed_insert(dialect: str) -> Any:
 
 
 _INSERT_ENTRY = insert(BackupEntry)
+_INSERT_DELIVERY = insert(AlertDelivery)
+
+
+@functools.cache
+def _missing_insert(dialect: str) -> Any:
+    """The MISSING entries' INSERT ... ON CONFLICT DO NOTHING RETURNING what was inserted."""
+    table = BackupEntry.__table__
+    module = postgresql if dialect == "postgresql" else sqlite
+    statement = module.insert(table).on_conflict_do_nothing()
+    return statement.returning(table.c.job_id, table.c.cycle)
+
+
+@functools.cache
+def _event_insert(dialect: str) -> Any:
+    """The alert events' INSERT ... ON CONFLICT DO NOTHING RETURNING their ids and keys."""
+    table = AlertEvent.__table__
+    module = postgresql if dialect == "postgresql" else sqlite
+    return module.insert(table).on_conflict_do_nothing().returning(table.c.id, table.c.dedupe_key)
+
+
 _PROCESSED = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == bindparam("sha256"))
 _PROCESSED_ANY = select(ProcessedReport.sha256).where(
     ProcessedReport.sha256.in_(bindparam("shas", expanding=True))
@@ -1885,6 +1975,76 @@ _LOCK_JOBS = (
     .order_by(_j.id)
     .with_for_update(key_share=True)
 )
+
+# The timer's statements (`settle_jobs`), built once like the report's.
+_LOCK_CURSORS = (
+    select(_j.id, _j.active, _j.next_cycle_at, _j.schedule_changed_at, _j.updated_at)
+    .where(_j.id.in_(bindparam("ids", expanding=True)))
+    .order_by(_j.id)
+    .with_for_update(key_share=True, skip_locked=True)
+)
+_MOVE_CURSORS = (
+    update(ExpectedBackupJob)
+    .where(ExpectedBackupJob.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        next_cycle_at=bindparam("cycle", type_=UTCDateTime),
+        next_deadline_at=bindparam("deadline", type_=UTCDateTime),
+        previous_schedules=None,
+        schedule_changed_at=None,
+    )
+)
+_CLEAR_ACKS = (
+    update(ExpectedBackupJob)
+    .where(ExpectedBackupJob.id.in_(bindparam("ids", expanding=True)))
+    .values(acked_at=None, ack_reason=None)
+)
+_ENTRIES_IN_SPAN = select(BackupEntry.job_id, BackupEntry.cycle).where(
+    BackupEntry.job_id.in_(bindparam("ids", expanding=True)),
+    BackupEntry.cycle >= bindparam("first"),
+    BackupEntry.cycle <= bindparam("last"),
+)
+
+_DUE_COLUMNS = (
+    _j.id,
+    _j.company_name,
+    _j.city,
+    _j.neighborhood,
+    _j.database_name,
+    _j.agent_id,
+    _j.deposit_path,
+    _j.instance,
+    _j.frequency,
+    _j.expected_hour_utc,
+    _j.expected_minute_utc,
+    _j.days_of_week,
+    _j.day_of_month,
+    _j.expected_date,
+    _j.window_minutes,
+    _j.activated_at,
+    _j.previous_schedules,
+    _j.schedule_changed_at,
+    _j.next_cycle_at,
+    _j.next_deadline_at,
+    _j.updated_at,
+)
+
+
+@functools.cache
+def _due_statement(after: bool, own: bool) -> Any:
+    """`Store.due_jobs`' page: after a (deadline, id) key or from the first, of this
+    instance's jobs or of all; the partial index (instance, next_deadline_at, id) WHERE
+    active serves it as a range scan (migration 0010)."""
+    query = select(*_DUE_COLUMNS).where(
+        _j.active.is_(True), _j.next_deadline_at <= bindparam("now", type_=UTCDateTime)
+    )
+    if after:
+        key = tuple_(
+            bindparam("after_deadline", type_=UTCDateTime), bindparam("after_id", type_=Integer)
+        )
+        query = query.where(tuple_(_j.next_deadline_at, _j.id) > key)
+    if own:
+        query = query.where(_j.instance == bindparam("instance"))
+    return query.order_by(_j.next_deadline_at, _j.id).limit(bindparam("limit", type_=Integer))
 
 
 # -------------------------------------------------------------------- helpers
@@ -2244,14 +2404,19 @@ def _latest_unchanged() -> Any:
     return _newest_entry_value(BackupEntry.unchanged_since_last_success)
 
 
+def _newest_order() -> tuple[Any, ...]:
+    """A job's entries newest first: by cycle, a real outcome before MISSING, then by id."""
+    e = BackupEntry
+    return (e.cycle.desc(), (e.status != BackupEntryStatus.MISSING).desc(), e.id.desc())
+
+
 def _newest_entry_value(column: Any) -> Any:
     """`column` of the job's newest entry by `_current_status`'s order: one index seek per job."""
     e, j = BackupEntry, ExpectedBackupJob
-    not_missing = (e.status != BackupEntryStatus.MISSING).desc()
     return (
         select(column)
         .where(e.job_id == j.id)
-        .order_by(e.cycle.desc(), not_missing, e.id.desc())
+        .order_by(*_newest_order())
         .limit(1)
         .correlate(j)
         .scalar_subquery()
@@ -2276,37 +2441,84 @@ def _latest_suspicious() -> Any:
     return _newest_entry_value(BackupEntry.suspicious)
 
 
-def _job_view(
-    job: ExpectedBackupJob,
-    latest: BackupEntryStatus | None,
-    last_success: datetime | None,
-    now: datetime,
-    unchanged: bool = False,
-) -> JobView:
+class _ViewRow(NamedTuple):
+    """`Store.job_views`' row: the job's columns, then four of its entries' values (one index
+    seek each). A named tuple because its attributes are read at C speed: by name on
+    SQLAlchemy's Row they were a third of `status`' time at 100,000 jobs."""
+
+    id: int
+    company_name: str
+    city: str
+    neighborhood: str
+    database_name: str
+    agent_id: str
+    deposit_path: str
+    active: bool
+    activated_at: datetime
+    frequency: BackupFrequency
+    expected_hour_utc: int | None
+    expected_minute_utc: int
+    days_of_week: str | None
+    day_of_month: int | None
+    expected_date: date | None
+    window_minutes: int
+    paused_at: datetime | None
+    paused_until: datetime | None
+    pause_reason: str | None
+    acked_at: datetime | None
+    ack_reason: str | None
+    instance: str | None
+    latest: BackupEntryStatus | None
+    success: datetime | None
+    unchanged: bool | None
+    suspicious: bool | None
+
+
+@functools.cache
+def _view_columns() -> tuple[Any, ...]:
+    """`_ViewRow`'s columns, in its order."""
+    entry_values = {
+        "latest": _current_status,
+        "success": _last_success,
+        "unchanged": _latest_unchanged,
+        "suspicious": _latest_suspicious,
+    }
+    return tuple(
+        entry_values[name]().label(name)
+        if name in entry_values
+        else getattr(ExpectedBackupJob, name)
+        for name in _ViewRow._fields
+    )
+
+
+def _job_view(row: _ViewRow, now: datetime) -> JobView:
+    """A job's row as `status` shows it."""
     from backupwatch.schedule import next_deadline
 
-    upcoming = next_deadline(job.schedule, now, job.activated_at) if job.active else None
-    paused = job.paused_at_instant(now)
+    schedule = _schedule_of(row) if row.active else None
+    upcoming = next_deadline(schedule, now, row.activated_at) if schedule else None
+    paused = row.paused_at is not None and Pause(row.paused_at, row.paused_until).covers(now)
     return JobView(
-        id=job.id,
-        company_name=job.company_name,
-        city=job.city,
-        neighborhood=job.neighborhood,
-        database_name=job.database_name,
-        agent_id=job.agent_id,
-        deposit_path=job.deposit_path,
-        frequency=job.frequency,
-        active=job.active,
-        current_status=JobStatus.from_entry(latest),
-        last_success_at=last_success,
+        id=row.id,
+        company_name=row.company_name,
+        city=row.city,
+        neighborhood=row.neighborhood,
+        database_name=row.database_name,
+        agent_id=row.agent_id,
+        deposit_path=row.deposit_path,
+        frequency=row.frequency,
+        active=row.active,
+        current_status=JobStatus.from_entry(row.latest),
+        last_success_at=row.success,
         next_deadline=upcoming,
         paused=paused,
-        paused_until=job.paused_until if paused else None,
-        pause_reason=job.pause_reason if paused else None,
-        acked_at=job.acked_at,
-        ack_reason=job.ack_reason,
-        unchanged=unchanged,
-        instance=job.instance,
+        paused_until=row.paused_until if paused else None,
+        pause_reason=row.pause_reason if paused else None,
+        acked_at=row.acked_at,
+        ack_reason=row.ack_reason,
+        unchanged=bool(row.unchanged),
+        suspicious=bool(row.suspicious),
+        instance=row.instance,
     )
 
 

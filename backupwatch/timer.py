@@ -20,7 +20,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 
 from backupwatch.outage import OutageLog
-from backupwatch.store import ExpectedBackupJob, Store
+from backupwatch.store import DueJob, Store
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +44,7 @@ class Flagged:
 class _Page:
     """A page of due jobs being settled (`Store.settle_jobs`), in this thread or beside it."""
 
-    jobs: list[ExpectedBackupJob]
+    jobs: list[DueJob]
     settled: Future[dict[int, list[datetime]]]
 
     def flagged(self) -> list[Flagged]:
@@ -65,7 +65,7 @@ class MissingTimer:
         store: Store,
         clock: Callable[[], datetime],
         max_age: timedelta,
-        site_busy: Callable[[ExpectedBackupJob], bool] | None = None,
+        site_busy: Callable[[DueJob], bool] | None = None,
         outage: OutageLog | None = None,
     ) -> None:
         self.store = store
@@ -121,14 +121,14 @@ class MissingTimer:
                     pending.flagged()
         return flagged
 
-    def _submit(self, jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime) -> _Page:
+    def _submit(self, jobs: list[DueJob], now: datetime, oldest: datetime) -> _Page:
         if self._pool is None:
             done: Future[dict[int, list[datetime]]] = Future()
             done.set_result(self.store.settle_jobs(jobs, now, oldest) if jobs else {})
             return _Page(jobs, done)
         return _Page(jobs, self._pool.submit(self.store.settle_jobs, jobs, now, oldest))
 
-    def _defer(self, job: ExpectedBackupJob, now: datetime) -> bool:
+    def _defer(self, job: DueJob, now: datetime) -> bool:
         assert job.next_deadline_at is not None
         if now - job.next_deadline_at > DEFER_LIMIT or not self.site_busy(job):
             return False

@@ -56,7 +56,8 @@ def one_pass(path: Path) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, __file__, "--child", str(path)], check=True, capture_output=True, text=True
     ).stdout
-    return json.loads(out)
+    result: dict[str, Any] = json.loads(out)
+    return result
 
 
 def two_tools(path: Path, fmt: str) -> tuple[float, float, str]:

@@ -140,7 +140,7 @@ def drive(
                 if profiler is not None and args.attach_round == round_no:
                     detach(profiler)
                     profiler = None
-            statuses = dict(conn.execute(COUNT_ENTRIES).all())
+            statuses: dict[str, int] = dict(conn.execute(COUNT_ENTRIES).all())
             hwm = daemon.proc_status("VmHWM")
     finally:
         if profiler is not None:
@@ -171,9 +171,10 @@ def one_round(
     for temp in temps:
         os.rename(temp, temp.with_name("STATUS.json"))
     renamed = time.time()
+    assert daemon.process is not None
     deadline = time.monotonic() + args.timeout
     while (committed := conn.execute(COUNT_REPORTS).scalar_one()) < total:
-        if time.monotonic() > deadline or daemon.process.poll() is not None:  # type: ignore[union-attr]
+        if time.monotonic() > deadline or daemon.process.poll() is not None:
             break
         time.sleep(args.poll_ms / 1000)
     seen_all = time.time()

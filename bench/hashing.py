@@ -67,7 +67,8 @@ def run_python(path: Path) -> dict[str, Any]:
         text=True,
         check=True,
     )
-    return json.loads(out.stdout)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
 
 
 def run_openssl(path: Path) -> dict[str, Any]:
@@ -92,7 +93,7 @@ def run_openssl(path: Path) -> dict[str, Any]:
 
 
 def openssl_startup() -> float:
-    return min(run_openssl(Path("/dev/null"))["seconds"] for _ in range(5))
+    return min(float(run_openssl(Path("/dev/null"))["seconds"]) for _ in range(5))
 
 
 def drop_caches() -> bool:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent.parent
@@ -73,10 +74,10 @@ def overflow(process: subprocess.Popen[str], folder: Path, limit: int) -> None:
     process.send_signal(signal.SIGCONT)
 
 
-def count_lines(stream: object, counts: dict[str, int]) -> None:
+def count_lines(stream: Iterable[str], counts: dict[str, int]) -> None:
     """Tally the child's lines: ready, on_overflow calls, lines logging lost events and the
     overflows they count (a line without a count, as the code before 2026-11 logged, is one)."""
-    for text in stream:  # type: ignore[attr-defined]
+    for text in stream:
         try:
             line = json.loads(text)
         except ValueError:

@@ -57,11 +57,10 @@ from sqlalchemy import text
 QUERY = text("SELECT processed_at FROM processed_reports WHERE sha256 = :sha")
 
 
-def as_epoch(value: Any) -> float:
+def as_epoch(value: datetime | str) -> float:
     """A timestamp column read raw: a naive UTC datetime (psycopg2) or its text (sqlite3)."""
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC).timestamp()
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC).timestamp()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -142,9 +141,10 @@ def drop_all(
                 write_file(temp, data)
                 t0 = time.time()
                 os.rename(temp, final)
+                assert daemon.process is not None
                 deadline = time.monotonic() + args.timeout
                 while (row := conn.execute(QUERY, {"sha": sha}).first()) is None:
-                    if time.monotonic() > deadline or daemon.process.poll() is not None:  # type: ignore[union-attr]
+                    if time.monotonic() > deadline or daemon.process.poll() is not None:
                         raise SystemExit(f"report {final} not committed in {args.timeout} s")
                     time.sleep(poll)
                 seen = time.time()

@@ -23,6 +23,8 @@ then Core inserts). Then, with the real `backupwatchd` (instance "bench"):
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import os
 import signal
 import statistics
@@ -198,6 +200,7 @@ def main() -> None:
         daemon = BenchDaemon(config, run_dir, base / "daemon.log")
         try:
             daemon.start(timeout=900)
+            print_phases(base / "daemon.log")
             row["READY after"] = f"{daemon.ready_after:.1f} s"
             row["RSS at READY"] = f"{daemon.proc_status('VmRSS') // 1024} MiB"
             took, code = timed_ctl(config, "status", "--json")
@@ -225,6 +228,25 @@ def main() -> None:
     print("| " + " | ".join(row) + " |")
     print("|" + " --- |" * len(row))
     print("| " + " | ".join(row.values()) + " |")
+
+
+def print_phases(log_path: Path) -> None:
+    """How long each step of the start took (the daemon's `daemon.phase` lines, to READY), so
+    that a READY figure says where its time went."""
+    deadline = time.monotonic() + 5.0  # READY=1 is sent just before the line is written
+    while '"daemon.ready"' not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    marks: list[tuple[str, datetime]] = []
+    for line in log_path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record.get("event") in ("daemon.phase", "daemon.ready"):
+            name = record.get("phase", "READY")
+            marks.append((name, datetime.fromisoformat(record["timestamp"])))
+    for (name, at), (_next, then) in itertools.pairwise(marks):
+        print(f"  phase {name}: {(then - at).total_seconds():.1f} s", file=sys.stderr)
 
 
 if __name__ == "__main__":

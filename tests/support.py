@@ -24,7 +24,7 @@ from backupwatch.config import Settings, load_settings
 from backupwatch.enums import JobStatus
 from backupwatch.jobs import load_jobs
 from backupwatch.pipeline import Context, Result, process_path, registry_of
-from backupwatch.store import MIGRATIONS_DIR, Store
+from backupwatch.store import MIGRATIONS_DIR, BackupEntry, Store
 from backupwatch.timer import Flagged, MissingTimer
 
 PG_URL = os.environ.get(
@@ -32,8 +32,10 @@ PG_URL = os.environ.get(
 )
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def iso(value: datetime) -> str:
@@ -208,7 +210,7 @@ class World:
                 return view.current_status
         raise KeyError(label)
 
-    def history(self, label: str) -> list[Any]:
+    def history(self, label: str) -> list[BackupEntry]:
         job = self.store.find_job(label)
         assert job is not None
         return self.store.history(job.id, None)

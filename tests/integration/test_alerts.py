@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from receivers import Mailbox, Webhook, body_of, mailbox, webhook
 from support import database, drop, job_block, report
 

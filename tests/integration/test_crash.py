@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
 from crashkit import (
     KillPoint,
     Tree,
@@ -36,6 +35,7 @@ from crashkit import (
     point_run,
     tmpfs_unusable,
 )
+from daemonkit import Daemon
 
 pytestmark = pytest.mark.integration
 
@@ -136,7 +136,7 @@ POINTS = [
 
 @dataclass
 class Controlled:
-    """crashkit's DaemonControl over conftest's Daemon: start, SIGKILL, status, SIGTERM."""
+    """crashkit's DaemonControl over daemonkit's Daemon: start, SIGKILL, status, SIGTERM."""
 
     daemon: Daemon
 

@@ -6,9 +6,10 @@ import json
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TypedDict
 
 import pytest
-from conftest import Daemon
+from daemonkit import Daemon
 from support import job_block
 
 pytestmark = pytest.mark.integration
@@ -25,7 +26,14 @@ print(json.dumps({"code": code, "heavy": heavy}), file=sys.stderr)
 """
 
 
-def probe(daemon: Daemon, *args: str) -> tuple[dict[str, object], str, str]:
+class Outcome(TypedDict):
+    """What PROBE prints: ctl's exit code and the heavy modules it imported."""
+
+    code: int
+    heavy: list[str]
+
+
+def probe(daemon: Daemon, *args: str) -> tuple[Outcome, str, str]:
     """Run the control tool in a fresh interpreter and say which heavy modules it imported."""
     result = subprocess.run(
         [sys.executable, "-c", PROBE, "--config", str(daemon.config), *args],
@@ -64,8 +72,8 @@ def test_status_with_the_daemon_up_imports_neither_sqlalchemy_nor_pydantic(
 
     outcome, out, _ = probe(daemon, "status", "--json")  # down: the database, read directly
     assert outcome["code"] == 3
-    assert "sqlalchemy" in outcome["heavy"]  # type: ignore[operator]
-    assert "apprise" not in outcome["heavy"]  # type: ignore[operator]  # nothing is sent
+    assert "sqlalchemy" in outcome["heavy"]
+    assert "apprise" not in outcome["heavy"]  # nothing is sent
     assert len(json.loads(out)["jobs"]) == 2
 
 

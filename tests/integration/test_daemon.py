@@ -14,11 +14,12 @@ import tomllib
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import alembic
 import pytest
 import sqlalchemy
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import PG_URL, TcpProxy, database, drop, job_block, report, stage
 
 import backupwatch
@@ -53,7 +54,7 @@ def now() -> datetime:
     return datetime.now(UTC).replace(microsecond=0)
 
 
-def good_report(site: Path, name: str = "sales", content: bytes = b"dump") -> dict[str, object]:
+def good_report(site: Path, name: str = "sales", content: bytes = b"dump") -> dict[str, Any]:
     staged = f"database/{name}-{time.monotonic_ns()}.sql.gz"
     stage(site, staged, content)
     return report(AGENT, now(), {name: database(staged, content)})
@@ -71,7 +72,7 @@ def test_arrival_to_verdict(make_daemon: MakeDaemon, database_url: str) -> None:
     daemon.start()
     site = daemon.deposit / AGENT
     body = good_report(site)
-    body["databases"]["hr"] = database("database/hr.sql.gz", b"hr", sha256="0" * 64)  # type: ignore[index]
+    body["databases"]["hr"] = database("database/hr.sql.gz", b"hr", sha256="0" * 64)
     stage(site, "database/hr.sql.gz", b"hr")
 
     drop(site, body)
@@ -81,7 +82,8 @@ def test_arrival_to_verdict(make_daemon: MakeDaemon, database_url: str) -> None:
     wait_for(lambda: (site / "_archive" / "STATUS.json").exists(), what="the archived report")
     state = daemon.ctl_json("status")
     assert state["daemon"]["running"] is True
-    assert state["daemon"]["pid"] == daemon.process.pid  # type: ignore[union-attr]
+    assert daemon.process is not None
+    assert state["daemon"]["pid"] == daemon.process.pid
     by_db = {job["database_name"]: job for job in state["jobs"]}
     assert by_db["sales"]["current_status"] == "OK"
     assert by_db["hr"]["current_status"] == "HASH_MISMATCH"
@@ -162,7 +164,7 @@ def test_bad_report_is_rejected_and_the_daemon_goes_on(make_daemon: MakeDaemon) 
 
     drop(site, b'{"operation_timestamp": "2026-11-24T13:00:00Z", "databases": ', "bad.json")
     body = good_report(site)
-    body["databases"]["sales"]["staged_file_name"] = "../../outside.txt"  # type: ignore[index]
+    body["databases"]["sales"]["staged_file_name"] = "../../outside.txt"
     drop(site, body, "traversal.json")
 
     wait_for(
@@ -173,7 +175,8 @@ def test_bad_report_is_rejected_and_the_daemon_goes_on(make_daemon: MakeDaemon) 
     assert outside.read_text() == "do not touch"
     drop(site, good_report(site))
     wait_for(lambda: statuses(daemon, SALES) == ["SUCCESS"], what="the next good report")
-    assert daemon.process.poll() is None  # type: ignore[union-attr]
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
     assert daemon.stop() == 0
 
 
@@ -183,7 +186,8 @@ def test_reload_by_signal_and_by_ctl(make_daemon: MakeDaemon, database_url: str)
     jobs_file = daemon.base / "jobs.d" / "jobs.toml"
 
     jobs_file.write_text(hourly_jobs("sales", "hr"))
-    daemon.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGHUP)
     assert daemon.notify is not None
     daemon.notify.expect("RELOADING=1")
     daemon.notify.expect("READY=1")
@@ -227,7 +231,8 @@ def test_reload_and_status_say_what_needs_a_restart(
     daemon.config.write_text(text.replace(str(short_dir / "control.sock"), moved))
     status = daemon.ctl("status")
     assert status.returncode == 3
-    assert f"(pid {daemon.process.pid}) is running but does not answer on {moved}" in status.stderr  # type: ignore[union-attr]
+    assert daemon.process is not None
+    assert f"(pid {daemon.process.pid}) is running but does not answer on {moved}" in status.stderr
     daemon.config.write_text(text)
     assert daemon.stop() == 0
 
@@ -254,7 +259,8 @@ def test_sigterm_stops_cleanly_and_loses_nothing(make_daemon: MakeDaemon) -> Non
     notify = daemon.notify
     assert notify is not None
     started = time.monotonic()
-    daemon.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+    assert daemon.process is not None
+    daemon.process.send_signal(signal.SIGTERM)
     notify.expect("STOPPING=1")
     code = daemon.stop(signal.SIGTERM)
 
@@ -384,7 +390,8 @@ def test_postgres_connections_killed_under_the_daemon(
     drop(site, good_report(site), "second.json")
     wait_for(lambda: len(daemon.history(SALES)) == 2, what="the entry after the reconnect")
     assert (site / "_archive" / "second.json").exists()
-    assert daemon.process.poll() is None  # type: ignore[union-attr]
+    assert daemon.process is not None
+    assert daemon.process.poll() is None
     assert daemon.stop() == 0
 
 
@@ -479,7 +486,7 @@ def test_unprivileged_daemon_with_agent_owned_files(
     site.mkdir(parents=True)
     os.chmod(site, 0o777)  # in production: the site's group, setgid, shared with the daemon
     body = good_report(site)
-    staged = site / body["databases"]["sales"]["staged_file_name"]  # type: ignore[index]
+    staged = site / body["databases"]["sales"]["staged_file_name"]
     os.chmod(staged, 0o644)  # owned by the "agent" (root here), readable, not writable
     os.chmod(staged.parent, 0o777)
 

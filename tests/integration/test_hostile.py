@@ -36,8 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon, wait_for
 from crashkit import config_overrides
+from daemonkit import Daemon, wait_for
 from hostilekit import (
     ARCHIVE,
     REJECTED,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import database, drop, job_block, report, stage
 
 pytestmark = pytest.mark.integration
@@ -124,10 +124,11 @@ def test_a_failover_pair_records_every_report_and_every_missing_once(
             what="every due cycle flagged",
         )
         for daemon in pair:
-            wait_for(
-                lambda d=daemon: d.ctl_json("status")["daemon"]["pending_reports"] == 0,
-                what="both daemons idle",
-            )
+
+            def idle(d: Daemon = daemon) -> bool:
+                return bool(d.ctl_json("status")["daemon"]["pending_reports"] == 0)
+
+            wait_for(idle, what="both daemons idle")
         assert [daemon.stop() for daemon in pair] == [0, 0]
 
         assert scalar(engine, "SELECT count(*) FROM processed_reports") == len(BURST)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from receivers import Webhook, webhook
 from support import PG_URL, TcpProxy, database, drop, job_block, report, stage
 

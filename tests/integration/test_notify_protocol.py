@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import database, drop, job_block, report
 
 from backupwatch.timeutil import utc_now
@@ -78,18 +78,19 @@ def test_no_watchdog_pings_while_a_worker_is_wedged(make_daemon: MakeDaemon) -> 
     daemon = make_daemon("sqlite:///db.sqlite", JOBS)
     daemon.env["WATCHDOG_USEC"] = "2000000"
     daemon.start()
-    assert daemon.notify is not None
-    daemon.notify.expect("WATCHDOG=1", timeout=5)
+    notify = daemon.notify
+    assert notify is not None
+    notify.expect("WATCHDOG=1", timeout=5)
     site = daemon.deposit / "ACME_Lyon_Part-Dieu"
     lock = sqlite3.connect(daemon.base / "db.sqlite", timeout=0)
     lock.execute("BEGIN EXCLUSIVE")
     try:
         drop(site, report("ACME_Lyon_Part-Dieu", utc_now(), {"sales": database("x.gz", b"x")}))
-        wait_for(lambda: not daemon.notify.collect(2.5), timeout=25, what="the pings to stop")  # type: ignore[union-attr]
-        assert not daemon.notify.collect(2.5)
+        wait_for(lambda: not notify.collect(2.5), timeout=25, what="the pings to stop")
+        assert not notify.collect(2.5)
     finally:
         lock.rollback()
         lock.close()
-    daemon.notify.expect("WATCHDOG=1", timeout=40)
+    notify.expect("WATCHDOG=1", timeout=40)
     wait_for(lambda: (site / "_archive" / "STATUS.json").exists(), what="the report processed")
     assert daemon.stop() == 0

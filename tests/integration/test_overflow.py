@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import drop
 from test_daemon import AGENT, SALES, good_report, hourly_jobs, statuses
 

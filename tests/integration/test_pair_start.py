@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import job_block
 
 pytestmark = pytest.mark.integration

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Daemon
+from daemonkit import Daemon
 from transfer import (
     STAGED,
     Expect,

@@ -11,12 +11,16 @@ import subprocess
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import BIN, wait_for
+from daemonkit import BIN, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from support import database, drop, report, write_config
 from webkit import DAYS, FRESH, PLAN, SITES, WebWorld, agent, build
+
+if TYPE_CHECKING:  # selenium is imported by the one test that drives a browser
+    from selenium.webdriver.remote.webdriver import WebDriver
 
 pytestmark = pytest.mark.integration
 
@@ -198,7 +202,7 @@ def test_port_in_use_is_a_clear_start_error(world: WebWorld, tmp_path: Path) -> 
 
 
 @pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
+def browser() -> Iterator[WebDriver]:
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
         reason = f"{CHROMIUM} and {CHROMEDRIVER} are needed (apt install chromium chromium-driver)"
         if os.environ.get("CI") == "true":
@@ -225,11 +229,9 @@ def browser() -> Iterator[object]:
             os.environ["SE_OFFLINE"] = offline
 
 
-def test_status_page_in_a_browser(world: WebWorld, browser: object, tmp_path: Path) -> None:
+def test_status_page_in_a_browser(world: WebWorld, browser: WebDriver, tmp_path: Path) -> None:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.remote.webdriver import WebDriver
 
-    assert isinstance(browser, WebDriver)
     if "sqlite" not in world.url:
         pytest.skip("the page is the same on PostgreSQL (its data is checked by the metrics)")
     base = f"http://{world.host}:{world.port}"
@@ -282,10 +284,14 @@ def test_status_page_in_a_browser(world: WebWorld, browser: object, tmp_path: Pa
     assert acme.text == f"{(acme_cycles - acme_bad) * 100 / acme_cycles:.1f}%"
     # The filter hides the site that was OK all along.
     browser.find_element(By.ID, "problems-only").click()
-    shown = {
+    problem_sites = {
         r.get_attribute("data-site") for r in browser.find_elements(By.CSS_SELECTOR, "tr.site-row")
     }
-    assert shown == {"ACME/Lyon/Confluence", "Globex/Paris/Bastille", "Globex/Nantes/Centre"}
+    assert problem_sites == {
+        "ACME/Lyon/Confluence",
+        "Globex/Paris/Bastille",
+        "Globex/Nantes/Centre",
+    }
     # A click reaches the job page, its entries newest first with their messages.
     browser.find_element(By.CSS_SELECTOR, 'tr[data-site="Globex/Nantes/Centre"] a.db').click()
     assert browser.current_url == f"{base}/job/{centre}"

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import Daemon
+from daemonkit import Daemon
 from support import database, job_block, report
 
 APT_LINE = "apt-get install -y openssh-server openssh-client rsync lftp"
@@ -124,12 +124,11 @@ class SshServer:
 
     def ssh(self, command: str, stdin: Path | None = None) -> subprocess.Popen[bytes]:
         """`command` run by the login shell on the server (stdin from a local file)."""
-        source = stdin.open("rb") if stdin else subprocess.DEVNULL
-        try:
-            return _popen([*self.ssh_command(), f"{self.user}@127.0.0.1", command], stdin=source)
-        finally:
-            if stdin:
-                source.close()  # type: ignore[union-attr]
+        argv = [*self.ssh_command(), f"{self.user}@127.0.0.1", command]
+        if stdin is None:
+            return _popen(argv, stdin=subprocess.DEVNULL)
+        with stdin.open("rb") as source:
+            return _popen(argv, stdin=source)
 
     def sftp(
         self, batch: str, *, limit_kbit: int | None = None, buffer: int | None = None

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy
-from conftest import Daemon, wait_for
+from daemonkit import Daemon, wait_for
 from support import database, drop, job_block, postgres_schema, report, write_config
 
 from backupwatch.config import load_settings

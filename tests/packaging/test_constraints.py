@@ -17,7 +17,7 @@ LOADED_INDIRECTLY = {"psycopg2-binary": "SQLAlchemy loads it for postgresql+psyc
 
 def pins() -> dict[str, str]:
     lines = (REPO / "packaging" / "constraints.txt").read_text().splitlines()
-    found = {}
+    found: dict[str, str] = {}
     for line in lines:
         if line.strip() and not line.startswith("#"):
             name, _, version = line.partition("==")
@@ -48,7 +48,7 @@ def test_the_package_build_uses_the_constraints() -> None:
 
 def imported_modules() -> set[str]:
     """The top-level names every module of the package imports, at any depth (lazy ones too)."""
-    found = set()
+    found: set[str] = set()
     for path in (REPO / "backupwatch").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):

@@ -97,7 +97,9 @@ def test_corrupt_archives_fail_with_the_decompressors_words(suffix: str, damage:
     }[damage]
     problem = run(suffix, bad)
     assert problem is not None
-    assert problem.startswith(format_of("x" + suffix) + ": ")  # type: ignore[operator]
+    label = format_of("x" + suffix)
+    assert label is not None
+    assert problem.startswith(label + ": ")
 
 
 def test_names_without_a_known_suffix_are_not_tested() -> None:

@@ -16,6 +16,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -449,3 +450,42 @@ def test_a_streamed_array_arrives_as_one_json_answer(sock_path: Path) -> None:
             "after": [2],
         }
     assert made == [2, 0, 1, 1]
+
+
+def test_a_streamed_answer_may_take_longer_than_the_timeout_while_it_keeps_coming(
+    sock_path: Path,
+) -> None:
+    """`status` of 100,000 jobs streams for longer than the tool's 10 s: an answer that has
+    started and keeps coming is a daemon at work, not an unreachable one."""
+
+    def pages() -> Iterator[list[Any]]:
+        for n in range(5):
+            time.sleep(0.1)  # each page well within the timeout, all of them beyond it
+            yield [n]
+
+    def status(request: dict[str, Any]) -> dict[str, Any]:
+        return {"jobs": control.JsonArray(pages())}
+
+    with ControlServer(sock_path, {"status": status}):
+        assert call(sock_path, "status", timeout=0.3) == {"ok": True, "jobs": [0, 1, 2, 3, 4]}
+
+
+def test_a_streamed_answer_that_stalls_longer_than_the_timeout_is_given_up(
+    sock_path: Path,
+) -> None:
+    release = threading.Event()
+
+    def pages() -> Iterator[list[Any]]:
+        yield [0]
+        release.wait(5)  # a wedged daemon, mid-answer
+        yield [1]
+
+    def status(request: dict[str, Any]) -> dict[str, Any]:
+        return {"jobs": control.JsonArray(pages())}
+
+    with ControlServer(sock_path, {"status": status}):
+        try:
+            with pytest.raises(DaemonUnreachable, match=r"stopped answering for 0\.2 s"):
+                call(sock_path, "status", timeout=0.2)
+        finally:
+            release.set()

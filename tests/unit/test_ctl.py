@@ -16,6 +16,7 @@ from backupwatch import ctl
 from backupwatch.config import load_settings
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.jobs import load_jobs
+from backupwatch.names import visible
 from backupwatch.store import NewEntry, ProcessedReportRecord, Store
 from backupwatch.timeutil import utc_now
 
@@ -151,8 +152,8 @@ def test_validate_oversize(
     config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     big = tmp_path / "big.json"
-    with big.open("wb") as out:
-        out.truncate(2 * 1048576)
+    with big.open("wb") as sparse:
+        sparse.truncate(2 * 1048576)
     code, out, _ = run(capsys, "--config", str(config), "validate", str(big))
     assert code == 1
     assert "over report_max_bytes" in out
@@ -301,7 +302,7 @@ CONTROL = {*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)}
 
 @given(st.text(alphabet=st.characters(codec=None)))
 def test_visible_output_holds_no_control_character(text: str) -> None:
-    shown = ctl.visible(text)
+    shown = visible(text)
     assert not any(ord(c) in CONTROL for c in shown)
     assert shown.isprintable()
     shown.encode("utf-8")  # lone surrogates (from undecodable file names) are escaped too
@@ -312,7 +313,7 @@ def test_visible_output_holds_no_control_character(text: str) -> None:
 )
 def test_visible_keeps_printable_text_unchanged(text: str) -> None:
     text = "".join(c for c in text if c.isprintable())
-    assert ctl.visible(text) == text
+    assert visible(text) == text
 
 
 @pytest.mark.parametrize(
@@ -329,7 +330,7 @@ def test_visible_keeps_printable_text_unchanged(text: str) -> None:
     ],
 )
 def test_visible_examples(raw: str, shown: str) -> None:
-    assert ctl.visible(raw) == shown
+    assert visible(raw) == shown
 
 
 def test_check_config_warns_about_what_it_would_silently_do(

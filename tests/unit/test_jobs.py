@@ -143,7 +143,7 @@ def test_spec_is_frozen_and_source_is_not_part_of_equality() -> None:
     assert first != make_spec(expected_hour_utc=14)
     assert "source" not in first.model_dump()
     with pytest.raises(ValidationError):
-        first.city = "Paris"  # type: ignore[misc]
+        first.city = "Paris"  # type: ignore[misc]  # frozen: what this test checks
 
 
 def test_spec_round_trips_through_its_python_dump() -> None:

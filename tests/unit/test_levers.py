@@ -147,7 +147,10 @@ def test_the_timer_never_flags_a_job_paused_after_it_read_the_job(world: World) 
     (job, *_) = world.store.due_jobs(utc(2026, 11, 24, 14, 1))
     world.store.pause([job.id], utc(2026, 11, 24, 14, 0, 30), None, None)
     assert world.store.settle_jobs([job], utc(2026, 11, 24, 14, 1), utc(2026, 11, 23)) == {}
-    assert world.store.find_job(job.label).next_deadline_at > utc(2026, 11, 25)  # type: ignore[union-attr]
+    found = world.store.find_job(job.label)
+    assert found is not None
+    assert found.next_deadline_at is not None
+    assert found.next_deadline_at > utc(2026, 11, 25)
 
 
 def test_rejected_lists_reports_with_their_reasons_escaped(

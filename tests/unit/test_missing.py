@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
@@ -252,9 +253,10 @@ def test_every_cycle_that_closed_before_each_change_gets_exactly_one_entry(
     of each schedule that closed while it was in force has exactly one entry, no other cycle has
     one, and the cursor is the last schedule's first cycle with a deadline after the last change."""
     activated, stopped = data.draw(moments(2))
-    synced = list(
+    synced: list[datetime] = list(
         itertools.accumulate(
             data.draw(st.lists(downtimes(), min_size=len(changes), max_size=len(changes))),
+            operator.add,
             initial=stopped,
         )
     )[1:]

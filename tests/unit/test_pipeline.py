@@ -14,7 +14,7 @@ import shutil
 import socket
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ import backupwatch.pipeline as pipeline
 import backupwatch.promotion as promotion
 from backupwatch.arrivals import Arrivals
 from backupwatch.enums import BackupEntryStatus
+from backupwatch.fsutil import copy_hashing
 from backupwatch.pipeline import (
     Outcome,
     Result,
@@ -112,13 +113,14 @@ def snapshot(base: Path, *skip: Path) -> dict[str, tuple[Any, ...]]:
 
 def bounded(call: Callable[[], Result], fifo: Path, timeout: float = 10.0) -> Result:
     """Run `call`, failing (not hanging) if it blocks on the FIFO at `fifo`."""
-    box: dict[str, Any] = {}
+    results: list[Result] = []
+    errors: list[BaseException] = []
 
     def run() -> None:
         try:
-            box["result"] = call()
+            results.append(call())
         except BaseException as exc:  # pragma: no cover - re-raised below
-            box["error"] = exc
+            errors.append(exc)
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -126,9 +128,9 @@ def bounded(call: Callable[[], Result], fifo: Path, timeout: float = 10.0) -> Re
     if thread.is_alive():  # pragma: no cover - the bug this guards against
         os.close(os.open(fifo, os.O_RDWR | os.O_NONBLOCK))  # a writer: the blocked open returns
         pytest.fail(f"processing blocked on the FIFO {fifo}")
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    if errors:
+        raise errors[0]
+    return results[0]
 
 
 def assert_rejected(w: World, result: Result, original: Path, folder: Path, reason: str) -> None:
@@ -296,8 +298,17 @@ def test_oversize_report_is_rejected_unread(
     inode = path.stat().st_ino
     read: list[int] = []
     real_read, real_readv = os.read, os.readv
-    monkeypatch.setattr(os, "read", lambda fd, n: read.append(n) or real_read(fd, n))
-    monkeypatch.setattr(os, "readv", lambda fd, bufs: read.append(-1) or real_readv(fd, bufs))
+
+    def counted_read(fd: int, n: int) -> bytes:
+        read.append(n)
+        return real_read(fd, n)
+
+    def counted_readv(fd: int, bufs: Sequence[bytearray | memoryview]) -> int:
+        read.append(-1)
+        return real_readv(fd, bufs)
+
+    monkeypatch.setattr(os, "read", counted_read)
+    monkeypatch.setattr(os, "readv", counted_readv)
 
     result = w.process(path, NOW)
 
@@ -872,7 +883,7 @@ def test_across_filesystems_a_file_changed_during_the_copy_is_not_promoted(
     w = world(tmp_path, database_url, validated_backups_base_path=str(other_filesystem))
     site = w.site(AGENT)
     staged = stage(site, STAGED, DUMP)
-    real_copy = promotion.copy_hashing
+    real_copy = copy_hashing
 
     def rewrite_then_copy(*args: Any, **kwargs: Any) -> tuple[str, int]:
         with staged.open("r+b") as out:
@@ -974,7 +985,7 @@ def test_crash_before_archive_is_finished_by_the_retry(
     real_archive = pipeline.archive
     crashes = [OSError("power cut")]
 
-    def archive_once(*args: Any) -> Path | None:
+    def archive_once(*args: Any) -> str | None:
         if crashes:
             raise crashes.pop()
         return real_archive(*args)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select
+from sqlalchemy import Table, insert, select
 from support import World, job_block, utc
 
 from backupwatch.enums import BackupEntryStatus
@@ -26,7 +26,7 @@ from backupwatch.store import (
     ProcessedReportRecord,
 )
 
-NOW = utc(2026, 11, 24, 13, 15, 7, 123456)
+NOW = utc(2026, 11, 24, 13, 15, 7) + timedelta(microseconds=123456)
 CYCLE = utc(2026, 11, 24, 13)
 
 
@@ -76,7 +76,8 @@ def test_entries_and_processed_rows_are_stored_as_through_sqlalchemy(
 ) -> None:
     w = World.create(tmp_path, database_url, job_block("ACME", "Lyon", "North", "sales"), CYCLE)
     (job_id,) = [job.id for job in w.store.all_jobs()]
-    entry_table, processed_table = BackupEntry.__table__, ProcessedReport.__table__
+    entry_table = cast(Table, BackupEntry.__table__)
+    processed_table = cast(Table, ProcessedReport.__table__)
     with w.store.engine.begin() as connection:
         raw_entries = raw_insert(entry_table, ENTRY_COLUMNS, connection.dialect)
         raw_processed = raw_insert(processed_table, PROCESSED_COLUMNS, connection.dialect)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import backupwatch.rejected as rejected
-from backupwatch.fsutil import UnsafePath
+from backupwatch.fsutil import UnsafePath, rename_noreplace
 from backupwatch.names import NAME_MAX
 from backupwatch.rejected import LOST_REASON, ORPHAN_AGE, REASON_SUFFIX, reject_into, repair
 
@@ -49,7 +49,7 @@ def test_the_reason_is_in_place_before_the_report_moves(
 ) -> None:
     """A kill between the two steps must leave a whole reason and the report still in D."""
     seen: list[list[str]] = []
-    real_rename = rejected.rename_noreplace
+    real_rename = rename_noreplace
 
     def spy(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
         if dst == "STATUS.json":
@@ -62,7 +62,7 @@ def test_the_reason_is_in_place_before_the_report_moves(
 
 
 def test_a_failed_move_takes_its_reason_back(site: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_rename = rejected.rename_noreplace
+    real_rename = rename_noreplace
 
     def fail_on_report(src_fd: int, src: str, dst_fd: int, dst: str) -> None:
         if dst == "STATUS.json":

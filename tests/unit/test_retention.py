@@ -27,7 +27,15 @@ from backupwatch import pruning
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.pruning import Pruner
 from backupwatch.retention import Backup, Keep, cutoffs, gfs_keep, gfs_prune, newest_first
-from backupwatch.store import BackupEntry, ExpectedBackupJob, NewEntry, ProcessedReportRecord, Store
+from backupwatch.store import (
+    AlertDelivery,
+    AlertEvent,
+    BackupEntry,
+    ExpectedBackupJob,
+    NewEntry,
+    ProcessedReportRecord,
+    Store,
+)
 
 # ----------------------------------------------------------------------- the pure rule
 
@@ -140,6 +148,12 @@ def successes(w: World) -> list[BackupEntry]:
         return list(session.scalars(query))
 
 
+def placed(entry: BackupEntry) -> str:
+    """Where a success's file was placed (every success of these tests has one)."""
+    assert entry.final_path is not None
+    return entry.final_path
+
+
 def final_files(w: World) -> set[str]:
     return {str(p) for p in w.validated.rglob("*") if p.is_file() and ".backupwatch" not in str(p)}
 
@@ -161,9 +175,9 @@ def test_gfs_prunes_placed_files_once_and_says_so(filled: World) -> None:
     now = day(DAYS)
     with structlog.testing.capture_logs() as logs:
         result = Pruner(w.store, w.settings, pause=0).run_once(now)
-    expected = {e.final_path for e in entries if e.id not in keep}
+    expected = {placed(e) for e in entries if e.id not in keep}
     assert set(result.backups) == expected
-    assert final_files(w) == {e.final_path for e in entries if e.id in keep}
+    assert final_files(w) == {placed(e) for e in entries if e.id in keep}
     removed = [line for line in logs if line["event"] == "retention.removed"]
     assert sorted(line["path"] for line in removed) == sorted(expected)
     states = {e.id: e.final_removal for e in successes(w)}
@@ -300,6 +314,62 @@ def test_old_entries_of_another_instances_jobs_are_left_to_it(
     assert len(w.history(SALES)) == 3
     w.store.instance = "elsewhere"
     assert Pruner(w.store, w.settings, pause=0).run_once(now).entries == 2
+
+
+def alert_event(w: World, key: str, age: timedelta, instance: str | None, *states: str) -> None:
+    """An alert event written `age` before `day(40)`, with one delivery per state."""
+    created = day(40) - age
+    with w.store.session() as session:
+        event = AlertEvent(
+            dedupe_key=key,
+            kind="MISSING",
+            site="ACME/Lyon/Part-Dieu",
+            message=key,
+            created_at=created,
+            instance=instance,
+        )
+        session.add(event)
+        session.flush()
+        for n, state in enumerate(states):
+            channel = f"channel-{n}"
+            next_attempt = created
+            session.add(
+                AlertDelivery(
+                    event_id=event.id, channel=channel, state=state, next_attempt_at=next_attempt
+                )
+            )
+
+
+def alert_keys(w: World) -> set[str]:
+    with w.store.reading() as session:
+        return set(session.scalars(select(AlertEvent.dedupe_key)))
+
+
+def test_old_alert_events_go_once_every_delivery_is_done(tmp_path: Path, database_url: str) -> None:
+    """The outbox does not grow forever (a wave of 100,000 deadlines is 100,000 events and
+    their deliveries): events older than the entries' cutoff go with their deliveries, once
+    none of them is still pending or being sent; another instance's are left to it."""
+    w = world(tmp_path, database_url)
+    w.store.instance = "here"
+    old = timedelta(days=w.settings.retention.history_days + 2)
+    alert_event(w, "old-sent", old, "here", "sent", "failed")
+    alert_event(w, "old-no-channel", old, "here")
+    alert_event(w, "old-before-instances", old, None, "sent")
+    alert_event(w, "old-pending", old, "here", "sent", "pending")
+    alert_event(w, "old-sending", old, "here", "sending")
+    alert_event(w, "old-elsewhere", old, "elsewhere", "sent")
+    alert_event(w, "recent-sent", timedelta(days=1), "here", "sent")
+    pruner = Pruner(w.store, w.settings, pause=0)
+
+    assert pruner.run_once(day(40), dry_run=True).alerts == 3
+    assert len(alert_keys(w)) == 7
+    with structlog.testing.capture_logs() as logs:
+        assert pruner.run_once(day(40)).alerts == 3
+    assert alert_keys(w) == {"old-pending", "old-sending", "old-elsewhere", "recent-sent"}
+    assert [line["count"] for line in logs if line["event"] == "retention.alerts_deleted"] == [3]
+    with w.store.reading() as session:
+        assert session.scalar(select(func.count()).select_from(AlertDelivery)) == 5
+    assert pruner.run_once(day(40)).alerts == 0
 
 
 # ------------------------------------------------------- _archive/, _rejected/, stale

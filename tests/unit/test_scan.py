@@ -62,7 +62,7 @@ def scanned_folders(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
         opened.append(Path(path))
         return real(path)
 
-    monkeypatch.setattr(backupwatch.scan.os, "scandir", spy)
+    monkeypatch.setattr(os, "scandir", spy)
     return opened
 
 

@@ -168,6 +168,7 @@ def test_every_problem_is_reported_at_once() -> None:
 
 
 def test_valid_schedules_are_normalised_and_hashable() -> None:
+    # a str and a list, as a TOML file gives them: the types say what they are normalised to
     s = Schedule("WEEKLY", hour=3, days_of_week=[MO, MO, FR])  # type: ignore[arg-type]
     assert s.frequency is F.WEEKLY
     assert s.days_of_week == frozenset({MO, FR})
@@ -179,7 +180,7 @@ def test_valid_schedules_are_normalised_and_hashable() -> None:
 def test_schedule_is_frozen() -> None:
     s = Schedule(F.DAILY, hour=1)
     with pytest.raises(AttributeError):
-        s.hour = 2  # type: ignore[misc]
+        s.hour = 2  # type: ignore[misc]  # frozen: what this test checks
 
 
 # --- aware UTC only --------------------------------------------------------------------------
@@ -212,10 +213,12 @@ def test_naive_datetimes_are_refused_at_the_call(call: Callable[[datetime], obje
 def test_other_offsets_are_converted_and_results_are_utc() -> None:
     paris = timezone(timedelta(hours=1))
     t = datetime(2026, 11, 24, 14, 30, tzinfo=paris)  # 13:30Z
-    assert next_cycle_at_or_after(S_DAILY, t) == utc(2026, 11, 25, 13)
+    following = next_cycle_at_or_after(S_DAILY, t)
+    assert following == utc(2026, 11, 25, 13)
     assert previous_cycle_at_or_before(S_DAILY, t) == utc(2026, 11, 24, 13)
     assert cycle_for(S_DAILY, t) == utc(2026, 11, 24, 13)
-    assert next_cycle_at_or_after(S_DAILY, t).tzinfo is UTC  # type: ignore[union-attr]
+    assert following is not None
+    assert following.tzinfo is UTC
     assert deadline(S_DAILY, t).tzinfo is UTC
 
 

@@ -57,7 +57,9 @@ def send(w: World, day: int, size: int) -> BackupEntry:
     )
     w.process(path, at(day) + timedelta(minutes=10))
     with w.store.reading() as session:
-        return session.scalars(select(BackupEntry).order_by(BackupEntry.id.desc())).first()  # type: ignore[return-value]
+        newest = session.scalars(select(BackupEntry).order_by(BackupEntry.id.desc())).first()
+    assert newest is not None
+    return newest
 
 
 def test_a_small_success_is_suspicious_once(tmp_path: Path, database_url: str) -> None:
@@ -91,9 +93,9 @@ def test_a_small_success_is_suspicious_once(tmp_path: Path, database_url: str) -
     # SPEC §11: `check` warns about a SUSPICIOUS latest success.
     from backupwatch.check import WARNING, Filters, judge
 
-    rows = [view.as_json() for view in w.store.job_views(at(9))]
-    assert rows[0]["suspicious"] is True
-    verdict = judge(rows, True, [], Filters())
+    views = [view.as_json() for view in w.store.job_views(at(9))]
+    assert views[0]["suspicious"] is True
+    verdict = judge(views, True, [], Filters())
     assert verdict.code == WARNING
     assert "SUSPICIOUS" in verdict.line
     assert "suspicious=1" in verdict.line

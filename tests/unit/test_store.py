@@ -20,7 +20,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import func, inspect, select, text
+from sqlalchemy import func, insert, inspect, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from support import utc
 
@@ -32,6 +32,7 @@ from backupwatch.store import (
     MIGRATIONS_DIR,
     BackupEntry,
     Base,
+    DueJob,
     ExpectedBackupJob,
     JobView,
     NewEntry,
@@ -98,7 +99,7 @@ def entries(store: Store, label: str = SALES) -> list[tuple[datetime, BackupEntr
 
 def count_missing(store: Store, job_id: int, cycle: datetime) -> int:
     with store.session() as session:
-        return session.scalar(
+        return session.execute(
             select(func.count())
             .select_from(BackupEntry)
             .where(
@@ -106,7 +107,7 @@ def count_missing(store: Store, job_id: int, cycle: datetime) -> int:
                 BackupEntry.cycle == cycle,
                 BackupEntry.status == BackupEntryStatus.MISSING,
             )
-        )
+        ).scalar_one()
 
 
 def outcome(
@@ -271,7 +272,7 @@ def test_sqlite_runs_in_wal_mode_with_a_busy_timeout(tmp_path: Path) -> None:
     try:
         with store.engine.connect() as connection:
             assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
-            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar() >= 5000
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one() >= 5000
             assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     finally:
         store.dispose()
@@ -558,16 +559,17 @@ def race(
     first: Store, second: Store, racer: ExpectedBackupJob, cycle: datetime, now: datetime
 ) -> list[int]:
     """Eight threads, started together: half settle the job, half insert the MISSING row."""
+    due_job = DueJob.of(racer)  # what the timer reads of it
     barrier = threading.Barrier(8)
     wins: list[int] = []
     errors: list[BaseException] = []
 
     def settle(store: Store) -> int:
-        return sum(map(len, store.settle_jobs([racer], now, now - MAX_AGE).values()))
+        return sum(map(len, store.settle_jobs([due_job], now, now - MAX_AGE).values()))
 
     def insert(store: Store) -> int:
         with store.engine.begin() as connection:
-            wanted = [_Missing(racer, Due(cycle, racer.schedule), now)]
+            wanted = [_Missing(due_job, Due(cycle, racer.schedule), now)]
             return sum(map(len, store._flag_missing(connection, wanted).values()))
 
     def run(attempt: Callable[[Store], int], store: Store) -> None:
@@ -603,17 +605,16 @@ def test_the_partial_unique_index_allows_one_missing_per_cycle(store: Store) -> 
         "recorded_at": cycle + HOUR,
         "unchanged_since_last_success": False,
     }
-    table = BackupEntry.__table__
     with store.engine.begin() as connection:
-        connection.execute(table.insert().values(**row))
+        connection.execute(insert(BackupEntry).values(**row))
 
     with pytest.raises(IntegrityError), store.engine.begin() as connection:
-        connection.execute(table.insert().values(**row))
+        connection.execute(insert(BackupEntry).values(**row))
 
     with store.engine.begin() as connection:  # a real outcome may join the MISSING of its cycle
-        connection.execute(table.insert().values(**{**row, "status": "SUCCESS"}))
-        connection.execute(table.insert().values(**{**row, "status": "FAILED"}))
-        connection.execute(table.insert().values(**{**row, "cycle": cycle + DAY}))
+        connection.execute(insert(BackupEntry).values(**{**row, "status": "SUCCESS"}))
+        connection.execute(insert(BackupEntry).values(**{**row, "status": "FAILED"}))
+        connection.execute(insert(BackupEntry).values(**{**row, "cycle": cycle + DAY}))
     assert sorted(status for c, status in entries(store) if c == cycle) == sorted(
         [BackupEntryStatus.SUCCESS, BackupEntryStatus.FAILED, BackupEntryStatus.MISSING]
     )

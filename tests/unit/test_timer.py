@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -21,7 +21,7 @@ from support import utc
 from backupwatch import timer as timer_module
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.jobs import JobSpec
-from backupwatch.store import SETTLE_PAGE, AlertEvent, BackupEntry, ExpectedBackupJob, Store
+from backupwatch.store import SETTLE_PAGE, AlertEvent, BackupEntry, DueJob, ExpectedBackupJob, Store
 from backupwatch.timer import BUSY_POLL, DEFER_LIMIT, MAX_SLEEP, Flagged, MissingTimer
 
 T0 = utc(2026, 11, 24, 0, 0)
@@ -105,7 +105,7 @@ def test_a_busy_site_defers_its_deadline_until_the_defer_limit(store: Store) -> 
     store.sync_jobs([spec(), spec("Vaise")], 60, T0)
     asked: list[str] = []
 
-    def site_busy(job: ExpectedBackupJob) -> bool:
+    def site_busy(job: DueJob) -> bool:
         asked.append(job.deposit_path)
         return job.agent_id == BUSY_SITE  # a report of that site is queued: maybe the awaited one
 
@@ -215,7 +215,7 @@ def test_the_thread_survives_a_failing_step(
 
     def failing_once(
         now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
+    ) -> list[DueJob]:
         pending = next(failures, None)
         if pending is not None:
             raise pending
@@ -233,18 +233,20 @@ def test_the_thread_survives_a_failing_step(
         timer.stop()
 
 
-def test_busy_sites_filling_a_whole_page_do_not_hide_the_jobs_behind_them(store: Store) -> None:
+def test_busy_sites_filling_a_whole_page_do_not_hide_the_jobs_behind_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     busy = [spec(neighborhood=f"busy-{n}") for n in range(4)]
     store.sync_jobs([*busy, spec(neighborhood="calm", expected_hour_utc=12)], 60, T0)
     real_due_jobs = store.due_jobs
 
     def small_pages(
         now: datetime, limit: int = 500, after: tuple[datetime, int] | None = None
-    ) -> list[ExpectedBackupJob]:
+    ) -> list[DueJob]:
         return real_due_jobs(now, 2, after)  # pages of 2: the busy jobs fill two whole pages
 
-    store.due_jobs = small_pages  # type: ignore[method-assign]
-    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, lambda j: j.neighborhood != "calm")
+    monkeypatch.setattr(store, "due_jobs", small_pages)
+    timer = MissingTimer(store, lambda: DEADLINE, MAX_AGE, lambda j: "/calm/" not in j.label)
 
     flagged = timer.run_once(DEADLINE + SECOND)
 
@@ -372,7 +374,9 @@ def test_a_job_locked_by_another_transaction_is_skipped_then_settled(postgres_ur
         store.dispose()
 
 
-def test_a_long_wave_beats_the_heart_at_every_page(store: Store) -> None:
+def test_a_long_wave_beats_the_heart_at_every_page(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A wave of 100,000 deadlines takes a minute: each page is progress, not a wedge (the
     daemon stops its systemd pings when the timer's heart is stale)."""
     store.sync_jobs([spec(f"site-{n}") for n in range(SETTLE_PAGE + 1)], 60, T0)
@@ -380,11 +384,13 @@ def test_a_long_wave_beats_the_heart_at_every_page(store: Store) -> None:
     seen: list[float] = []
     real_settle = store.settle_jobs
 
-    def settle(jobs: list[ExpectedBackupJob], now: datetime, oldest: datetime) -> Any:
+    def settle(
+        jobs: Sequence[DueJob], now: datetime, oldest: datetime
+    ) -> dict[int, list[datetime]]:
         seen.append(timer.heartbeat)
         return real_settle(jobs, now, oldest)
 
-    store.settle_jobs = settle  # type: ignore[method-assign]
+    monkeypatch.setattr(store, "settle_jobs", settle)
     timer.heartbeat = 0.0
 
     assert len(timer.run_once(DEADLINE)) == SETTLE_PAGE + 1

@@ -54,7 +54,7 @@ class Recorder:
         self.overflows = 0
         self._cond = threading.Condition()
         self.fail_on: Callable[[EventKind, Path], bool] = lambda _k, _p: False
-        self.after_overflow: Callable[[], None] = lambda: None
+        self.after_overflow: Callable[[], object] = lambda: None
         self.stall_on: Path | None = None
         self.stalled = threading.Event()
         self.release = threading.Event()
@@ -222,7 +222,11 @@ def test_new_nested_folders_are_watched_and_their_files_reported(
     first = site / "STATUS.json"
     first.write_text("{}")  # at once: often before any event is read, so only listed
     for folder in (root / "newco", root / "newco" / "log", site):
-        assert recorder.wait_for(lambda r, f=folder: EventKind.DIR_CREATED in r.kinds_for(f))
+
+        def created(r: Recorder, f: Path = folder) -> bool:
+            return EventKind.DIR_CREATED in r.kinds_for(f)
+
+        assert recorder.wait_for(created)
     assert recorder.wait_for(
         lambda r: bool(r.kinds_for(first) & {EventKind.FOUND, EventKind.CREATED, EventKind.CLOSED})
     )
@@ -541,7 +545,7 @@ def probe(root: Path) -> Iterator[Callable[..., Probe]]:
         p.close()
 
 
-def overflow_while_stopped(p: Probe, during: Callable[[], None] = lambda: None) -> None:
+def overflow_while_stopped(p: Probe, during: Callable[[], object] = lambda: None) -> None:
     """SIGSTOP the probe, queue more events than the kernel keeps, run `during` (whose
     events are lost), SIGCONT."""
     limit = max_queued_events()
@@ -584,7 +588,11 @@ def test_overflow_with_more_folders_than_the_queue_settles(
     p = probe()
     late = [sites / f"late{i}" for i in range(20)]
 
-    overflow_while_stopped(p, lambda: [folder.mkdir() for folder in late])
+    def make_late() -> None:
+        for folder in late:
+            folder.mkdir()
+
+    overflow_while_stopped(p, make_late)
 
     p.wait_for(lambda line: "overflow" in line, 30, "on_overflow")
     for folder in late:  # their IN_CREATE was lost: the rebuild watched them

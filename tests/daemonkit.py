@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import write_config
 
 BIN = Path(sys.executable).parent
 
@@ -150,31 +147,3 @@ class Daemon:
     def logs(self) -> list[dict[str, Any]]:
         lines = self.log_path.read_text().splitlines()
         return [json.loads(line) for line in lines if line.startswith("{")]
-
-
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """Unix socket paths are limited to 108 bytes: keep sockets in a short /tmp folder."""
-    path = Path(tempfile.mkdtemp(prefix="bw-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def make_daemon(tmp_path: Path, short_dir: Path) -> Iterator[Callable[..., Daemon]]:
-    daemons: list[Daemon] = []
-
-    def factory(database_url: str, jobs: str, base: Path | None = None, **overrides: Any) -> Daemon:
-        overrides.setdefault("control_socket", str(short_dir / "control.sock"))
-        base = base or tmp_path
-        config = write_config(base, database_url, jobs, **overrides)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("BACKUPWATCH_", "NOTIFY_"))}
-        daemon = Daemon(base, config, short_dir, env)
-        daemons.append(daemon)
-        return daemon
-
-    yield factory
-    for daemon in daemons:
-        if daemon.process and daemon.process.poll() is None:
-            daemon.process.kill()
-            daemon.process.wait()
