@@ -50,13 +50,17 @@ def open_beneath(root: Path, relative: PurePosixPath) -> Iterator[tuple[int, int
     parts = relative.parts
     if not parts or relative.is_absolute() or any(p in ("..", ".", "") for p in parts):
         raise UnsafePath(f"{relative} is not a plain relative path")
-    with contextlib.ExitStack() as stack:
-        dir_fd = stack.enter_context(open_dir(root))
+    # Plain descriptors closed in reverse order, not an ExitStack of context managers: this
+    # runs three times per database of every report (issue 10's burst).
+    fds = [os.open(root, DIR_FLAGS)]
+    try:
         for part in parts[:-1]:
-            dir_fd = stack.enter_context(_open_subdir(dir_fd, part))
-        file_fd = _open_file_at(dir_fd, parts[-1])
-        stack.callback(os.close, file_fd)
-        yield dir_fd, file_fd, parts[-1]
+            fds.append(_subdir_fd(fds[-1], part))
+        fds.append(_open_file_at(fds[-1], parts[-1]))
+        yield fds[-2], fds[-1], parts[-1]
+    finally:
+        for fd in reversed(fds):
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -75,16 +79,20 @@ def open_dir_beneath(root: Path, relative: PurePosixPath) -> Iterator[int]:
 
 @contextlib.contextmanager
 def _open_subdir(dir_fd: int, name: str) -> Iterator[int]:
-    try:
-        fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
-    except OSError as exc:
-        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-            raise UnsafePath(f"{name} is a symlink or not a directory") from exc
-        raise
+    fd = _subdir_fd(dir_fd, name)
     try:
         yield fd
     finally:
         os.close(fd)
+
+
+def _subdir_fd(dir_fd: int, name: str) -> int:
+    try:
+        return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise UnsafePath(f"{name} is a symlink or not a directory") from exc
+        raise
 
 
 def _open_file_at(dir_fd: int, name: str) -> int:

@@ -27,6 +27,7 @@ from sys import intern
 from typing import Any, Protocol
 
 import structlog
+from sqlalchemy.exc import InterfaceError, OperationalError
 
 from backupwatch.archivetest import ArchiveTest, Background
 from backupwatch.config import Settings
@@ -97,6 +98,7 @@ __all__ = [
     "agent_verdict",
     "decide",
     "file_verdict",
+    "process_group",
     "process_path",
 ]
 
@@ -337,6 +339,44 @@ class ReportBytes:
 
 def process_path(ctx: Context, path: Path, now: datetime) -> Result:
     """Process whatever `path` is (SPEC §3); never raises for bad agent input."""
+    (outcome,) = process_group(ctx, [path], now)
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+def process_group(ctx: Context, paths: Sequence[Path], now: datetime) -> list[Result | Exception]:
+    """`process_path` of several paths, with one read transaction for their history and one
+    commit for the reports judged (a group commit, issue 10); each path's Result, or the
+    exception that stopped it (a database error, a bug), in the order of `paths`.
+
+    Each report keeps its own idempotency row and its own outcome. The reports of one commit
+    touch distinct jobs and bytes: one that shares a job or its SHA-256 with an earlier report
+    of the group waits for that one's commit, in a later round, so that its judgement reads
+    the other's entries as the one-at-a-time order would have. A failed group commit is tried
+    again one report at a time (`_commit`): one report's failure loses or doubles no other.
+    """
+    outcomes: dict[int, Result | Exception] = {}
+    ready: list[tuple[int, Candidate]] = []
+    for index, path in enumerate(paths):
+        front: Result | Candidate | Exception
+        try:
+            front = _front(ctx, path, now)
+        except Exception as exc:
+            front = exc
+        if isinstance(front, Candidate):
+            ready.append((index, front))
+        else:
+            outcomes[index] = front
+    while ready:
+        batch, ready = _disjoint(ready)
+        outcomes.update(_judge_and_commit(ctx, batch, now))
+    return [outcomes[index] for index in range(len(paths))]
+
+
+def _front(ctx: Context, path: Path, now: datetime) -> Result | Candidate:
+    """What can be decided without the database's history: the report's bytes read and
+    accepted (a Candidate), or an outcome already (ignored, gone, waiting, rejected)."""
     classified = ctx.registry.classify(path)
     if classified.kind is PathKind.IGNORED:
         return Result(Outcome.IGNORED, path)
@@ -349,10 +389,21 @@ def process_path(ctx: Context, path: Path, now: datetime) -> Result:
         return Result(Outcome.IGNORED, path)
     if classified.kind is PathKind.STRAY or classified.site is None:
         return reject(ctx, path, path.parent, "it lies in a folder that no active job uses", now)
-    return _process_report(ctx, classified.site, path, now)
+    return _accepted(ctx, classified.site, path, now)
 
 
-def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Result:
+@dataclass(frozen=True)
+class Candidate:
+    """A report read and accepted, not yet judged against its history."""
+
+    site: Site
+    path: Path
+    report: StatusReport
+    sha: str
+    jobs: list[int]
+
+
+def _accepted(ctx: Context, site: Site, path: Path, now: datetime) -> Result | Candidate:
     try:
         read = _read_report(site, path, ctx.settings.report_max_bytes)
     except FileNotFoundError:
@@ -374,11 +425,53 @@ def _process_report(ctx: Context, site: Site, path: Path, now: datetime) -> Resu
             if wait is not None:
                 return Result(Outcome.WAIT, path, exc.reason, wait=wait)
         return reject(ctx, path, site.folder, exc.reason, now)
-    # One read transaction for the duplicate check and the previous successes (issue 10).
-    history = ctx.store.report_history(sha, _job_ids(site, report), SIZE_HISTORY)
-    if history.processed:
-        return _seen_before(ctx, site, path, sha)
-    return _record(ctx, site, path, report, sha, now, history.previous)
+    return Candidate(site, path, report, sha, _job_ids(site, report))
+
+
+def _disjoint(
+    ready: list[tuple[int, Candidate]],
+) -> tuple[list[tuple[int, Candidate]], list[tuple[int, Candidate]]]:
+    """The candidates that share no job and no SHA-256 with an earlier one, and the rest."""
+    batch: list[tuple[int, Candidate]] = []
+    later: list[tuple[int, Candidate]] = []
+    jobs: set[int] = set()
+    shas: set[str] = set()
+    for index, candidate in ready:
+        if candidate.sha in shas or not jobs.isdisjoint(candidate.jobs):
+            later.append((index, candidate))
+            continue
+        batch.append((index, candidate))
+        shas.add(candidate.sha)
+        jobs.update(candidate.jobs)
+    return batch, later
+
+
+def _judge_and_commit(
+    ctx: Context, batch: list[tuple[int, Candidate]], now: datetime
+) -> dict[int, Result | Exception]:
+    """One read transaction for the batch's history (issue 10), each report judged and
+    promoted, then one commit for all of them."""
+    outcomes: dict[int, Result | Exception] = {}
+    try:
+        histories = ctx.store.report_histories([(c.sha, c.jobs) for _i, c in batch], SIZE_HISTORY)
+    except Exception as exc:
+        return {index: exc for index, _c in batch}
+    pending: list[tuple[int, Pending]] = []
+    for (index, candidate), history in zip(batch, histories, strict=True):
+        try:
+            if history.processed:
+                outcomes[index] = _seen_before(ctx, candidate.site, candidate.path, candidate.sha)
+                continue
+            judged = _prepare(ctx, candidate, now, history.previous)
+        except Exception as exc:
+            outcomes[index] = exc
+            continue
+        if isinstance(judged, Pending):
+            pending.append((index, judged))
+        else:
+            outcomes[index] = judged
+    outcomes.update(_commit(ctx, pending, now))
+    return outcomes
 
 
 def _job_ids(site: Site, report: StatusReport) -> list[int]:
@@ -477,15 +570,26 @@ def _assign(site: Site, report: StatusReport, name: str, result: Result) -> list
     return relevant
 
 
-def _record(
-    ctx: Context,
-    site: Site,
-    path: Path,
-    report: StatusReport,
-    sha: str,
-    now: datetime,
-    previous: Successes,
-) -> Result:
+@dataclass
+class Pending:
+    """A report judged, its successes promoted, its entries not yet committed."""
+
+    candidate: Candidate
+    name: str
+    record: ProcessedReportRecord
+    judged: list[Judged]
+    result: Result
+
+    @property
+    def entries(self) -> list[NewEntry]:
+        return [j.entry for j in self.judged]
+
+
+def _prepare(
+    ctx: Context, candidate: Candidate, now: datetime, previous: Successes
+) -> Result | Pending:
+    """Judge each database of the report and promote its successes (SPEC §5 steps 3-6)."""
+    site, path, report, sha = candidate.site, candidate.path, candidate.report, candidate.sha
     result = Result(Outcome.ACCEPTED, path)
     name = _name(ctx, path)
     assigned = _assign(site, report, name, result)
@@ -497,7 +601,6 @@ def _record(
     try:
         for item in assigned:
             judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id, [])))
-        committed = ctx.store.record_report(record, [j.entry for j in judged], now)
     except PromotionBusy:
         _undo(judged)
         return Result(Outcome.WAIT, path, "being promoted by another worker", Wait(BUSY_RETRY, ""))
@@ -507,17 +610,66 @@ def _record(
     except BaseException:
         _undo(judged)  # SPEC §5: no promoted file without its entry
         raise
+    return Pending(candidate, name, record, judged, result)
+
+
+def _commit(
+    ctx: Context, pending: list[tuple[int, Pending]], now: datetime
+) -> dict[int, Result | Exception]:
+    """The entries of `pending` committed, in one transaction when there are several; then
+    each report finished (`_finish`). A group whose commit fails is tried one report at a
+    time, unless the database itself is unreachable or locked (the same wait for each)."""
+    outcomes: dict[int, Result | Exception] = {}
+    committed: set[str] | None = None
+    if len(pending) > 1:
+        try:
+            committed = ctx.store.record_reports([(p.record, p.entries) for _i, p in pending], now)
+        except (OperationalError, InterfaceError) as exc:
+            for index, item in pending:
+                _undo(item.judged)
+                outcomes[index] = exc
+            return outcomes
+        except Exception as exc:
+            log.warning("report.group_commit_failed", reports=len(pending), error=repr(exc))
+        except BaseException:
+            for _index, item in pending:
+                _undo(item.judged)  # SPEC §5: no promoted file without its entry
+            raise
+    for index, item in pending:
+        try:
+            if committed is None:
+                done = _commit_one(ctx, item, now)
+            else:
+                done = item.record.sha256 in committed
+            outcomes[index] = _finish(ctx, item, done)
+        except Exception as exc:
+            outcomes[index] = exc
+    return outcomes
+
+
+def _commit_one(ctx: Context, item: Pending, now: datetime) -> bool:
+    try:
+        return ctx.store.record_report(item.record, item.entries, now)
+    except BaseException:
+        _undo(item.judged)  # SPEC §5: no promoted file without its entry
+        raise
+
+
+def _finish(ctx: Context, item: Pending, committed: bool) -> Result:
+    """After the commit: the staged files removed, the report archived, the entries logged."""
+    site, path, sha = item.candidate.site, item.candidate.path, item.candidate.sha
+    result = item.result
     if committed:
-        result.entries = [j.entry for j in judged]
-        finish_promotions(ctx, sha, site, result.entries, judged)
+        result.entries = item.entries
+        finish_promotions(ctx, sha, site, result.entries, item.judged)
     else:
         # Another worker or daemon committed these bytes first: keep only what it recorded.
-        _drop_uncommitted(judged, ctx.store.successes_of_report(sha))
+        _drop_uncommitted(item.judged, ctx.store.successes_of_report(sha))
         result.outcome = Outcome.DUPLICATE
         finish_promotions(ctx, sha, site, ctx.store.successes_of_report(sha))
     result.left_in_place = archive(path, site)
     for entry in result.entries:
-        _log_entry(entry, job_label(site, entry.job_id), site, name)
+        _log_entry(entry, job_label(site, entry.job_id), site, item.name)
     return result
 
 

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from sys import intern
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, TypeVar, cast
 
 import structlog
 from sqlalchemy import (
@@ -35,6 +35,7 @@ from sqlalchemy import (
     MetaData,
     Select,
     String,
+    Table,
     Text,
     UniqueConstraint,
     and_,
@@ -85,6 +86,7 @@ from backupwatch.missing import (
     fresh_cursor,
     settle,
 )
+from backupwatch.rawsql import RawInsert, raw_insert
 from backupwatch.schedule import Schedule
 
 log = structlog.get_logger(__name__)
@@ -511,6 +513,8 @@ def migrate(engine: Engine) -> None:
 # a fraction of a second, and under SQLite's limit of 500 terms in the UNION ALLs that read the
 # page's newest entries and streaks in one statement each.
 SETTLE_PAGE = 250
+# Jobs per UNION ALL of `_recent_successes` (a power of two, under SQLite's 500 terms).
+SUCCESSES_CHUNK = 32
 
 
 class Store:
@@ -527,6 +531,7 @@ class Store:
         # SPEC §15: the daemon's `instance`. Set, the sync, the registry, the timer and the
         # REJECTED events see only this instance's jobs; None (tools, tests): every job.
         self.instance: str | None = None
+        self._raw: tuple[RawInsert | None, RawInsert | None] | None = None
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -882,25 +887,71 @@ class Store:
     def report_history(self, sha256: str, job_ids: Sequence[int], limit: int = 7) -> ReportHistory:
         """What a report's judgement reads, in one read transaction: were its bytes committed
         already (`report_processed`), and its jobs' `recent_successes`."""
+        return self.report_histories([(sha256, job_ids)], limit)[0]
+
+    def report_histories(
+        self, reports: Sequence[tuple[str, Sequence[int]]], limit: int = 7
+    ) -> list[ReportHistory]:
+        """`report_history` of several reports (sha256, job ids) in one read transaction and
+        two statements whatever their number: a worker's group of queued reports (issue 10)."""
         with self.reader.begin() as connection:
-            if connection.execute(_PROCESSED, {"sha256": sha256}).first() is not None:
-                return ReportHistory(processed=True)
-            return ReportHistory(False, _recent_successes(connection, job_ids, limit))
+            shas = [sha for sha, _jobs in reports]
+            done = set(connection.execute(_PROCESSED_ANY, {"shas": shas}).scalars())
+            wanted = [j for sha, jobs in reports if sha not in done for j in jobs]
+            found = _recent_successes(connection, wanted, limit)
+        return [
+            ReportHistory(True)
+            if sha in done
+            else ReportHistory(False, {j: found[j] for j in jobs})
+            for sha, jobs in reports
+        ]
 
     def record_report(
         self, record: ProcessedReportRecord, entries: Sequence[NewEntry], now: datetime
     ) -> bool:
         """Commit a report's entries and its idempotency row together; False if already done."""
-        # Core, not the ORM: this is the hot path of every report (see BENCHMARKS.md, Burst).
+        return bool(self.record_reports([(record, entries)], now))
+
+    def record_reports(
+        self, reports: Sequence[tuple[ProcessedReportRecord, Sequence[NewEntry]]], now: datetime
+    ) -> set[str]:
+        """Commit several reports' entries and idempotency rows in one transaction (a group
+        commit: one BEGIN/COMMIT, one WAL flush or fsync, one statement per table); the SHA-256
+        of those recorded now. A report whose row exists already (another worker or daemon
+        committed its bytes first) records nothing: its entries are not inserted. Either all
+        of this commits or nothing does; the caller then tries each report on its own.
+
+        The reports must not share a SHA-256 (their rows would collide), and should not share
+        a job: each report's judgement read its jobs' history before this transaction.
+        """
+        # Core, not the ORM, and the two INSERTs straight to the driver (`rawsql`): this is the
+        # hot path of every report (see BENCHMARKS.md, Burst, and issue 10).
         with self.engine.begin() as connection:
-            statement = _processed_insert(connection.dialect.name)
-            if connection.execute(statement, record.row(now)).rowcount != 1:
-                return False
+            processed, inserts = self._raw_inserts(connection.dialect)
+            rows = [record.row(now) for record, _entries in reports]
+            if processed is None:
+                statement = _processed_insert(connection.dialect.name)
+                done = set(connection.execute(statement, rows).scalars())
+            else:
+                done = processed.returning_new(connection, rows, "sha256")
+            entries = [e for record, found in reports if record.sha256 in done for e in found]
             if entries:
                 changes = _Changes(self, connection, sorted({e.job_id for e in entries}))
-                connection.execute(_INSERT_ENTRY, [e.row(now) for e in entries])
+                if inserts is None:
+                    connection.execute(_INSERT_ENTRY, [e.row(now) for e in entries])
+                else:
+                    inserts.many(connection, [e.row(now) for e in entries])
                 changes.report_events(entries, now)
-        return True
+        return done
+
+    def _raw_inserts(self, dialect: Dialect) -> tuple[RawInsert | None, RawInsert | None]:
+        """The idempotency rows' and the entries' `RawInsert`s for this engine's dialect."""
+        if self._raw is None:
+            self._raw = (
+                raw_insert(cast(Table, ProcessedReport.__table__), PROCESSED_COLUMNS, dialect),
+                raw_insert(cast(Table, BackupEntry.__table__), ENTRY_COLUMNS, dialect),
+            )
+        return self._raw
 
     def record_rejection(self, site: str, report_name: str, reason: str, now: datetime) -> bool:
         """SPEC §10's REJECTED event (one per site per hour), in a transaction of its own.
@@ -1456,6 +1507,10 @@ class NewEntry:
         return {**_shallow(self), "recorded_at": now}
 
 
+# The columns a report's INSERTs write, in `rawsql`'s order: the records' fields and the time.
+PROCESSED_COLUMNS = (*(f.name for f in dataclasses.fields(ProcessedReportRecord)), "processed_at")
+ENTRY_COLUMNS = (*(f.name for f in dataclasses.fields(NewEntry)), "recorded_at")
+
 REMOVAL_CLAIMED = "claimed"  # `final_removal` while one pruner is at work on the file
 
 
@@ -1844,9 +1899,14 @@ def _newer(before: _Latest | None, entry: NewEntry) -> _Latest:
 def _recent_successes(connection: Any, job_ids: Sequence[int], limit: int) -> Successes:
     unique = list(dict.fromkeys(job_ids))
     found: Successes = {j: [] for j in job_ids}
-    if not unique:
-        return found
-    rows = connection.execute(_successes_statement(len(unique), limit), _ids(unique)).all()
+    rows = []
+    for start in range(0, len(unique), SUCCESSES_CHUNK):
+        chunk = unique[start : start + SUCCESSES_CHUNK]
+        # Padded to a power of two with ids no job has: a group's varying number of jobs
+        # shares a few compiled statements instead of one per count.
+        size = 1 << (len(chunk) - 1).bit_length()
+        chunk += [-1] * (size - len(chunk))
+        rows += connection.execute(_successes_statement(size, limit), _ids(chunk)).all()
     for row in sorted(rows, key=lambda r: (r.cycle, r.id), reverse=True):
         found[row.job_id].append((row.server_sha256, row.server_size))
     return found
@@ -1909,9 +1969,11 @@ def _successes_statement(count: int, limit: int) -> Any:
 
 @functools.cache
 def _processed_insert(dialect: str) -> Any:
-    """The idempotency row's INSERT ... ON CONFLICT DO NOTHING, its values given at execution."""
+    """The idempotency rows' INSERT ... ON CONFLICT DO NOTHING RETURNING the keys inserted, its
+    values given at execution (one row or many: SQLAlchemy's "insertmanyvalues")."""
     module = postgresql if dialect == "postgresql" else sqlite
-    return module.insert(ProcessedReport.__table__).on_conflict_do_nothing()
+    table = ProcessedReport.__table__
+    return module.insert(table).on_conflict_do_nothing().returning(table.c.sha256)
 
 
 _INSERT_ENTRY = insert(BackupEntry)
@@ -1936,6 +1998,9 @@ def _event_insert(dialect: str) -> Any:
 
 
 _PROCESSED = select(ProcessedReport.sha256).where(ProcessedReport.sha256 == bindparam("sha256"))
+_PROCESSED_ANY = select(ProcessedReport.sha256).where(
+    ProcessedReport.sha256.in_(bindparam("shas", expanding=True))
+)
 
 _j = ExpectedBackupJob
 # FOR NO KEY UPDATE: what the cursor's UPDATE takes too; it does not block the foreign-key

@@ -145,6 +145,26 @@ class WorkQueue:
                 self._cond.wait(_min_timeout(wait, remaining))
             return None
 
+    def get_many(self, limit: int, timeout: float | None) -> list[Path]:
+        """`get`, then up to `limit` - 1 more paths that are due now, without waiting for them:
+        a worker's group when many reports wait at once (a burst); [] as `get`'s None."""
+        first = self.get(timeout)
+        if first is None:
+            return []
+        taken = [first]
+        with self._cond:
+            while len(taken) < limit and not self._closed:
+                path = self._take_or_wait_time()
+                if not isinstance(path, Path):
+                    break
+                taken.append(path)
+        return taken
+
+    def waiting(self) -> int:
+        """Paths queued, due or not (not those in hand)."""
+        with self._cond:
+            return len(self._queued)
+
     def done(self, path: Path) -> None:
         """Release `path`; requeue it if it was put again while it was being processed."""
         with self._cond:

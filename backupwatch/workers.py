@@ -1,4 +1,8 @@
-"""The worker threads: each takes one report path at a time off the queue and runs the pipeline.
+"""The worker threads: each takes a group of report paths off the queue and runs the pipeline.
+
+A group is one path when the queue is short, and the worker's share of a deep queue (a burst):
+their history is read in one transaction and their entries committed in one (issue 10), but
+each path's outcome is handled below as if it had been alone.
 
 No exception from one report may end a worker (an agent's symlinked `_rejected/` once killed
 them all and blinded the daemon for every site). What a worker does with each outcome:
@@ -16,7 +20,7 @@ import collections
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -29,7 +33,7 @@ from backupwatch.fsutil import Identity
 from backupwatch.names import display_name, visible
 from backupwatch.notices import Notices
 from backupwatch.outage import OutageLog
-from backupwatch.pipeline import Context, Outcome, Result, process_path, reject
+from backupwatch.pipeline import Context, Outcome, Result, process_group, reject
 from backupwatch.sites import ARCHIVE_DIR, REJECTED_DIR
 from backupwatch.watcher import WorkQueue
 
@@ -37,6 +41,11 @@ log = structlog.get_logger(__name__)
 
 DATABASE_BACKOFF = 5.0
 MAX_FAILURES = 5  # unexpected errors on one report before it is rejected with the error
+# Reports a worker takes off the queue at once in a burst: their history is read in one
+# transaction and their entries committed in one (issue 10). Each promotion waits for the
+# group's commit, so a group is also what a crash may leave promoted and uncommitted: it is
+# redone by the retry (SPEC §5), bounded by this size.
+GROUP_MAX = 32
 
 
 @dataclass(frozen=True)
@@ -99,22 +108,32 @@ class ReportHandler:
 
     def handle(self, path: Path) -> None:
         """Never raises: every failure ends in a retry, a wait, a rejection or a parking."""
+        self.handle_group([path])
+
+    def handle_group(self, paths: Sequence[Path]) -> None:
+        """`handle` of several paths taken off the queue at once: their history read in one
+        transaction and their entries committed in one (`pipeline.process_group`); each path's
+        outcome is acted on as if it had been alone. Never raises."""
         ctx = self._context()
-        if self._still_parked(ctx, path):
+        paths = [path for path in paths if not self._still_parked(ctx, path)]
+        if not paths:
             return
         started = time.monotonic()
         try:
-            result = process_path(ctx, path, self._clock())
-        except SQLAlchemyError as exc:
-            self._outage.failed(exc, report=str(path))
-            self._queue.put(path, DATABASE_BACKOFF)
-            return
-        except Exception as exc:
-            self._unexpected(ctx, path, exc)
-            return
-        self._outage.ok()
-        self.observe(time.monotonic() - started)
-        self._after(ctx, path, result)
+            outcomes = process_group(ctx, paths, self._clock())
+        except Exception as exc:  # a bug around the per-report handling: retry each one
+            outcomes = [exc] * len(paths)
+        elapsed = time.monotonic() - started
+        for path, outcome in zip(paths, outcomes, strict=True):
+            if isinstance(outcome, SQLAlchemyError):
+                self._outage.failed(outcome, report=str(path))
+                self._queue.put(path, DATABASE_BACKOFF)
+            elif isinstance(outcome, Exception):
+                self._unexpected(ctx, path, outcome)
+            else:
+                self._outage.ok()
+                self.observe(elapsed)  # what this report waited for: its group's time
+                self._after(ctx, path, outcome)
 
     def _after(self, ctx: Context, path: Path, result: Result) -> None:
         with self._lock:
@@ -153,7 +172,12 @@ class ReportHandler:
         with self._lock:
             self._failures[path] += 1
             attempts = self._failures[path]
-        log.exception("worker.internal_error", report=str(path), attempt=attempts)
+        log.error(
+            "worker.internal_error",
+            report=str(path),
+            attempt=attempts,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
         if attempts < MAX_FAILURES:
             self._queue.put(path, float(2**attempts))
             return
@@ -200,7 +224,8 @@ class ReportHandler:
 class Worker:
     thread: threading.Thread
     heartbeat: float = field(default_factory=time.monotonic)  # each loop pass and progress beat
-    current: Path | None = None  # the report in hand
+    current: Path | None = None  # the report in hand (the first of its group)
+    group: tuple[Path, ...] = ()  # every report in hand (`handle_group`)
     retired: str | None = None  # why it was replaced: "died" or "wedged on …"
 
 
@@ -241,17 +266,25 @@ class WorkerPool:
             self._by_thread[threading.get_ident()] = worker  # idents are reused: set, not looked up
         while not self._stopping.is_set() and worker.retired is None:
             worker.heartbeat = time.monotonic()
-            path = self._queue.get(timeout=1.0)
-            if path is None:
+            paths = self._queue.get_many(self._group_size(), timeout=1.0)
+            if not paths:
                 continue
-            worker.current = path
+            worker.current = paths[0]
+            worker.group = tuple(paths)
             try:
-                self._handler.handle(path)
-            except BaseException:  # handle() never raises; this is the last line of defence
-                log.exception("worker.failed", report=str(path))
+                self._handler.handle_group(paths)
+            except BaseException:  # handle_group() never raises; the last line of defence
+                log.exception("worker.failed", report=str(paths[0]), reports=len(paths))
             finally:
                 worker.current = None
-                self._queue.done(path)
+                worker.group = ()
+                for path in paths:
+                    self._queue.done(path)
+
+    def _group_size(self) -> int:
+        """How many reports a worker takes at once: its share of those waiting, at most
+        GROUP_MAX; one when the queue is short, so a lone report is never held for others."""
+        return max(1, min(GROUP_MAX, self._queue.waiting() // self._size))
 
     def beat(self) -> None:
         """Progress from inside long work (hashing, copying): this worker is alive."""
@@ -295,7 +328,7 @@ class WorkerPool:
         return bool(active) and fresh and not stuck
 
     def in_hand(self) -> list[str]:
-        return [str(w.current) for w in self.active() if w.current is not None]
+        return [str(path) for w in self.active() for path in w.group]
 
     def join(self, deadline: float) -> None:
         for worker in list(self.workers):

@@ -744,6 +744,25 @@ def test_queue_is_fifo_among_items_due(wq: WorkQueue) -> None:
     assert drain(wq) == paths
 
 
+def test_a_group_takes_only_paths_due_up_to_its_limit(wq: WorkQueue, clock: FakeClock) -> None:
+    """`get_many` (a worker's group in a burst): due paths in order, none not yet due, none
+    in another worker's hand, and each in hand until its own `done`."""
+    due = [Path(f"/due{i}") for i in range(4)]
+    for p in due:
+        wq.put(p)
+    wq.put(Path("/later"), delay=5)
+    assert wq.waiting() == 5
+    assert wq.get_many(3, timeout=0) == due[:3]
+    assert wq.get_many(3, timeout=0) == due[3:]  # /later is not due: not taken, not waited for
+    assert wq.get_many(3, timeout=0) == []
+    wq.put(due[0])
+    assert wq.get_many(3, timeout=0) == []  # still in hand
+    wq.done(due[0])
+    clock.now += 5
+    assert wq.get_many(3, timeout=0) == [due[0], Path("/later")]  # by not-before
+    assert wq.in_progress_or_queued() == 5
+
+
 def test_closed_overtakes_settling_created(wq: WorkQueue) -> None:
     p = Path("/r/STATUS.json")
     wq.put(p, delay=2)
