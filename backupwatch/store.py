@@ -12,12 +12,13 @@ import array
 import dataclasses
 import functools
 import json
+import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from sys import intern
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 from sqlalchemy import (
@@ -947,9 +948,11 @@ class Store:
     def _raw_inserts(self, dialect: Dialect) -> tuple[RawInsert | None, RawInsert | None]:
         """The idempotency rows' and the entries' `RawInsert`s for this engine's dialect."""
         if self._raw is None:
+            processed = typing.cast(Table, ProcessedReport.__table__)
+            entries = typing.cast(Table, BackupEntry.__table__)
             self._raw = (
-                raw_insert(cast(Table, ProcessedReport.__table__), PROCESSED_COLUMNS, dialect),
-                raw_insert(cast(Table, BackupEntry.__table__), ENTRY_COLUMNS, dialect),
+                raw_insert(processed, PROCESSED_COLUMNS, dialect),
+                raw_insert(entries, ENTRY_COLUMNS, dialect),
             )
         return self._raw
 
