@@ -295,18 +295,13 @@ def registry_updated(
 
 def _job_refs(settings: Settings, rows: Iterable[Any]) -> Iterator[tuple[str, JobRef]]:
     """(deposit path, JobRef) of each row of `Store.iter_active_job_rows`."""
-    schedules: dict[tuple[Any, ...], Schedule] = {}
     for row in rows:
         values = tuple(row)
-        when = values[10:]
-        schedule = schedules.get(when)
-        if schedule is None:
-            schedule = schedules[when] = schedule_of(row._mapping)
         ref = JobRef(
             id=values[0],
             names=(intern(values[1]), intern(values[2]), intern(values[3]), intern(values[4])),
             agent_id=intern(values[5]),
-            schedule=schedule,
+            schedule=schedule_of(row._mapping),  # shared by the jobs of one schedule (cached)
             final_storage_path_template=intern(values[7]),
             previous=eras_from_json(values[8]) if values[8] else (),
             archive_test=settings.archive_test if values[9] is None else values[9],

@@ -13,6 +13,7 @@ and its error wrapping (an IntegrityError is SQLAlchemy's).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,15 @@ class RawInsert:
     placeholder: str
     converters: tuple[Callable[[Any], Any] | None, ...]
 
+    @functools.cached_property  # the text written once (a frozen dataclass has a __dict__)
+    def _head(self) -> str:
+        # Names from our own table's metadata, values as parameters: no text from outside.
+        return f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES "  # noqa: S608
+
+    @functools.cached_property
+    def _row(self) -> str:
+        return f"({', '.join([self.placeholder] * len(self.columns))})"
+
     def values(self, row: dict[str, Any]) -> tuple[Any, ...]:
         """A row (column name: Python value) as the driver's tuple, in column order."""
         return tuple(
@@ -43,10 +53,7 @@ class RawInsert:
 
     def many(self, connection: Connection, rows: Iterable[dict[str, Any]]) -> None:
         """INSERT every row (one executemany)."""
-        marks = ", ".join([self.placeholder] * len(self.columns))
-        # Names from our own table's metadata, values as parameters: no text from outside.
-        sql = f"INSERT INTO {self.table} ({', '.join(self.columns)}) VALUES ({marks})"  # noqa: S608
-        connection.exec_driver_sql(sql, [self.values(row) for row in rows])
+        connection.exec_driver_sql(self._head + self._row, [self.values(row) for row in rows])
 
     def returning_new(
         self, connection: Connection, rows: Sequence[dict[str, Any]], key: str
@@ -54,13 +61,10 @@ class RawInsert:
         """INSERT … ON CONFLICT DO NOTHING RETURNING `key`: the keys of the rows inserted now,
         a statement per ROWS_PER_STATEMENT rows."""
         done: set[Any] = set()
-        one = f"({', '.join([self.placeholder] * len(self.columns))})"
+        head, one = self._head, self._row
         for start in range(0, len(rows), ROWS_PER_STATEMENT):
             page = rows[start : start + ROWS_PER_STATEMENT]
-            sql = (
-                f"INSERT INTO {self.table} ({', '.join(self.columns)}) "  # noqa: S608 (as above)
-                f"VALUES {', '.join([one] * len(page))} ON CONFLICT DO NOTHING RETURNING {key}"
-            )
+            sql = f"{head}{', '.join([one] * len(page))} ON CONFLICT DO NOTHING RETURNING {key}"
             flat = tuple(value for row in page for value in self.values(row))
             done.update(connection.exec_driver_sql(sql, flat).scalars())
         return done

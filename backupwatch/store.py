@@ -235,7 +235,8 @@ class ExpectedBackupJob(Base):
 
 
 def _schedule_of(job: Any) -> Schedule:
-    """The schedule of a job's row: an ExpectedBackupJob, or a Core row with its columns."""
+    """The schedule of a job's row: an ExpectedBackupJob, or a Core row with its columns as
+    attributes (`schedule_of` for a mapping of them)."""
     return _schedule(
         job.frequency,
         job.expected_hour_utc,
@@ -2319,16 +2320,16 @@ def _new_row(
 
 
 def schedule_of(columns: Mapping[str, Any]) -> Schedule:
-    """`ExpectedBackupJob.schedule` from its columns (`_spec_columns`, or a row's)."""
-    days = columns["days_of_week"]
-    return Schedule(
-        frequency=columns["frequency"],
-        hour=columns["expected_hour_utc"],
-        minute=columns["expected_minute_utc"],
-        days_of_week=frozenset(int(d) for d in days.split(",")) if days else None,
-        day_of_month=columns["day_of_month"],
-        expected_date=columns["expected_date"],
-        window=timedelta(minutes=columns["window_minutes"]),
+    """`ExpectedBackupJob.schedule` from its columns (`_spec_columns`, or a row's mapping):
+    `_schedule_of` for what holds them as keys."""
+    return _schedule(
+        columns["frequency"],
+        columns["expected_hour_utc"],
+        columns["expected_minute_utc"],
+        columns["days_of_week"],
+        columns["day_of_month"],
+        columns["expected_date"],
+        columns["window_minutes"],
     )
 
 

@@ -224,9 +224,13 @@ class ReportHandler:
 class Worker:
     thread: threading.Thread
     heartbeat: float = field(default_factory=time.monotonic)  # each loop pass and progress beat
-    current: Path | None = None  # the report in hand (the first of its group)
     group: tuple[Path, ...] = ()  # every report in hand (`handle_group`)
     retired: str | None = None  # why it was replaced: "died" or "wedged on …"
+
+    @property
+    def current(self) -> Path | None:
+        """The report in hand (the first of its group)."""
+        return self.group[0] if self.group else None
 
 
 class WorkerPool:
@@ -269,14 +273,12 @@ class WorkerPool:
             paths = self._queue.get_many(self._group_size(), timeout=1.0)
             if not paths:
                 continue
-            worker.current = paths[0]
             worker.group = tuple(paths)
             try:
                 self._handler.handle_group(paths)
             except BaseException:  # handle_group() never raises; the last line of defence
                 log.exception("worker.failed", report=str(paths[0]), reports=len(paths))
             finally:
-                worker.current = None
                 worker.group = ()
                 for path in paths:
                     self._queue.done(path)
