@@ -22,6 +22,7 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from backupwatch.alerting import Routing, routing
+from backupwatch.control import CONTROL_SOCKET_MAX
 from backupwatch.locate import (
     CONFIG_ENV_VAR,
     DEFAULT_CONFIG_PATH,
@@ -47,7 +48,6 @@ __all__ = [
 # Upper bounds keep later `timedelta` arithmetic from overflowing; no sane value comes near.
 _MAX_MINUTES = 100 * 366 * 24 * 60
 _MAX_DAYS = 100 * 366
-_SUN_PATH_MAX = 108
 
 PositiveMinutes = Annotated[int, Field(gt=0, le=_MAX_MINUTES)]
 PositiveFloatMinutes = Annotated[float, Field(gt=0, le=_MAX_MINUTES, allow_inf_nan=False)]
@@ -249,9 +249,12 @@ class Settings(BaseModel):
     @field_validator("control_socket", mode="after")
     @classmethod
     def _check_socket_length(cls, value: Path) -> Path:
-        """Linux cannot bind a Unix socket whose path is longer than `sun_path` allows."""
-        if len(os.fsencode(value)) >= _SUN_PATH_MAX:
-            raise ValueError(f"path too long for a Unix socket ({_SUN_PATH_MAX - 1} bytes at most)")
+        """Linux cannot bind a Unix socket whose path is longer than `sun_path` allows, and the
+        daemon binds it first under a slightly longer private name (control.ControlServer)."""
+        if len(os.fsencode(value)) > CONTROL_SOCKET_MAX:
+            raise ValueError(
+                f"path too long for a Unix socket ({CONTROL_SOCKET_MAX} bytes at most)"
+            )
         return value
 
     @field_validator("database_url", mode="after")

@@ -37,6 +37,8 @@ READ_TIMEOUT = 5.0  # a client that connects and goes quiet gives its thread bac
 PROBE_TIMEOUT = 1.0  # a live daemon accepts at once; waiting longer only delays a stale restart
 MAX_CONNECTIONS = 16  # requests are rare: this caps threads, not throughput
 SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) minus the terminating NUL
+PRIVATE_NAME_EXTRA = 9  # "." + name + "." + a pid of up to 7 digits: see ControlServer._bind
+CONTROL_SOCKET_MAX = SUN_PATH_MAX - PRIVATE_NAME_EXTRA
 BIND_UMASK = 0o177  # the socket file is born 0600, then widened to `mode` by chmod
 
 
@@ -156,13 +158,16 @@ def _error(message: str) -> dict[str, Any]:
     return {"ok": False, "error": message}
 
 
-def _check_path_length(path: Path) -> None:
+def _check_path_length(path: Path, limit: int = SUN_PATH_MAX) -> None:
     """Fail with the path in the message before the kernel fails without it."""
     size = len(os.fsencode(path))
-    if size > SUN_PATH_MAX:
+    if size > limit:
+        room = (
+            "" if limit == SUN_PATH_MAX else f" less the {PRIVATE_NAME_EXTRA} its first name needs"
+        )
         raise ControlError(
             f"control socket path {path} is {size} bytes long; AF_UNIX allows at most "
-            f"{SUN_PATH_MAX}: choose a shorter control_socket"
+            f"{SUN_PATH_MAX}{room}: choose a shorter control_socket"
         )
 
 
@@ -211,7 +216,7 @@ class ControlServer:
         """Bind and serve; refuses (ControlError) rather than steal a live daemon's socket."""
         if self._listener is not None:
             raise ControlError(f"control server on {self.path} already started")
-        _check_path_length(self.path)
+        _check_path_length(self.path, CONTROL_SOCKET_MAX)
         self._ensure_parent()
         self._clear_stale_socket()
         listener = self._bind()
@@ -279,24 +284,29 @@ class ControlServer:
             os.unlink(self.path)
 
     def _bind(self) -> socket.socket:
-        """Bind under a restrictive umask, then chmod: the file never exists with wider access
-        than `mode`, whatever umask the daemon was started with.
+        """Bind a private name under a restrictive umask, chmod, listen, then link it into
+        place: the path never exists with wider access than `mode`, whatever umask the daemon
+        was started with, and never exists without a listener (a client that found it between
+        bind() and listen() was refused and told the daemon was not running).
 
         os.umask is process-wide: a file created by another thread during these few
         microseconds gets 0600 at most. Start the control server before worker threads.
         """
+        private = self.path.with_name(f".{self.path.name}.{os.getpid()}")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(private)  # left by a daemon with this pid that died while starting
             old_umask = os.umask(BIND_UMASK)
             try:
-                listener.bind(os.fspath(self.path))
+                listener.bind(os.fspath(private))
             finally:
                 os.umask(old_umask)
-            os.chmod(self.path, self.mode)
-            st = os.lstat(self.path)
-            self._identity = (st.st_dev, st.st_ino)
-            listener.listen(MAX_CONNECTIONS)
-            listener.setblocking(False)
+            try:
+                self._publish(listener, private)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(private)
         except OSError as exc:
             listener.close()
             raise ControlError(f"cannot listen on {self.path}: {exc}") from exc
@@ -304,6 +314,19 @@ class ControlServer:
             listener.close()
             raise
         return listener
+
+    def _publish(self, listener: socket.socket, private: Path) -> None:
+        """link(), unlike rename(), fails rather than replace a socket another daemon has
+        published since _clear_stale_socket looked."""
+        os.chmod(private, self.mode)
+        listener.listen(MAX_CONNECTIONS)
+        listener.setblocking(False)
+        try:
+            os.link(private, self.path)
+        except FileExistsError as exc:
+            raise ControlError(f"another backupwatchd is already listening on {self.path}") from exc
+        st = os.lstat(self.path)
+        self._identity = (st.st_dev, st.st_ino)
 
     def _unlink_if_ours(self) -> None:
         """A newer daemon may already have replaced the file: removing it would orphan that one."""

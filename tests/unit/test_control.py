@@ -26,6 +26,7 @@ from structlog.testing import capture_logs
 
 from backupwatch import control
 from backupwatch.control import (
+    CONTROL_SOCKET_MAX,
     MAX_REQUEST_BYTES,
     ControlError,
     ControlServer,
@@ -139,6 +140,26 @@ def test_socket_mode_ignores_umask(sock_path: Path, mode: int, process_umask: in
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == mode
         assert os.umask(process_umask) == process_umask  # start() put the umask back
+
+
+def test_the_socket_appears_only_once_it_listens(
+    sock_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CI: a client that saw the path between bind() and listen() was refused and told the
+    daemon was not running, while it was starting. The path now appears already listening."""
+    seen_at_listen: list[bool] = []
+
+    class Watched(socket.socket):
+        def listen(self, backlog: int = 0) -> None:
+            seen_at_listen.append(os.path.lexists(sock_path))
+            super().listen(backlog)
+
+    monkeypatch.setattr(socket, "socket", Watched)
+    with ControlServer(sock_path, HANDLERS):
+        assert seen_at_listen == [False]
+        assert call(sock_path, "echo")["ok"] is True
+        assert sorted(p.name for p in sock_path.parent.iterdir()) == [sock_path.name]
+    assert not os.path.lexists(sock_path)
 
 
 def test_missing_parent_is_created_0755(sock_dir: Path) -> None:
@@ -309,6 +330,19 @@ def test_too_long_path_names_the_path(sock_dir: Path) -> None:
     assert not path.parent.exists()  # checked before anything is created
     with pytest.raises(ControlError, match="AF_UNIX"):
         call(path, "echo")
+
+
+def test_the_longest_accepted_path_leaves_room_for_the_private_name(
+    sock_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The socket is bound first as `.NAME.PID` beside its path: the config's limit keeps that
+    name within AF_UNIX's too, whatever the pid."""
+    monkeypatch.setattr(os, "getpid", lambda: 4_194_304)  # pid_max's ceiling on Linux
+    filler = CONTROL_SOCKET_MAX - len(os.fsencode(sock_dir)) - len("/.sock")
+    path = sock_dir / ("s" * filler + ".sock")
+    assert len(os.fsencode(path)) == CONTROL_SOCKET_MAX
+    with ControlServer(path, HANDLERS):
+        assert call(path, "echo")["ok"] is True
 
 
 def test_start_twice_is_refused(server: ControlServer) -> None:
