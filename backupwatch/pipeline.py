@@ -708,8 +708,12 @@ def _finish(ctx: Context, item: Pending, committed: bool) -> Result:
         result.outcome = Outcome.DUPLICATE
         finish_promotions(ctx, sha, site, ctx.store.successes_of_report(sha))
     result.left_in_place = archive(path, site)
+    # One logger bound for the report's lines: the module's lazy proxy builds a new one (and
+    # looks its stdlib logger up) for every call. Bound to nothing, so each line keeps its
+    # fields in their order.
+    bound = log.bind()
     for entry in result.entries:
-        _log_entry(entry, job_label(site, entry.job_id), site, item.name)
+        _log_entry(entry, job_label(site, entry.job_id), site, item.name, bound)
     return result
 
 
@@ -1081,10 +1085,12 @@ def job_label(site: Site, job_id: int) -> str:
     return next((job.label for job in site.jobs if job.id == job_id), str(job_id))
 
 
-def _log_entry(entry: NewEntry, label: str, site: Site, report_name: str) -> None:
-    level = log.info if entry.status is BackupEntryStatus.SUCCESS else log.warning
+def _log_entry(
+    entry: NewEntry, label: str, site: Site, report_name: str, logger: Any = log
+) -> None:
+    level = logger.info if entry.status is BackupEntryStatus.SUCCESS else logger.warning
     if entry.unchanged_since_last_success or entry.suspicious:
-        level = log.warning
+        level = logger.warning
     level(
         "entry.recorded",
         job=label,
