@@ -265,20 +265,33 @@ def link_unique(
     retried report does not leave a second copy behind.
     """
     with open_dir(dst_dir) as dst_fd:
-        for attempt in range(10_000):
-            candidate = unique_name(name, attempt)
-            try:
-                os.link(
-                    src_name,
-                    candidate,
-                    src_dir_fd=src_dir_fd,
-                    dst_dir_fd=dst_fd,
-                    follow_symlinks=False,
-                )
+        return link_unique_at(src_dir_fd, src_name, dst_fd, dst_dir, name, identity)
+
+
+def link_unique_at(
+    src_dir_fd: int,
+    src_name: str,
+    dst_fd: int,
+    dst_dir: Path,
+    name: str,
+    identity: Identity | None = None,
+) -> Path:
+    """`link_unique` into `dst_dir` already opened as `dst_fd` (a caller that goes on working
+    in that folder opens it once)."""
+    for attempt in range(10_000):
+        candidate = unique_name(name, attempt)
+        try:
+            os.link(
+                src_name,
+                candidate,
+                src_dir_fd=src_dir_fd,
+                dst_dir_fd=dst_fd,
+                follow_symlinks=False,
+            )
+            return dst_dir / candidate
+        except FileExistsError:
+            if identity is not None and _holds(dst_fd, candidate, identity):
                 return dst_dir / candidate
-            except FileExistsError:
-                if identity is not None and _holds(dst_fd, candidate, identity):
-                    return dst_dir / candidate
     raise FileExistsError(f"no free name for {name} in {dst_dir}")
 
 

@@ -819,13 +819,14 @@ def _judge(
 def _server_details(promoted: Promoted | None) -> dict[str, Any]:
     if promoted is None:
         return {}
-    final = promoted.path.lstat()
+    # What `promote` checked its final name holds, without a stat of that path (issue 10).
+    final = promoted.placed()
     return {
         "promotion": promoted.method,
         "staged_dev": promoted.staged.dev,
         "staged_ino": promoted.staged.ino,
-        "final_dev": final.st_dev,
-        "final_ino": final.st_ino,
+        "final_dev": final.dev,
+        "final_ino": final.ino,
     }
 
 
