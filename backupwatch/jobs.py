@@ -176,6 +176,59 @@ def final_relpath(
 def _final_rendered(
     template: str, fields: Mapping[str, str], cycle: datetime, staged_file_name: str
 ) -> str:
+    parts = _cycle_rendered(template, as_utc(cycle))
+    if parts is None:
+        return _final_rendered_whole(template, fields, cycle, staged_file_name)
+    values: dict[str, object] = {name: fields[name] for name in SITE_PLACEHOLDERS}
+    values["staged_file_name"] = PurePosixPath(staged_file_name).name
+    out: list[str] = []
+    for literal, name, spec in parts:
+        out.append(literal)
+        if name is not None:
+            out.append(_format_one(values[name], name, spec))
+    return "".join(out)
+
+
+_CYCLE_PLACEHOLDERS = frozenset(("year", "month", "day", "cycle"))
+
+
+@functools.lru_cache(maxsize=4096)
+def _cycle_rendered(
+    template: str, cycle: datetime
+) -> tuple[tuple[str, str | None, str], ...] | None:
+    """The template's parts with the cycle's placeholders already rendered into the literals.
+
+    The cycle's are the same for every database of a cycle (a `strftime` each), so they are
+    rendered once per (template, cycle) instead of once per database (issue 10's burst). None
+    when one of them cannot be rendered: `_final_rendered_whole` then raises as it always did,
+    at the first placeholder that fails.
+    """
+    check_placeholders(template, FINAL_PLACEHOLDERS)
+    times: dict[str, object] = {
+        "year": f"{cycle.year:04d}",
+        "month": f"{cycle.month:02d}",
+        "day": f"{cycle.day:02d}",
+        "cycle": _CycleInstant(cycle),
+    }
+    parts: list[tuple[str, str | None, str]] = []
+    for literal, name, spec in _parsed(template):
+        if name not in _CYCLE_PLACEHOLDERS:
+            parts.append((literal, name, spec))
+            continue
+        try:
+            text = _format_one(times[name], name, spec)
+        except ValueError:
+            return None
+        if parts and parts[-1][1] is None:
+            literal = parts.pop()[0] + literal
+        parts.append((literal + text, None, ""))
+    return tuple(parts)
+
+
+def _final_rendered_whole(
+    template: str, fields: Mapping[str, str], cycle: datetime, staged_file_name: str
+) -> str:
+    """The whole template rendered at once: the reference `_final_rendered` must agree with."""
     cycle = as_utc(cycle)
     values: dict[str, object] = {name: fields[name] for name in SITE_PLACEHOLDERS}
     values |= {

@@ -15,6 +15,7 @@ left in place (`Outcome.PARKED`) and said so.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import os
@@ -33,7 +34,9 @@ from backupwatch.archivetest import ArchiveTest, Background
 from backupwatch.config import Settings
 from backupwatch.enums import BackupEntryStatus
 from backupwatch.fsutil import (
+    Beneath,
     Identity,
+    StagedDir,
     UnsafePath,
     move_unique,
     open_beneath,
@@ -574,28 +577,58 @@ class Pending:
     record: ProcessedReportRecord
     judged: list[Judged]
     result: Result
+    staged_dirs: list[StagedDir | None] = field(default_factory=list)  # by `judged`: the clean-up
 
     @property
     def entries(self) -> list[NewEntry]:
         return [j.entry for j in self.judged]
+
+    def close(self) -> None:
+        """Close the staged files' folders kept for the clean-up (whatever became of it)."""
+        for folder in self.staged_dirs:
+            if folder is not None:
+                folder.close()
 
 
 def _prepare(
     ctx: Context, candidate: Candidate, now: datetime, previous: Successes
 ) -> Result | Pending:
     """Judge each database of the report and promote its successes (SPEC §5 steps 3-6)."""
-    site, path, report, sha = candidate.site, candidate.path, candidate.report, candidate.sha
+    site, path, report = candidate.site, candidate.path, candidate.report
     result = Result(Outcome.ACCEPTED, path)
     name = _name(ctx, path)
     assigned = _assign(site, report, name, result)
-    wait = _staged_wait(ctx, site, assigned)
+    # Each staged file opened once, beneath D: the readiness check, the judgement and the
+    # promotion use that descriptor, the clean-up its folder's (issue 10: three walks before).
+    opened = [_open_staged(site, item.db) for item in assigned]
+    try:
+        return _judge_opened(ctx, candidate, name, result, assigned, opened, previous)
+    finally:
+        for staged in opened:
+            if isinstance(staged, Beneath):
+                staged.close()
+
+
+def _judge_opened(
+    ctx: Context,
+    candidate: Candidate,
+    name: str,
+    result: Result,
+    assigned: list[Assigned],
+    opened: list[Opened],
+    previous: Successes,
+) -> Result | Pending:
+    """`_prepare` with each staged file already opened (or the error its opening met)."""
+    site, path, report, sha = candidate.site, candidate.path, candidate.report, candidate.sha
+    wait = _staged_wait(ctx, site, assigned, opened)
     if wait is not None:
         return Result(Outcome.WAIT, path, wait.why, wait=wait)
     judged: list[Judged] = []
     record = ProcessedReportRecord(sha, str(site.folder), name, Outcome.ACCEPTED.value)
     try:
-        for item in assigned:
-            judged.append(_judge(ctx, site, item, report, name, sha, previous.get(item.job.id, [])))
+        for item, staged in zip(assigned, opened, strict=True):
+            history = previous.get(item.job.id, [])
+            judged.append(_judge(ctx, site, item, report, name, sha, history, staged))
     except PromotionBusy:
         _undo(judged)
         return Result(Outcome.WAIT, path, "being promoted by another worker", Wait(BUSY_RETRY, ""))
@@ -605,7 +638,15 @@ def _prepare(
     except BaseException:
         _undo(judged)  # SPEC §5: no promoted file without its entry
         raise
-    return Pending(candidate, name, record, judged, result)
+    folders = [_keep_folder(j, staged) for j, staged in zip(judged, opened, strict=True)]
+    return Pending(candidate, name, record, judged, result, folders)
+
+
+def _keep_folder(judged: Judged, staged: Opened) -> StagedDir | None:
+    """A promoted staged file's folder, kept open to remove that file after the commit."""
+    if judged.promoted is None or not isinstance(staged, Beneath):
+        return None
+    return staged.detach_dir()
 
 
 def _commit(
@@ -622,6 +663,7 @@ def _commit(
         except (OperationalError, InterfaceError) as exc:
             for index, item in pending:
                 _undo(item.judged)
+                item.close()
                 outcomes[index] = exc
             return outcomes
         except Exception as exc:
@@ -629,6 +671,7 @@ def _commit(
         except BaseException:
             for _index, item in pending:
                 _undo(item.judged)  # SPEC §5: no promoted file without its entry
+                item.close()
             raise
     for index, item in pending:
         try:
@@ -639,6 +682,8 @@ def _commit(
             outcomes[index] = _finish(ctx, item, done)
         except Exception as exc:
             outcomes[index] = exc
+        finally:
+            item.close()
     return outcomes
 
 
@@ -656,37 +701,60 @@ def _finish(ctx: Context, item: Pending, committed: bool) -> Result:
     result = item.result
     if committed:
         result.entries = item.entries
-        finish_promotions(ctx, sha, site, result.entries, item.judged)
+        finish_promotions(ctx, sha, site, result.entries, item.judged, item.staged_dirs)
     else:
         # Another worker or daemon committed these bytes first: keep only what it recorded.
         _drop_uncommitted(item.judged, ctx.store.successes_of_report(sha))
         result.outcome = Outcome.DUPLICATE
         finish_promotions(ctx, sha, site, ctx.store.successes_of_report(sha))
     result.left_in_place = archive(path, site)
+    # One logger bound for the report's lines: the module's lazy proxy builds a new one (and
+    # looks its stdlib logger up) for every call. Bound to nothing, so each line keeps its
+    # fields in their order.
+    bound = log.bind()
     for entry in result.entries:
-        _log_entry(entry, job_label(site, entry.job_id), site, item.name)
+        _log_entry(entry, job_label(site, entry.job_id), site, item.name, bound)
     return result
 
 
-def _staged_wait(ctx: Context, site: Site, assigned: list[Assigned]) -> Wait | None:
+Opened = Beneath | OSError | UnsafePath | None
+"""A staged file opened beneath D, the error its opening met, or None: none to look at."""
+
+
+def _open_staged(site: Site, db: DatabaseReport) -> Opened:
+    """The staged file opened beneath D (SPEC §9), once for the readiness check and the
+    judgement; None when the agent's own steps failed (no file is looked at)."""
+    if agent_verdict(db) is not None:
+        return None
+    try:
+        return Beneath.open(site.folder, PurePosixPath(db.staged_file_name or ""))
+    except (UnsafePath, OSError) as exc:
+        return exc
+
+
+def _staged_wait(
+    ctx: Context, site: Site, assigned: list[Assigned], opened: list[Opened]
+) -> Wait | None:
     """SPEC §5 step 3: a staged file still arriving is not judged while D keeps changing."""
-    states = [_staged_state(site, item.db) for item in assigned if agent_verdict(item.db) is None]
+    states = [
+        _staged_state(item.db, staged)
+        for item, staged in zip(assigned, opened, strict=True)
+        if staged is not None
+    ]
     if all(state is StagedState.PRESENT for state in states):
         return None
     return staged_wait(states, ctx.observer.quiet_for(site.folder), ctx.settle)
 
 
-def _staged_state(site: Site, db: DatabaseReport) -> StagedState:
+def _staged_state(db: DatabaseReport, staged: Beneath | OSError | UnsafePath) -> StagedState:
     """A stat through the same confined open as the verdict: no read, no hash."""
-    try:
-        with open_beneath(site.folder, PurePosixPath(db.staged_file_name or "")) as (_d, fd, _n):
-            size = os.fstat(fd).st_size
-    except FileNotFoundError:
+    if isinstance(staged, FileNotFoundError):
         return StagedState.ABSENT
-    except PermissionError:
+    if isinstance(staged, PermissionError):
         return StagedState.UNREADABLE
-    except (UnsafePath, OSError):
+    if not isinstance(staged, Beneath):
         return StagedState.PRESENT  # a symlink or a folder: judged now, not waited for
+    size = os.fstat(staged.fd).st_size
     expected = db.compress_process.size_bytes
     return StagedState.SHORT if expected is not None and size < expected else StagedState.PRESENT
 
@@ -699,13 +767,14 @@ def _judge(
     report_name: str,
     sha: str,
     previous: list[tuple[str | None, int | None]],
+    opened: Opened = None,
 ) -> Judged:
     ctx.beat()
     db = item.db
     facts: StagedFacts | None = None
     promoted: Promoted | None = None
     if agent_verdict(db) is None:
-        verdict, facts, promoted = _judge_staged(ctx, site, item, sha)
+        verdict, facts, promoted = _judge_staged(ctx, site, item, sha, opened)
     else:
         verdict = decide(db, None)  # the agent's own steps failed: no file to look at
     unchanged = mark_unchanged(verdict, facts, previous[0][0] if previous else None)
@@ -750,31 +819,30 @@ def _judge(
 def _server_details(promoted: Promoted | None) -> dict[str, Any]:
     if promoted is None:
         return {}
-    final = promoted.path.lstat()
+    # What `promote` checked its final name holds, without a stat of that path (issue 10).
+    final = promoted.placed()
     return {
         "promotion": promoted.method,
         "staged_dev": promoted.staged.dev,
         "staged_ino": promoted.staged.ino,
-        "final_dev": final.st_dev,
-        "final_ino": final.st_ino,
+        "final_dev": final.dev,
+        "final_ino": final.ino,
     }
 
 
 def _judge_staged(
-    ctx: Context, site: Site, item: Assigned, sha: str
+    ctx: Context, site: Site, item: Assigned, sha: str, staged: Opened = None
 ) -> tuple[Verdict, StagedFacts, Promoted | None]:
-    """Inspect, hash and (on success) promote the staged file, all through one open descriptor."""
+    """Inspect, hash and (on success) promote the staged file, all through one open descriptor:
+    the one the readiness check opened, else (its opening failed) one opened again now, since
+    the file may have arrived since then."""
     db = item.db
     staged_name = db.staged_file_name or ""
     try:
-        with open_beneath(site.folder, PurePosixPath(staged_name)) as (dir_fd, fd, base):
-            facts = _inspect(
-                staged_name, fd, db.compress_process.size_bytes, ctx.beat, item.job.archive_test
-            )
-            verdict = decide(db, facts)
-            if verdict.status is not BackupEntryStatus.SUCCESS:
-                return verdict, facts, None
-            return _promote(ctx, item, sha, dir_fd, fd, base, facts, verdict)
+        if isinstance(staged, Beneath):
+            return _judge_open(ctx, item, sha, staged)
+        with contextlib.closing(Beneath.open(site.folder, PurePosixPath(staged_name))) as again:
+            return _judge_open(ctx, item, sha, again)
     except FileNotFoundError:
         facts = StagedFacts(staged_name, problem="absent")
     except (UnsafePath, IsADirectoryError) as exc:
@@ -784,6 +852,19 @@ def _judge_staged(
         problem = unreadable_reason("it", st) if st else "permission denied"
         facts = StagedFacts(staged_name, problem=problem)
     return decide(db, facts), facts, None
+
+
+def _judge_open(
+    ctx: Context, item: Assigned, sha: str, staged: Beneath
+) -> tuple[Verdict, StagedFacts, Promoted | None]:
+    db = item.db
+    name = db.staged_file_name or ""
+    fd = staged.fd
+    facts = _inspect(name, fd, db.compress_process.size_bytes, ctx.beat, item.job.archive_test)
+    verdict = decide(db, facts)
+    if verdict.status is not BackupEntryStatus.SUCCESS:
+        return verdict, facts, None
+    return _promote(ctx, item, sha, staged.dir_fd, fd, staged.name, facts, verdict)
 
 
 def _lstat_beneath(folder: Path, relative: str) -> os.stat_result | None:
@@ -881,6 +962,7 @@ def finish_promotions(
     site: Site,
     entries: Sequence[Any],
     judged: Sequence[Judged] = (),
+    folders: Sequence[StagedDir | None] = (),
 ) -> None:
     """Remove the staged files of a committed report's successes and what the copies left.
 
@@ -888,19 +970,28 @@ def finish_promotions(
     report seen again after a crash has none: its temps are found by name). The staged path is
     walked beneath D without following a symlink (SPEC §9), and only the very file validated
     (same inode) is removed. Then the final file must have one link (`ensure_sole_link`).
+    `folders` (by `judged`) are the staged files' folders this attempt opened beneath D: the
+    file is looked for there, with the promoted file's identity, instead of walking D again.
     """
-    for item in judged:
+    kept: dict[int, tuple[StagedDir, Identity]] = {}
+    for index, item in enumerate(judged):
+        folder = folders[index] if index < len(folders) else None
         if item.promoted is not None:
             item.promoted.release()
+            if folder is not None:
+                kept[id(item.entry)] = (folder, item.promoted.staged)
     for entry in entries:
         if entry.status is not BackupEntryStatus.SUCCESS or entry.final_path is None:
             continue
-        server = (entry.details or {}).get("server", {})
-        _remove_staged(
-            site,
-            entry.staged_path,
-            Identity(server.get("staged_dev", -1), server.get("staged_ino", -1)),
-        )
+        if id(entry) in kept:
+            _remove_staged_at(*kept[id(entry)], entry.staged_path)
+        else:
+            server = (entry.details or {}).get("server", {})
+            _remove_staged(
+                site,
+                entry.staged_path,
+                Identity(server.get("staged_dev", -1), server.get("staged_ino", -1)),
+            )
         if not judged:
             release_temp(ctx.temp_root, f"{sha}-{entry.job_id}")
         if entry.server_sha256 is not None and entry.server_size is not None:
@@ -920,6 +1011,16 @@ def _remove_staged(site: Site, staged_path: str | None, validated: Identity) -> 
     except FileNotFoundError:
         return
     except (ValueError, UnsafePath, OSError) as exc:
+        log.warning("staged.not_removed", staged=staged_path, reason=str(exc))
+
+
+def _remove_staged_at(folder: StagedDir, validated: Identity, staged_path: str | None) -> None:
+    """`_remove_staged` in the folder the judgement walked to (still the one beneath D)."""
+    try:
+        folder.remove_if(validated)
+    except FileNotFoundError:
+        return
+    except (UnsafePath, OSError) as exc:
         log.warning("staged.not_removed", staged=staged_path, reason=str(exc))
 
 
@@ -985,10 +1086,12 @@ def job_label(site: Site, job_id: int) -> str:
     return next((job.label for job in site.jobs if job.id == job_id), str(job_id))
 
 
-def _log_entry(entry: NewEntry, label: str, site: Site, report_name: str) -> None:
-    level = log.info if entry.status is BackupEntryStatus.SUCCESS else log.warning
+def _log_entry(
+    entry: NewEntry, label: str, site: Site, report_name: str, logger: Any = log
+) -> None:
+    level = logger.info if entry.status is BackupEntryStatus.SUCCESS else logger.warning
     if entry.unchanged_since_last_success or entry.suspicious:
-        level = log.warning
+        level = logger.warning
     level(
         "entry.recorded",
         job=label,

@@ -36,6 +36,7 @@ from backupwatch.fsutil import (
     copy_hashing,
     ensure_real_dir,
     link_unique,
+    link_unique_at,
     open_dir,
 )
 from backupwatch.names import fit_name
@@ -95,9 +96,13 @@ class Promoted:
     staged: Identity
     claim: Claim | None = None
 
+    def placed(self) -> Identity:
+        """The inode at the final name: the staged file's (a link) or the verified copy's."""
+        return self.staged if self.claim is None else Identity.of(os.fstat(self.claim.fd))
+
     def undo(self) -> None:
         """The commit failed: take back the final name this promotion made, release the temp."""
-        ours = self.staged if self.claim is None else Identity.of(os.fstat(self.claim.fd))
+        ours = self.placed()
         with contextlib.suppress(OSError), open_dir(self.path.parent) as dir_fd:
             if _holds(dir_fd, self.path.name, ours):
                 os.unlink(self.path.name, dir_fd=dir_fd)
@@ -131,17 +136,24 @@ def promote(request: Request) -> Promoted:
     """
     ensure_real_dir(request.target.parent)
     staged = Identity.of(os.fstat(request.fd))
-    try:
-        final = link_unique(
-            request.dir_fd, request.base, request.target.parent, request.target.name, staged
-        )
-    except OSError as exc:
-        # EXDEV: final storage is on another filesystem. EPERM: fs.protected_hardlinks refuses
-        # to link an agent's file the daemon may read but not write. Both: a verified copy.
-        if exc.errno not in (errno.EXDEV, errno.EPERM):
-            raise
-        return _copy(request, staged)
-    with open_dir(final.parent) as dir_fd:
+    # The final folder opened once, for the link and the checks after it (issue 10's burst).
+    with open_dir(request.target.parent) as dir_fd:
+        try:
+            final = link_unique_at(
+                request.dir_fd,
+                request.base,
+                dir_fd,
+                request.target.parent,
+                request.target.name,
+                staged,
+            )
+        except OSError as exc:
+            # EXDEV: final storage is on another filesystem. EPERM: fs.protected_hardlinks
+            # refuses to link an agent's file the daemon may read but not write. Both: a
+            # verified copy.
+            if exc.errno not in (errno.EXDEV, errno.EPERM):
+                raise
+            return _copy(request, staged)
         if not _holds(dir_fd, final.name, staged):
             raise StagedChanged("was replaced while it was being validated")
         if os.fstat(request.fd).st_nlink > 2:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -720,3 +721,28 @@ def test_files_in_the_jobs_folder_that_are_not_read_are_named(fs: FakeFilesystem
 
     rest = f"not read: only *.toml files in {folder} hold jobs"
     assert warnings == [f"{folder}/lyon.toml.dpkg-dist: {rest}", f"{folder}/paris.tml: {rest}"]
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "{company_name}/{year}{month}{day}/{cycle}{cycle:%H}-{staged_file_name}",
+        "{cycle:%Y}}}{{x}}/{database_name:>9}/{day:>4}{staged_file_name}",
+        "{year:bad}/{staged_file_name}",
+        "{company_name:bad}/{cycle:%Y}/{staged_file_name}",
+        "lit/{cycle}",
+    ],
+)
+def test_final_relpath_cycle_rendered_once_agrees_with_the_whole(template: str) -> None:
+    """The cycle's placeholders rendered once per (template, cycle) (issue 10) give what the
+    whole template rendered at once gives, and fail with the same error."""
+    from backupwatch.jobs import _final_rendered, _final_rendered_whole
+
+    try:
+        expected = _final_rendered_whole(template, FIELDS, CYCLE, "database/sales.sql.gz")
+    except ValueError as exc:
+        with pytest.raises(ValueError, match=re.escape(str(exc))):
+            _final_rendered(template, FIELDS, CYCLE, "database/sales.sql.gz")
+        return
+    for _ in range(2):  # the second time from the cache
+        assert _final_rendered(template, FIELDS, CYCLE, "database/sales.sql.gz") == expected
