@@ -65,7 +65,7 @@ class Beneath:
     __slots__ = ("_fds", "name")
 
     def __init__(self, fds: list[int], name: str) -> None:
-        self._fds = fds  # the root, each folder, the file: closed in reverse order
+        self._fds = fds  # the file's folder and the file: closed in reverse order
         self.name = name
 
     @classmethod
@@ -74,18 +74,20 @@ class Beneath:
         parts = relative.parts
         if not parts or relative.is_absolute() or any(p in ("..", ".", "") for p in parts):
             raise UnsafePath(f"{relative} is not a plain relative path")
-        # Plain descriptors, not an ExitStack of context managers: this runs for every
-        # database of every report (issue 10's burst).
-        fds = [os.open(root, DIR_FLAGS)]
+        # Each folder closed once its child is open: a report's files are all held at once,
+        # and an agent's deep names must not multiply the daemon's descriptors (two per file).
+        # Plain descriptors, not an ExitStack: this runs for every database of every report.
+        fd = os.open(root, DIR_FLAGS)
         try:
             for part in parts[:-1]:
-                fds.append(_subdir_fd(fds[-1], part))
-            fds.append(_open_file_at(fds[-1], parts[-1]))
-        except BaseException:
-            for fd in reversed(fds):
+                child = _subdir_fd(fd, part)
                 os.close(fd)
+                fd = child
+            file_fd = _open_file_at(fd, parts[-1])
+        except BaseException:
+            os.close(fd)
             raise
-        return cls(fds, parts[-1])
+        return cls([fd, file_fd], parts[-1])
 
     @property
     def dir_fd(self) -> int:

@@ -16,6 +16,7 @@ import pytest
 from backupwatch import fsutil
 from backupwatch.fsutil import (
     CHUNK,
+    Beneath,
     Identity,
     UnsafePath,
     copy_hashing,
@@ -66,6 +67,31 @@ def test_open_beneath_closes_every_descriptor(root: Path) -> None:
     for descriptor in held:
         with pytest.raises(OSError, match="Bad file descriptor"):
             os.fstat(descriptor)
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_held_staged_file_keeps_two_descriptors_however_deep(root: Path) -> None:
+    """The pipeline holds every database's staged file of a report at once (one walk beneath D
+    per file): an agent's deep names must not multiply the daemon's descriptors."""
+    deep = root.joinpath(*"cdefghijklmnop")
+    deep.mkdir(parents=True)
+    (deep / "dump.gz").write_bytes(b"x")
+    before = open_descriptors()
+    held = Beneath.open(root, PurePosixPath(*"cdefghijklmnop", "dump.gz"))
+    try:
+        assert open_descriptors() - before == 2
+        assert os.path.samestat(os.fstat(held.dir_fd), os.stat(deep))
+        assert os.read(held.fd, 10) == b"x"
+        folder = held.detach_dir()
+        held.close()
+        assert open_descriptors() - before == 1
+        folder.close()
+    finally:
+        held.close()
+    assert open_descriptors() == before
 
 
 @pytest.mark.parametrize(
