@@ -110,14 +110,22 @@ class Registry:
 
     @classmethod
     def build(cls, root: Path, jobs: Iterable[tuple[PurePosixPath | str, JobRef]]) -> Registry:
-        grouped: dict[Path, list[JobRef]] = {}
-        folders: dict[PurePosixPath | str, Path] = {}  # the jobs of a site share its folder
+        # Grouped by the folder's normalised text, and a `Path` made once per folder: the
+        # `root / relpath` and `normalize` of each parsed its text twice more (~0.4 s of a
+        # start at 30,000 sites). `os.path.normpath` of the joined text is `normalize`'s.
+        grouped: dict[str, list[JobRef]] = {}
+        folders: dict[PurePosixPath | str, str] = {}  # the jobs of a site share its folder
+        top = os.fspath(root)
         for relpath, job in jobs:
             folder = folders.get(relpath)
             if folder is None:
-                folder = folders[relpath] = normalize(root / relpath)
+                folder = folders[relpath] = os.path.normpath(os.path.join(top, relpath))
             grouped.setdefault(folder, []).append(job)
-        return cls(root=normalize(root), sites={d: Site(d, tuple(js)) for d, js in grouped.items()})
+        sites: dict[Path, Site] = {}
+        for text, refs in grouped.items():
+            path = Path(text)
+            sites[path] = Site(path, tuple(refs))
+        return cls(root=normalize(root), sites=sites)
 
     def classify(self, path: Path) -> Classified:
         """What `path` (absolute, under the root) is to the daemon; see SPEC §3."""
