@@ -148,16 +148,17 @@ def _fast(path: Path, data: bytes, stamp: Stamp | None, before: _Read | None) ->
     records: list[JobRecord] = []
     lines: dict[str, Line] = {}
     shapes = Shapes(defaults)
+    file = str(path)  # one string for every record of the file: see `JobRecord.source`
     for number, table in enumerate(cut.tables, start=1):
-        source = f"{path}: job #{number}"
         digest = _digest(table)
         record = known.get(digest) or tables.get(digest)
         if record is None:
-            record = _record(shapes, table, source, lines)  # a table new since the last read
+            # a table new since the last read
+            record = _record(shapes, table, file, number, lines)
             if record is None:
                 return None
-        elif record.source != source:
-            record = record._replace(source=source)
+        elif record.source_number != number or record.source_file != file:
+            record = record._replace(source_file=file, source_number=number)
         tables[digest] = record
         records.append(record)
     return _Read(stamp, cut.preamble, tables, records, [])
@@ -169,7 +170,9 @@ def _digest(table: bytes) -> bytes:
     return hashlib.blake2b(table, digest_size=16).digest()
 
 
-def _record(shapes: Shapes, table: bytes, source: str, lines: dict[str, Line]) -> JobRecord | None:
+def _record(
+    shapes: Shapes, table: bytes, file: str, number: int, lines: dict[str, Line]
+) -> JobRecord | None:
     try:
         text = table.decode("utf-8")
     except UnicodeDecodeError:
@@ -177,4 +180,4 @@ def _record(shapes: Shapes, table: bytes, source: str, lines: dict[str, Line]) -
     raw = parse_table(text, lines)
     if raw is None or not raw.keys() <= JOB_KEYS:
         return None
-    return shapes.record(raw, source)
+    return shapes.record(raw, file, number)

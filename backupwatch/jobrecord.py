@@ -82,13 +82,27 @@ class JobRecord(NamedTuple):
     keep_daily: int | None
     keep_weekly: int | None
     keep_monthly: int | None
-    source: str
+    source_file: str
+    source_number: int
     deposit_path: str
 
     @classmethod
     def of(cls, spec: JobSpec) -> JobRecord:
         values = {name: getattr(spec, name) for name in type(spec).model_fields}
-        return cls(**_shared(values), deposit_path=sys.intern(str(spec.deposit_relpath)))
+        file, number = split_source(values.pop("source"))
+        return cls(
+            **_shared(values),
+            source_file=file,
+            source_number=number,
+            deposit_path=sys.intern(str(spec.deposit_relpath)),
+        )
+
+    @property
+    def source(self) -> str:
+        """Where the job was written, as `JobSpec.source` says it ("FILE: job #N"): built when
+        asked (an error message, the sync's `config_source`), as 100,000 of these strings held
+        ~9 MiB while the file's path is one string that every record of the file shares."""
+        return joined_source(self.source_file, self.source_number)
 
     @property
     def key(self) -> tuple[str, str, str, str]:
@@ -100,7 +114,24 @@ class JobRecord(NamedTuple):
 
 
 def _compared(record: JobRecord) -> tuple[object, ...]:
-    return record._replace(source="")
+    return record._replace(source_file="", source_number=0)
+
+
+_JOB_NUMBER = ": job #"
+
+
+def split_source(source: str) -> tuple[str, int]:
+    """("FILE", N) of "FILE: job #N", or (source, 0) for any other text (`joined_source`
+    gives it back whole)."""
+    file, mark, number = source.rpartition(_JOB_NUMBER)
+    if mark and number.isdigit() and number.isascii() and number[0] != "0":
+        return sys.intern(file), int(number)
+    return source, 0
+
+
+def joined_source(file: str, number: int) -> str:
+    """The inverse of `split_source`."""
+    return f"{file}{_JOB_NUMBER}{number}" if number else file
 
 
 def _shared(values: dict[str, Any]) -> dict[str, Any]:
@@ -111,7 +142,7 @@ def _shared(values: dict[str, Any]) -> dict[str, Any]:
 def quick_record(values: Mapping[str, Any], source: str) -> JobRecord | None:
     """The record `JobSpec.model_validate({**values, "source": source})` would give, or None
     when it would fail or this check is not sure (the caller then asks `JobSpec`)."""
-    return Shapes({}).record(values, source)
+    return Shapes({}).record(values, *split_source(source))
 
 
 _KNOWN = frozenset(JobSpec.model_fields) - {"source"}
@@ -135,8 +166,9 @@ class Shapes:
         self._shapes: dict[_ShapeKey, _Shape | None] = {}
         self._good: set[str] = set()  # names known to pass `check_name`
 
-    def record(self, raw: Mapping[str, Any], source: str) -> JobRecord | None:
-        """The job of this `[[job]]` table, or None (see `quick_record`)."""
+    def record(self, raw: Mapping[str, Any], file: str, number: int) -> JobRecord | None:
+        """The job of this `[[job]]` table, or None (see `quick_record`); it was written at
+        `joined_source(file, number)`."""
         try:
             key: _ShapeKey = ()  # the common case: a table of the four names alone
             if raw.keys() != _IDENTITY:
@@ -152,7 +184,7 @@ class Shapes:
             if shape is None:
                 return None
             names = [raw.get(name, default) for name, default in self._names]
-            return shape.record(names, source, self._good)
+            return shape.record(names, (file, number), self._good)
         except (ValueError, TypeError, KeyError):
             return None
 
@@ -167,7 +199,7 @@ class _Shape(NamedTuple):
     deposit: str
     final: str
 
-    def record(self, names: list[Any], source: str, good: set[str]) -> JobRecord | None:
+    def record(self, names: list[Any], source: tuple[str, int], good: set[str]) -> JobRecord | None:
         """`str.format_map` renders exactly as `jobs.render_template` once `_checked` has
         accepted the template: only plain placeholders of the allowed names."""
         for name in names:
@@ -196,7 +228,7 @@ class _Shape(NamedTuple):
                 *self.head,
                 sys.intern(agent_id),
                 *self.tail,
-                source,
+                *source,
                 sys.intern(_normal_path(deposit)),
             ),
         )
@@ -224,12 +256,13 @@ def _shape(values: Mapping[str, Any]) -> _Shape | None:
         agent_id="",
         agent_deposit_path_template=sys.intern(templates[1]),
         final_storage_path_template=sys.intern(templates[2]),
-        source="",
+        source_file="",
+        source_number=0,
         deposit_path="",
     )
     return _Shape(
         head=tuple(record[4:_AGENT_ID_AT]),
-        tail=tuple(record[_AGENT_ID_AT + 1 : -2]),
+        tail=tuple(record[_AGENT_ID_AT + 1 : -3]),
         agent_id=_checked(templates[0], _IDENTITY),
         deposit=_checked(templates[1], SITE_PLACEHOLDERS),
         final=_checked_final(templates[2]),

@@ -263,7 +263,10 @@ def _ref_of(
         )
     return JobRef(
         id=job_id,
-        names=record.key,
+        company_name=record.company_name,
+        city=record.city,
+        neighborhood=record.neighborhood,
+        database_name=record.database_name,
         agent_id=record.agent_id,
         schedule=schedule,
         final_storage_path_template=record.final_storage_path_template,
@@ -302,7 +305,10 @@ def _job_refs(settings: Settings, rows: Iterable[Any]) -> Iterator[tuple[str, Jo
         values = tuple(row)
         ref = JobRef(
             id=values[0],
-            names=(intern(values[1]), intern(values[2]), intern(values[3]), intern(values[4])),
+            company_name=intern(values[1]),
+            city=intern(values[2]),
+            neighborhood=intern(values[3]),
+            database_name=intern(values[4]),
             agent_id=intern(values[5]),
             schedule=schedule_of(row._mapping),  # shared by the jobs of one schedule (cached)
             final_storage_path_template=intern(values[7]),

@@ -152,7 +152,7 @@ def test_shapes_vouch_only_for_what_jobspec_accepts_of_a_file(
     shapes = Shapes(defaults)
     for number, (values, kept) in enumerate(tables, start=1):
         raw = {key: value for key, value in values.items() if key in kept}
-        quick = shapes.record(raw, f"f: job #{number}")
+        quick = shapes.record(raw, "f", number)
         try:
             spec = JobSpec.model_validate(
                 {**_effective_values(defaults, raw), "source": f"f: job #{number}"}
@@ -255,3 +255,17 @@ def test_cutting_gives_every_table_as_splitting_would(text: bytes) -> None:
     cut = split_jobs(text)
     pieces = (b"\n" + text).split(b"\n[[job]]")
     assert (cut.preamble, list(cut.tables)) == (pieces[0][1:], pieces[1:])
+
+
+@pytest.mark.parametrize(
+    "source", ["f: job #1", "/a/b.toml: job #120000", "f: job #0", "f: job #01", "f", ""]
+)
+def test_a_records_source_is_the_one_its_jobspec_names(source: str) -> None:
+    """A record keeps its file and number apart (one path string per file), and says its
+    source exactly as the `JobSpec` it stands for: error messages and `config_source` name it."""
+    values = {"company_name": "C", "city": "T", "neighborhood": "N", "database_name": "d"}
+    values["frequency"] = "HOURLY"
+    spec = JobSpec.model_validate({**values, "source": source})
+    record = JobRecord.of(spec)
+    assert record.source == spec.source
+    assert quick_record(values, source) == record

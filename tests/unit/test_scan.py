@@ -22,7 +22,10 @@ SCHEDULE = Schedule(BackupFrequency.DAILY, hour=13, window=timedelta(minutes=60)
 def job(ident: int, agent_id: str) -> JobRef:
     return JobRef(
         id=ident,
-        names=("ACME", "Lyon", agent_id, "db"),
+        company_name="ACME",
+        city="Lyon",
+        neighborhood=agent_id,
+        database_name="db",
         agent_id=agent_id,
         schedule=SCHEDULE,
         final_storage_path_template="{agent_id}/{staged_file_name}",

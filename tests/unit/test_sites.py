@@ -18,7 +18,10 @@ SCHEDULE = Schedule(BackupFrequency.DAILY, hour=13, window=timedelta(minutes=60)
 def job(ident: int, agent_id: str, database_name: str) -> JobRef:
     return JobRef(
         id=ident,
-        names=("ACME", "Lyon", agent_id, database_name),
+        company_name="ACME",
+        city="Lyon",
+        neighborhood=agent_id,
+        database_name=database_name,
         agent_id=agent_id,
         schedule=SCHEDULE,
         final_storage_path_template="{agent_id}/{database_name}/{staged_file_name}",
