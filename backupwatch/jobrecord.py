@@ -30,6 +30,7 @@ from backupwatch.jobs import (
     DEFAULT_FINAL_TEMPLATE,
     FINAL_PLACEHOLDERS,
     IDENTITY_FIELDS,
+    JOB_NUMBER,
     SITE_PLACEHOLDERS,
     JobSpec,
     _CycleInstant,
@@ -43,6 +44,7 @@ from backupwatch.jobs import (
     check_name,
     check_placeholders,
     check_relpath,
+    job_source,
 )
 
 _IDENTITY = frozenset(IDENTITY_FIELDS)
@@ -117,13 +119,10 @@ def _compared(record: JobRecord) -> tuple[object, ...]:
     return record._replace(source_file="", source_number=0)
 
 
-_JOB_NUMBER = ": job #"
-
-
 def split_source(source: str) -> tuple[str, int]:
     """("FILE", N) of "FILE: job #N", or (source, 0) for any other text (`joined_source`
     gives it back whole)."""
-    file, mark, number = source.rpartition(_JOB_NUMBER)
+    file, mark, number = source.rpartition(JOB_NUMBER)
     if mark and number.isdigit() and number.isascii() and number[0] != "0":
         return sys.intern(file), int(number)
     return source, 0
@@ -131,7 +130,7 @@ def split_source(source: str) -> tuple[str, int]:
 
 def joined_source(file: str, number: int) -> str:
     """The inverse of `split_source`."""
-    return f"{file}{_JOB_NUMBER}{number}" if number else file
+    return job_source(file, number) if number else file
 
 
 def _shared(values: dict[str, Any]) -> dict[str, Any]:

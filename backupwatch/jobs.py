@@ -588,10 +588,19 @@ def load_file(path: Path) -> tuple[list[JobSpec], list[str]]:
     defaults = _defaults(path, document.get("defaults", {}), errors)
     specs: list[JobSpec] = []
     for number, raw in enumerate(_job_tables(path, document.get("job", []), errors), start=1):
-        spec = None if raw is None else _build_job(f"{path}: job #{number}", defaults, raw, errors)
+        spec = None if raw is None else _build_job(job_source(path, number), defaults, raw, errors)
         if spec is not None:
             specs.append(spec)
     return specs, errors
+
+
+JOB_NUMBER = ": job #"
+"""Between a job file's path and the job's number in `JobSpec.source` ("FILE: job #N")."""
+
+
+def job_source(file: str | Path, number: int) -> str:
+    """Where the `number`th `[[job]]` table of `file` was written, as messages name it."""
+    return f"{file}{JOB_NUMBER}{number}"
 
 
 def _defaults(path: Path, table: object, errors: list[str]) -> dict[str, Any]:
@@ -611,7 +620,7 @@ def _job_tables(path: Path, jobs: object, errors: list[str]) -> list[dict[str, A
         return []
     for number, raw in enumerate(jobs, start=1):
         if not isinstance(raw, dict):
-            errors.append(f"{path}: job #{number}: expected a table [[job]]")
+            errors.append(f"{job_source(path, number)}: expected a table [[job]]")
     return [raw if isinstance(raw, dict) else None for raw in jobs]
 
 
